@@ -1,0 +1,312 @@
+"""Epoch plans: which anchors form which batch, on which rank and worker, with which partners.
+
+Every function here is a pure function of its arguments (no global RNG, no I/O), in the
+spirit of MosaicML Streaming's shuffles: the plan of an epoch is recomputed identically
+by every rank and DataLoader worker from ``(seed, epoch)``.
+
+Vocabulary. An *anchor* is an aligned sample, named by its row ``0..n-1`` in the split.
+The *order* is a permutation of the rows. A *global step* takes ``world_size * batch_size``
+consecutive items of the order; rank ``r`` gets items ``[r*B, (r+1)*B)`` of the step. The
+final step with fewer items is split as evenly as possible (sizes differ by at most one,
+and may be 0 when there are fewer items than ranks), so every rank sees the same number of
+batches ``K = ceil(R / (W*B))`` and no item is lost or duplicated; ``drop_last`` drops it.
+
+Resume state: ``(seed, epoch, offset)``, ``offset`` = items of the order already consumed
+(a whole number of global steps of the world size that consumed them). Any world size or
+worker count continues with ``order[offset:]``, re-split into steps from ``offset``.
+
+Partner randomness of a batch comes from :func:`partner_rng` seeded by the global position
+of the batch's first item, so the same global batch gets the same partners on any world
+size or worker count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+_ORDER_TAG = 0x0D3E
+_PARTNER_TAG = 0xBA7C
+_MATCH_TAG = 0x3A7C
+
+
+def _check_nonneg(**values: int) -> None:
+    for name, value in values.items():
+        if int(value) < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def epoch_order(
+    n: int, seed: int, epoch: int, shard_sizes: Sequence[int] | None = None
+) -> np.ndarray:
+    """Global order of the epoch: a uniform random permutation of ``0..n-1``, int64 [n].
+
+    Deterministic for ``(seed, epoch)``; a different permutation per epoch and per seed.
+    A plain global permutation is used because readers have random access by byte offset,
+    so shuffle quality does not degrade when the split lives in few shards. ``shard_sizes``
+    (samples per shard, in row order) is only checked against ``n``; it does not change
+    the order (reserved for a future locality-aware shuffle).
+    """
+    _check_nonneg(n=n, seed=seed, epoch=epoch)
+    if shard_sizes is not None and int(np.sum(shard_sizes)) != n:
+        raise ValueError(f"shard_sizes sum to {int(np.sum(shard_sizes))}, expected n={n}")
+    rng = np.random.default_rng([int(seed), int(epoch), _ORDER_TAG])
+    return rng.permutation(int(n)).astype(np.int64)
+
+
+def num_batches(remaining: int, batch_size: int, world_size: int, drop_last: bool = False) -> int:
+    """Batches every rank gets for ``remaining`` items: ``ceil`` (or ``floor`` with drop_last)
+    of ``remaining / (world_size * batch_size)``."""
+    _check_nonneg(remaining=remaining)
+    if batch_size < 1 or world_size < 1:
+        raise ValueError(f"batch_size and world_size must be >= 1, got {batch_size}, {world_size}")
+    step = batch_size * world_size
+    return remaining // step if drop_last else -(-remaining // step)
+
+
+def batch_spans(
+    n: int,
+    offset: int,
+    batch_size: int,
+    world_size: int,
+    rank: int,
+    drop_last: bool = False,
+    *,
+    pair_aligned: bool = False,
+) -> np.ndarray:
+    """Global ``[start, stop)`` positions in the order of ``rank``'s batches, int64 [K, 2].
+
+    ``pair_aligned=True`` splits the final partial step in units of two items (sizes then
+    differ by at most two) so that adjacent pairs at even positions, as laid out by
+    :func:`matched_order`, are never split when ``batch_size`` and ``offset`` are even.
+    """
+    _check_nonneg(n=n, offset=offset)
+    if offset > n:
+        raise ValueError(f"offset {offset} is past the end of the order (n={n})")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    remaining = n - offset
+    step = batch_size * world_size
+    full = num_batches(remaining, batch_size, world_size, drop_last=True)
+    starts = offset + np.arange(full, dtype=np.int64) * step + rank * batch_size
+    spans = np.stack([starts, starts + batch_size], axis=1).reshape(-1, 2)
+    rest = remaining - full * step
+    if rest and not drop_last:
+        grain = 2 if pair_aligned else 1
+        units = -(-rest // grain)
+        per, extra = divmod(units, world_size)
+        lo = min(offset + full * step + grain * (rank * per + min(rank, extra)), n)
+        hi = min(lo + grain * (per + (rank < extra)), n)
+        spans = np.concatenate([spans, np.array([[lo, hi]], dtype=np.int64)])
+    return spans
+
+
+def rank_batches(
+    order: np.ndarray,
+    offset: int,
+    batch_size: int,
+    world_size: int,
+    rank: int,
+    drop_last: bool = False,
+    *,
+    pair_aligned: bool = False,
+) -> list[np.ndarray]:
+    """``rank``'s batches of ``order[offset:]`` (K int64 arrays; the last may be shorter or
+    empty). See :func:`batch_spans` for the layout and ``pair_aligned``."""
+    spans = batch_spans(len(order), offset, batch_size, world_size, rank, drop_last,
+                        pair_aligned=pair_aligned)
+    return [order[lo:hi] for lo, hi in spans]
+
+
+def global_batches(
+    order: np.ndarray,
+    offset: int,
+    batch_size: int,
+    world_size: int,
+    drop_last: bool = False,
+    *,
+    pair_aligned: bool = False,
+) -> list[np.ndarray]:
+    """All ranks' batches in global order, step-major and rank-minor (K * world_size)."""
+    per_rank = [rank_batches(order, offset, batch_size, world_size, r, drop_last,
+                             pair_aligned=pair_aligned) for r in range(world_size)]
+    return [batches[k] for k in range(len(per_rank[0])) for batches in per_rank]
+
+
+def remaining_items(
+    order: np.ndarray,
+    offset: int,
+    batch_size: int,
+    world_size: int,
+    drop_last: bool = False,
+    *,
+    pair_aligned: bool = False,
+) -> np.ndarray:
+    """Concatenation of :func:`global_batches`: equals ``order[offset:]`` unless drop_last."""
+    batches = global_batches(order, offset, batch_size, world_size, drop_last,
+                             pair_aligned=pair_aligned)
+    return np.concatenate(batches).astype(np.int64) if batches else np.empty(0, np.int64)
+
+
+def worker_batches(batches: Sequence[T], worker_id: int, num_workers: int) -> list[T]:
+    """Batches of one DataLoader worker: batch k goes to worker ``k % num_workers``.
+
+    ``num_workers=0`` (in-process loading) counts as one worker. torch's DataLoader polls
+    workers round-robin, so the rank's output order equals ``batches`` for any count.
+    """
+    workers = max(int(num_workers), 1)
+    if not 0 <= worker_id < workers:
+        raise ValueError(f"worker_id must be in [0, {workers}), got {worker_id}")
+    return list(batches[worker_id::workers])
+
+
+def partner_rng(seed: int, epoch: int, first_item_offset: int) -> np.random.Generator:
+    """RNG of the batch whose first item sits at global position ``first_item_offset`` of
+    the epoch's order: independent of world size, rank and worker count."""
+    _check_nonneg(seed=seed, epoch=epoch, first_item_offset=first_item_offset)
+    return np.random.default_rng([int(seed), int(epoch), int(first_item_offset), _PARTNER_TAG])
+
+
+def assign_partners(labels: np.ndarray, num_modalities: int, rng: np.random.Generator) -> np.ndarray:
+    """In-batch partner of every row for every swapped modality, int64 [b, M].
+
+    ``labels``: int64 [b], the batch's labels. ``out[i, m]`` is another row of the batch
+    whose label differs from row i's; modality m of that row replaces row i's modality m.
+    One permutation-like choice serves every modality (the paper's A = (x1_i, x2_j),
+    B = (x1_j, x2_i)): rows are grouped by label (random class order, random order within a
+    class) and each row is matched to the row a random shift ``s`` further on (cyclically),
+    with ``maxc <= s <= b - maxc`` (``maxc`` = largest class count). When no class holds more
+    than half the batch this is a permutation with every label different; otherwise rows of
+    the majority class that hit their own class fall back to a uniform different-label row.
+    Rows with no different-label row in the batch (one class, or b == 1) get ``-1`` and thus
+    no misaligned sample; count them with ``(out[:, 0] < 0).sum()``.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    b = labels.size
+    out = np.full((b, int(num_modalities)), -1, dtype=np.int64)
+    if b < 2:
+        return out
+    _, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    inv = inv.reshape(-1)
+    maxc = int(counts.max())
+    if maxc == b:
+        return out
+    perm = rng.permutation(b)
+    class_rank = rng.permutation(counts.size)
+    grouped = perm[np.argsort(class_rank[inv[perm]], kind="stable")]
+    shift = int(rng.integers(maxc, b - maxc + 1)) if 2 * maxc <= b else maxc
+    partner = np.empty(b, dtype=np.int64)
+    partner[grouped] = np.roll(grouped, -shift)
+    rows = np.flatnonzero(labels[partner] == labels)
+    if rows.size:  # uniform pick among the b - count[c] rows of other classes
+        by_class = np.argsort(inv, kind="stable")
+        start = np.cumsum(counts) - counts
+        c = inv[rows]
+        pick = rng.integers(0, b - counts[c])
+        partner[rows] = by_class[np.where(pick < start[c], pick, pick + counts[c])]
+    out[:] = partner[:, None]
+    return out
+
+
+def matched_order(
+    n: int,
+    neighbours: np.ndarray,
+    seed: int,
+    epoch: int,
+    probs: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Epoch order that puts mined partners next to each other: a random greedy matching.
+
+    ``neighbours``: int64 [n, k] row indices of each anchor's mined partners, ``-1`` = none
+    (self-loops are ignored). ``probs``: float [n, k] or None, sampling weights of the
+    neighbours (renormalised over the still-free ones; weight 0 = never chosen; None =
+    uniform). Returns ``order`` int64 [n], a permutation of ``0..n-1``, and ``partner_of``
+    int64 [n], symmetric (``partner_of[partner_of[i]] == i``), ``-1`` for unmatched anchors
+    (they get an in-batch random partner instead). Each pair has one member in the other's
+    neighbour list.
+
+    Matching: anchors are shuffled into a walk order (their priority). In rounds, every
+    unmatched anchor with a free neighbour proposes one, sampled by ``probs``; an edge is
+    accepted when it is the earliest-walk proposal touching both its endpoints (so the
+    earliest proposal always wins and every round makes progress). Rounds repeat until no
+    unmatched anchor has a free neighbour, so the matching is maximal.
+
+    Layout: pairs and leftover anchors (grouped two by two) form units of two items, the
+    units are shuffled, and an odd leftover goes last. So every pair starts at an even
+    position and never straddles a batch boundary when the batch size and resume offset
+    are even (use ``pair_aligned=True`` in :func:`rank_batches` for the final step).
+    """
+    _check_nonneg(n=n, seed=seed, epoch=epoch)
+    nb = np.asarray(neighbours, dtype=np.int64)
+    if nb.ndim != 2 or nb.shape[0] != n:
+        raise ValueError(f"neighbours must have shape [n={n}, k], got {nb.shape}")
+    if nb.size and (nb.min() < -1 or nb.max() >= n):
+        raise ValueError(f"neighbours must hold rows in [0, {n}) or -1")
+    valid = (nb >= 0) & (nb != np.arange(n, dtype=np.int64)[:, None])
+    if probs is None:
+        weight = valid.astype(np.float64)
+    else:
+        p = np.asarray(probs, dtype=np.float64)
+        if p.shape != nb.shape:
+            raise ValueError(f"probs must have the shape of neighbours {nb.shape}, got {p.shape}")
+        if not np.all(np.isfinite(p)) or np.any(p < 0):
+            raise ValueError("probs must be finite and >= 0")
+        weight = np.where(valid, p, 0.0)
+    rng = np.random.default_rng([int(seed), int(epoch), _MATCH_TAG])
+    priority = rng.permutation(n).astype(np.int64)
+    partner_of = np.full(n, -1, dtype=np.int64)
+    cand = np.flatnonzero(weight.sum(axis=1) > 0)
+    while cand.size:
+        nbc = nb[cand]
+        w = weight[cand] * (partner_of[np.maximum(nbc, 0)] < 0)
+        cum = np.cumsum(w, axis=1)
+        total = cum[:, -1]
+        keep = total > 0
+        cand, nbc, cum, total = cand[keep], nbc[keep], cum[keep], total[keep]
+        if not cand.size:
+            break
+        u = np.minimum(rng.random(cand.size) * total, np.nextafter(total, 0))
+        target = nbc[np.arange(cand.size), np.argmax(cum > u[:, None], axis=1)]
+        _accept(cand, target, priority, partner_of)
+        cand = cand[partner_of[cand] < 0]
+    return _pair_layout(partner_of, rng), partner_of
+
+
+def _accept(src: np.ndarray, dst: np.ndarray, priority: np.ndarray, partner_of: np.ndarray) -> None:
+    """Accept proposals ``src[i] -> dst[i]`` that are the earliest (lowest ``priority`` of
+    the proposer) edge at both endpoints; writes ``partner_of`` in place."""
+    lo, hi, pri = np.minimum(src, dst), np.maximum(src, dst), priority[src]
+    first = np.lexsort((pri, hi, lo))  # a mutual proposal keeps its earlier copy
+    lo, hi, pri = lo[first], hi[first], pri[first]
+    uniq = np.ones(lo.size, dtype=bool)
+    uniq[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+    lo, hi, pri = lo[uniq], hi[uniq], pri[uniq]
+    ends = np.concatenate([lo, hi])
+    edge = np.tile(np.arange(lo.size), 2)
+    srt = np.lexsort((np.concatenate([pri, pri]), ends))
+    best = np.ones(srt.size, dtype=bool)
+    best[1:] = ends[srt][1:] != ends[srt][:-1]
+    ok = np.bincount(edge[srt][best], minlength=lo.size) == 2
+    partner_of[lo[ok]] = hi[ok]
+    partner_of[hi[ok]] = lo[ok]
+
+
+def _pair_layout(partner_of: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Order made of shuffled two-item units (pairs, then leftovers two by two); an odd
+    leftover goes last. int64 [n]."""
+    n = partner_of.size
+    first = np.flatnonzero(partner_of > np.arange(n))
+    second = partner_of[first]
+    flip = rng.random(first.size) < 0.5
+    first, second = np.where(flip, second, first), np.where(flip, first, second)
+    single = rng.permutation(np.flatnonzero(partner_of < 0))
+    even = single.size - single.size % 2
+    units = np.concatenate([np.stack([first, second], axis=1), single[:even].reshape(-1, 2)])
+    units = units[rng.permutation(units.shape[0])]
+    return np.concatenate([units.reshape(-1), single[even:]]).astype(np.int64)

@@ -1,0 +1,151 @@
+"""Payload encoding and safe decoding per modality kind (tensor, image, audio, text).
+
+Decoding never executes what it reads: `.npy` is loaded with allow_pickle=False, images
+through Pillow with a pixel limit, audio through the stdlib `wave` module. Pickle
+extensions are refused outright.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SchemaError, UnsafeInputError, where
+
+KINDS = {"tensor": ("npy",), "image": ("png", "jpg", "jpeg"), "audio": ("wav",), "text": ("txt",)}
+EXT_TO_KIND = {ext: kind for kind, exts in KINDS.items() for ext in exts}
+UNSAFE_EXTS = {"pyd", "pickle", "pkl", "pt", "pth", "mp", "msgpack"}
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+MAX_PAYLOAD_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One encoded payload: its tar extension, bytes, and the schema facts it implies."""
+
+    ext: str
+    data: bytes
+    kind: str
+    dtype: str | None
+    shape: tuple[int, ...] | None
+
+
+def kind_of_ext(ext: str, *, file: object = None, key: object = None, field: object = None) -> str:
+    ext = ext.lower().lstrip(".")
+    if ext in UNSAFE_EXTS:
+        raise UnsafeInputError(f"{where(file, key, field)}: '.{ext}' payloads can execute code "
+                               "when decoded and are refused; convert them to .npy")
+    if ext not in EXT_TO_KIND:
+        raise SchemaError(f"{where(file, key, field)}: unsupported payload extension '.{ext}'; "
+                          f"use one of {sorted(EXT_TO_KIND)}")
+    return EXT_TO_KIND[ext]
+
+
+def encode_array(x: np.ndarray) -> Encoded:
+    x = np.asarray(x)
+    if x.dtype == object or x.dtype.hasobject:
+        raise SchemaError("object arrays cannot be stored; use a numeric dtype")
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(x), allow_pickle=False)
+    return Encoded("npy", buf.getvalue(), "tensor", x.dtype.name, tuple(x.shape))
+
+
+def encode_value(value: object, *, key: str, field: str, base_dir: Path | None = None) -> Encoded:
+    """Encode a payload given inline (array, number, list, text) or as a file path."""
+    if isinstance(value, np.ndarray | np.generic):
+        return encode_array(np.asarray(value))
+    if isinstance(value, bytes):
+        raise SchemaError(f"{where(None, key, field)}: raw bytes need an extension; pass a file path")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return encode_array(np.asarray([value], dtype=np.float32))
+    if isinstance(value, list | tuple):
+        return encode_array(np.asarray(value, dtype=np.float32))
+    if isinstance(value, str | os.PathLike):
+        s = str(value)
+        ext = Path(s).suffix.lower().lstrip(".")
+        if ext and (ext in EXT_TO_KIND or ext in UNSAFE_EXTS):
+            return encode_file(Path(s) if base_dir is None else base_dir / s, key=key, field=field)
+        stripped = s.strip()
+        if stripped.startswith("["):  # inline JSON vector, e.g. from a CSV cell
+            try:
+                return encode_array(np.asarray(json.loads(stripped), dtype=np.float32))
+            except (ValueError, TypeError) as e:
+                raise SchemaError(f"{where(None, key, field)}: inline vector is not valid JSON ({e})") from e
+        return Encoded("txt", s.encode("utf-8"), "text", None, None)
+    raise SchemaError(f"{where(None, key, field)}: cannot store a value of type {type(value).__name__}")
+
+
+def encode_file(path: Path, *, key: str, field: str) -> Encoded:
+    """Read a payload file; its bytes are stored as they are (images, audio) or re-encoded (npy)."""
+    ext = path.suffix.lower().lstrip(".")
+    kind = kind_of_ext(ext, file=path, key=key, field=field)
+    try:
+        size = path.stat().st_size
+        if size > MAX_PAYLOAD_BYTES:
+            raise SchemaError(f"{where(path, key, field)}: payload of {size} bytes exceeds the "
+                              f"{MAX_PAYLOAD_BYTES}-byte limit")
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise SchemaError(f"{where(path, key, field)}: payload file does not exist") from e
+    except OSError as e:
+        raise SchemaError(f"{where(path, key, field)}: payload file is unreadable ({e})") from e
+    value = decode(kind, ext, data, file=path, key=key, field=field)
+    if kind == "tensor":
+        return encode_array(value)
+    if kind == "text":
+        return Encoded("txt", data, "text", None, None)
+    ext = "jpg" if ext == "jpeg" else ext
+    return Encoded(ext, data, kind, value.dtype.name, tuple(value.shape))
+
+
+def decode(kind: str, ext: str, data: bytes, *, file: object = None, key: object = None,
+           field: object = None) -> np.ndarray | str:
+    """Decode payload bytes into an array (tensor, image HxWxC uint8, audio float32) or str."""
+    try:
+        if kind == "tensor":
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        if kind == "text":
+            return data.decode("utf-8")
+        if kind == "image":
+            return _decode_image(data)
+        if kind == "audio":
+            return _decode_wav(data)
+    except (ValueError, OSError, EOFError, UnicodeDecodeError, wave.Error, SyntaxError) as e:
+        raise SchemaError(f"{where(file, key, field)}: cannot decode {kind} payload "
+                          f"'.{ext}' ({type(e).__name__}: {e})") from e
+    raise SchemaError(f"{where(file, key, field)}: unknown modality kind {kind!r}")
+
+
+def _decode_image(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # refuse decompression bombs
+    with Image.open(io.BytesIO(data)) as im:
+        if im.width * im.height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"image of {im.width}x{im.height} pixels exceeds the limit")
+        im.load()
+        arr = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
+    return arr if arr.ndim == 3 else arr[:, :, None]
+
+
+def _decode_wav(data: bytes) -> np.ndarray:
+    with wave.open(io.BytesIO(data), "rb") as w:
+        width, channels, frames = w.getsampwidth(), w.getnchannels(), w.getnframes()
+        if frames * width * channels > MAX_PAYLOAD_BYTES:
+            raise ValueError("wav header claims more frames than allowed")
+        raw = w.readframes(frames)
+    if width == 2:
+        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    elif width == 1:
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 4:
+        x = np.frombuffer(raw, "<i4").astype(np.float32) / 2147483648.0
+    else:
+        raise ValueError(f"unsupported sample width {width}")
+    return x.reshape(-1, channels).T.copy()  # [channels, time]

@@ -1,0 +1,40 @@
+"""`midas-data inspect`: a human-readable summary of a dataset, optionally verified."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .reader import open_dataset
+
+
+def describe(path: str | Path, verify: bool = False) -> tuple[str, list[str]]:
+    """Return (report text, problems). Problems are non-empty only with verify=True."""
+    ds = open_dataset(path)
+    m = ds.manifest
+    lines = [f"dataset {ds.root}  (format v{m['format_version']}, fingerprint {ds.fingerprint[:16]})",
+             f"source: {m.get('source', {})}", "modalities:"]
+    for name in ds.modalities:
+        spec = ds.schema[name]
+        lines.append(f"  {name:<12} kind={spec['kind']:<6} ext=.{spec['ext']:<4} dtype={spec['dtype']} "
+                     f"shape={spec['shape']}")
+    lines.append(f"classes ({len(ds.classes)}): {', '.join(ds.classes[:20])}"
+                 + (" ..." if len(ds.classes) > 20 else ""))
+    for split in ds.splits:
+        sr = ds.split(split)
+        counts = Counter(sr.labels.tolist())
+        per_class = " ".join(f"{ds.classes[c]}:{counts[c]}" for c in sorted(counts))
+        shards = m["splits"][split]["shards"]
+        lines.append(f"split {split:<5} {len(sr):>8} samples in {len(shards)} shard(s); per class {per_class}")
+    total = sum(s["bytes"] for s in m["shards"])
+    lines.append(f"{len(m['shards'])} shards, {total / 1e6:.2f} MB")
+    for extra in ("features", "pairs"):
+        if (ds.root / extra).exists():
+            lines.append(f"{extra}/: {sorted(p.name for p in (ds.root / extra).iterdir())}")
+    problems: list[str] = []
+    if verify:
+        problems = ds.verify()
+        lines.append("verify: OK, every shard matches its size and sha256" if not problems
+                     else f"verify: {len(problems)} problem(s)")
+        lines.extend("  " + p for p in problems)
+    return "\n".join(lines), problems

@@ -1,0 +1,293 @@
+"""MIDAS loss terms as pure torch functions (DESIGN.md section 1).
+
+Shapes: B aligned samples, N misaligned rows, M modalities, C classes, D feature dim.
+A misaligned row draws modality m from a source sample with label ``src_labels[:, m]``
+and unimodal confidence ``src_conf[:, m]``; for two modalities and anchor i with partner
+j, row A = (x^1_i, x^2_j) has ``src_labels = [y_i, y_j]``, ``src_conf = [c^1_i, c^2_j]``.
+
+Nothing here keeps state: ``alpha`` and its running statistics (:class:`AlphaStats`) are
+values that the trainer threads through :func:`accumulate` and :func:`update_alpha`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "AlphaStats",
+    "LossTerms",
+    "accumulate",
+    "hard_sample_weight",
+    "hard_weight_from_similarity",
+    "mean_replaced_similarity",
+    "midas_total_loss",
+    "misaligned_loss",
+    "misaligned_top2_correct",
+    "modality_weights",
+    "normalised_confidences",
+    "strong_modality",
+    "unimodal_confidence",
+    "update_alpha",
+    "weak_modality",
+]
+
+_EPS = 1e-12
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def unimodal_confidence(logits: Tensor, y: Tensor) -> Tensor:
+    """c_i = softmax(logits_i)[y_i] at temperature 1, detached.
+
+    logits: [B, C]; y: int64 [B]. Returns [B] in the logits' dtype. Detached because the
+    confidence is a label weight, not something the encoders should be trained to move.
+    """
+    _check(logits.dim() == 2 and y.shape == logits.shape[:1],
+           f"unimodal_confidence: logits [B,C] and y [B], got {tuple(logits.shape)}, {tuple(y.shape)}")
+    probs = torch.softmax(logits.detach(), dim=1)
+    return probs.gather(1, y.long().unsqueeze(1)).squeeze(1)
+
+
+def normalised_confidences(src_conf: Tensor, eps: float = _EPS) -> Tensor:
+    """c~^m = c^m / sum_m' c^m' per misaligned row (paper appendix A.2).
+
+    src_conf: [N, M], confidence of each modality's source. Returns [N, M], detached, rows
+    summing to 1. For M = 2 this is w1 = c^1_i / (c^1_i + c^2_j). The sum is clamped at
+    ``eps`` (not offset by it) so ordinary rows are exact; an all-zero row gets zero weights
+    and so contributes no loss instead of NaN.
+    """
+    _check(src_conf.dim() == 2, f"normalised_confidences: src_conf must be [N,M], got {tuple(src_conf.shape)}")
+    c = src_conf.detach()
+    return c / c.sum(dim=1, keepdim=True).clamp_min(eps)
+
+
+def hard_weight_from_similarity(similarity: Tensor) -> Tensor:
+    """h = 1 + (s + 1) / 2 in [1, 2], detached; s is clamped to [-1, 1] against rounding."""
+    s = similarity.detach().clamp(-1.0, 1.0)
+    return 1.0 + (s + 1.0) / 2.0
+
+
+def hard_sample_weight(f_anchor: Tensor, f_partner: Tensor) -> Tensor:
+    """Hard-sample weight from the swapped modality's features of anchor and partner.
+
+    f_anchor, f_partner: [N, D]. Returns h: [N] in [1, 2]. The cosine is taken on detached
+    features: h only scales the loss, no gradient flows into the encoders through it.
+    For M > 2 use :func:`mean_replaced_similarity` then :func:`hard_weight_from_similarity`.
+    """
+    _check(f_anchor.dim() == 2 and f_anchor.shape == f_partner.shape,
+           f"hard_sample_weight: two [N,D] tensors, got {tuple(f_anchor.shape)}, {tuple(f_partner.shape)}")
+    s = F.cosine_similarity(f_anchor.detach(), f_partner.detach(), dim=1)
+    return hard_weight_from_similarity(s)
+
+
+def mean_replaced_similarity(
+    anchor_feats: Sequence[Tensor], source_feats: Sequence[Tensor], replaced: Tensor
+) -> Tensor:
+    """Mean cosine over the replaced modalities of each row (appendix A.2), detached.
+
+    anchor_feats[m], source_feats[m]: [N, D_m] features of modality m of the anchor and of
+    the source that row n takes modality m from; replaced: bool [N, M], True where the
+    source is not the anchor. Returns s: [N]. Every row must replace at least one modality
+    (else it is not misaligned). With one replaced modality this is that modality's cosine.
+    """
+    m = len(anchor_feats)
+    _check(m == len(source_feats) and replaced.dim() == 2 and replaced.shape[1] == m,
+           f"mean_replaced_similarity: {m} anchor, {len(source_feats)} source feature sets, "
+           f"replaced {tuple(replaced.shape)}")
+    cos = torch.stack([F.cosine_similarity(a.detach(), b.detach(), dim=1)
+                       for a, b in zip(anchor_feats, source_feats)], dim=1)  # [N, M]
+    mask = replaced.to(cos.dtype)
+    count = mask.sum(dim=1)
+    _check(bool((count > 0).all()), "mean_replaced_similarity: a row replaces no modality")
+    return (cos * mask).sum(dim=1) / count
+
+
+def modality_weights(num_modalities: int, weak: int, alpha: float,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """a: [M] with a[weak] = alpha and 1 elsewhere (the weak modality's soft-label term)."""
+    _check(num_modalities >= 1 and 0 <= weak < num_modalities,
+           f"modality_weights: weak={weak} not in [0, {num_modalities})")
+    a = torch.ones(num_modalities, dtype=dtype)
+    a[weak] = alpha
+    return a
+
+
+def misaligned_loss(
+    logits: Tensor,
+    src_labels: Tensor,
+    src_weights: Tensor,
+    modality_weight: Tensor,
+    hard_weight: Tensor | None = None,
+) -> Tensor:
+    """L_mis = mean_n h_n * sum_m a_m * w_nm * CE(z_n, y_nm).
+
+    logits: [N, C] fused logits of the misaligned rows; src_labels: int64 [N, M];
+    src_weights: [N, M] normalised confidences w (see :func:`normalised_confidences`);
+    modality_weight: [M] (see :func:`modality_weights`); hard_weight: [N] or None (= 1).
+    Returns a scalar. With the paper's rows A and B for each of B anchors (N = 2B), the
+    mean over the 2B rows equals mean_b (h_A loss_A + h_B loss_B) / 2. Weights are detached:
+    only the fused logits receive gradient. N = 0 gives a zero still attached to ``logits``
+    so that ``backward()`` works on a batch without misaligned rows.
+    """
+    n = logits.shape[0]
+    _check(logits.dim() == 2 and src_labels.dim() == 2 and src_labels.shape[0] == n
+           and src_weights.shape == src_labels.shape
+           and modality_weight.shape == src_labels.shape[1:],
+           f"misaligned_loss: logits {tuple(logits.shape)}, src_labels {tuple(src_labels.shape)}, "
+           f"src_weights {tuple(src_weights.shape)}, modality_weight {tuple(modality_weight.shape)}")
+    _check(hard_weight is None or hard_weight.shape == (n,),
+           f"misaligned_loss: hard_weight must be [{n}], got {None if hard_weight is None else tuple(hard_weight.shape)}")
+    if n == 0:
+        return logits.sum() * 0.0  # mean of nothing would be NaN
+    logp = torch.log_softmax(logits, dim=1)
+    ce = -logp.gather(1, src_labels.long())  # [N, M]: CE against each source's one-hot
+    coef = src_weights.detach().to(logp.dtype) * modality_weight.detach().to(device=ce.device, dtype=logp.dtype)
+    per_row = (coef * ce).sum(dim=1)
+    if hard_weight is not None:
+        per_row = per_row * hard_weight.detach().to(per_row.dtype)
+    return per_row.mean()
+
+
+class LossTerms(NamedTuple):
+    """Terms of the MIDAS objective; terms not computed are zero tensors (for logging)."""
+
+    total: Tensor
+    fused: Tensor
+    unimodal: Tensor
+    misaligned: Tensor
+
+
+def midas_total_loss(
+    fused_ce: Tensor | None,
+    unimodal_ces: Sequence[Tensor] | Tensor,
+    mis_loss: Tensor | None,
+    lam: float,
+    warmup: bool,
+) -> LossTerms:
+    """L = CE(z, y) + L_uni + lam * L_mis, or L = L_uni during warm-up.
+
+    fused_ce: scalar CE of the fused head on aligned samples (may be None in warm-up);
+    unimodal_ces: M scalars (or a [M] tensor), L_uni is their mean; mis_loss: scalar
+    L_mis, None when the batch has no misaligned rows.
+    """
+    uni_t = unimodal_ces if isinstance(unimodal_ces, Tensor) else torch.stack(list(unimodal_ces))
+    _check(uni_t.numel() >= 1, "midas_total_loss: no unimodal losses")
+    uni = uni_t.mean()
+    zero = uni.detach() * 0.0
+    fused = zero if fused_ce is None else fused_ce
+    mis = zero if mis_loss is None else mis_loss
+    if warmup:
+        # Encoders and unimodal heads learn first so that confidences mean something.
+        return LossTerms(uni, fused.detach(), uni, mis.detach())
+    _check(fused_ce is not None, "midas_total_loss: fused_ce is required after warm-up")
+    return LossTerms(fused + uni + lam * mis, fused, uni, mis)
+
+
+def weak_modality(mean_conf: Tensor | Sequence[float]) -> int:
+    """Index of the modality with the lowest mean confidence (first one on ties)."""
+    t = torch.as_tensor(mean_conf, dtype=torch.float64).flatten()
+    _check(t.numel() >= 1, "weak_modality: no modalities")
+    return int(torch.argmin(t))
+
+
+def strong_modality(mean_conf: Tensor | Sequence[float]) -> int:
+    """Index of the modality with the highest mean confidence (first one on ties)."""
+    t = torch.as_tensor(mean_conf, dtype=torch.float64).flatten()
+    _check(t.numel() >= 1, "strong_modality: no modalities")
+    return int(torch.argmax(t))
+
+
+@dataclass(frozen=True)
+class AlphaStats:
+    """Running sums over misaligned rows for the alpha update (an immutable value).
+
+    fused_strong / fused_weak: sums of the fused softmax at the strong / weak modality's
+    source label; uni_strong / uni_weak: sums of those sources' unimodal confidences;
+    count: rows summed. Add two with ``+`` (e.g. to merge ranks or workers).
+    """
+
+    fused_strong: float = 0.0
+    fused_weak: float = 0.0
+    uni_strong: float = 0.0
+    uni_weak: float = 0.0
+    count: int = 0
+
+    def __add__(self, other: AlphaStats) -> AlphaStats:
+        return AlphaStats(self.fused_strong + other.fused_strong, self.fused_weak + other.fused_weak,
+                          self.uni_strong + other.uni_strong, self.uni_weak + other.uni_weak,
+                          self.count + other.count)
+
+
+def accumulate(
+    stats: AlphaStats,
+    logits: Tensor,
+    strong_labels: Tensor,
+    weak_labels: Tensor,
+    strong_conf: Tensor,
+    weak_conf: Tensor,
+) -> AlphaStats:
+    """Return ``stats`` plus one batch of misaligned rows.
+
+    logits: [N, C] fused logits; strong_labels, weak_labels: int64 [N], labels of the
+    sources of the strong and weak modality (``src_labels[:, strong]``, ``[:, weak]``);
+    strong_conf, weak_conf: [N] those sources' unimodal confidences c (not normalised).
+    Rows whose two sources share a label are skipped: there the fused probabilities at
+    both labels coincide and say nothing about which modality the fused head follows.
+    """
+    n = logits.shape[0]
+    _check(logits.dim() == 2 and all(t.shape == (n,) for t in
+                                     (strong_labels, weak_labels, strong_conf, weak_conf)),
+           f"accumulate: logits [N,C] and four [N] tensors, got logits {tuple(logits.shape)}")
+    keep = strong_labels != weak_labels
+    p = torch.softmax(logits.detach().double(), dim=1)[keep]
+    ps = p.gather(1, strong_labels[keep].long().unsqueeze(1)).sum()
+    pw = p.gather(1, weak_labels[keep].long().unsqueeze(1)).sum()
+    cs = strong_conf.detach().double()[keep].sum()
+    cw = weak_conf.detach().double()[keep].sum()
+    return stats + AlphaStats(float(ps), float(pw), float(cs), float(cw), int(keep.sum()))
+
+
+def update_alpha(alpha: float, stats: AlphaStats, eta: float = 0.05) -> float:
+    """One alpha step: alpha +/- eta, then max(1, alpha). Returns the new alpha.
+
+    Compares the fused ratio mean p[strong] / mean p[weak] with the unimodal ratio
+    mean c_strong / mean c_weak. If the fused head over-weights the strong modality
+    (fused ratio > unimodal ratio) alpha += eta, otherwise (ties included, as in the
+    authors' if/else) alpha -= eta. The means share one count, so the comparison is done
+    by cross-multiplying the sums: no division, safe at zero. Empty stats: no step.
+
+    For two modalities, with normalised means p~_weak = P_w / (P_s + P_w) and
+    c~_weak = C_w / (C_s + C_w), this equals the paper's
+    alpha <- max(1, alpha + eta * sign(E[c~_weak] - E[p~_weak])) whenever the ratios
+    differ; at an exact tie the paper's sign(0) = 0 keeps alpha, this rule lowers it.
+    A single batch's means can be passed as ``AlphaStats(p_s, p_w, c_s, c_w, 1)``.
+    """
+    if stats.count == 0:
+        return max(1.0, alpha)
+    over = stats.fused_strong * stats.uni_weak > stats.uni_strong * stats.fused_weak
+    return max(1.0, alpha + eta if over else alpha - eta)
+
+
+def misaligned_top2_correct(logits: Tensor, y_a: Tensor, y_b: Tensor) -> Tensor:
+    """Misaligned accuracy: the fused top-2 classes are exactly {y_a, y_b}, in any order.
+
+    logits: [N, C] (C >= 2); y_a, y_b: int64 [N] labels of the two sources. Returns bool
+    [N]; a row with y_a == y_b is never correct (it is not a misaligned sample).
+    """
+    _check(logits.dim() == 2 and logits.shape[1] >= 2 and y_a.shape == logits.shape[:1]
+           and y_b.shape == y_a.shape,
+           f"misaligned_top2_correct: logits [N,C>=2], y_a, y_b [N], got {tuple(logits.shape)}, "
+           f"{tuple(y_a.shape)}, {tuple(y_b.shape)}")
+    top = logits.detach().topk(2, dim=1).indices
+    a, b = y_a.long().to(top.device), y_b.long().to(top.device)
+    same = ((top[:, 0] == a) & (top[:, 1] == b)) | ((top[:, 0] == b) & (top[:, 1] == a))
+    return same & (a != b)

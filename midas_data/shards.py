@@ -1,0 +1,280 @@
+"""Write a dataset: WebDataset tar shards, an Arrow offset index per split, the manifest.
+
+Shards are plain tars (`<key>.<modality>.<ext>`, `<key>.cls`) that the `webdataset`
+package reads as they are. Members are written with fixed metadata (mtime 0, uid 0,
+mode 0444) so the same input gives byte-identical shards. The index records, per sample
+and modality, the byte offset, size and CRC32 of each member's data, so a reader can
+fetch one payload with a single pread and notice a flipped byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import tarfile
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from .atomic import atomic_dir
+from .errors import MidasDataError, SchemaError, where
+from .formats import Encoded, encode_value
+from .manifest import FORMAT_NAME, FORMAT_VERSION, dataset_fingerprint, write_manifest
+from .split import SPLITS, stratified_split
+from .tables import write_table
+
+KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+MODALITY_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+RESERVED = {"cls", "key", "label", "split"}
+
+
+@dataclass
+class Sample:
+    """A sample before sharding. Payloads are inline values or file paths, loaded lazily."""
+
+    key: str
+    label: int | str
+    payloads: Mapping[str, object]
+    split: str | None = None
+    source: str | None = None  # where it came from, for error messages
+
+
+@dataclass
+class _ShardState:
+    path: Path
+    tar: tarfile.TarFile
+    fileobj: object
+    hasher: object = field(default_factory=hashlib.sha256)
+    count: int = 0
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes what passes through and counts bytes."""
+
+    def __init__(self, f, hasher):
+        self._f, self._h, self.pos = f, hasher, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def write(self, b) -> int:
+        self._f.write(b)
+        self._h.update(b)
+        self.pos += len(b)
+        return len(b)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o444, 0, 0, "", ""
+    return ti
+
+
+class SplitShardWriter:
+    """Writes the shards of one split, rolling to a new shard by sample count or bytes."""
+
+    def __init__(self, root: Path, split: str, max_count: int, max_bytes: int):
+        self.root, self.split = root, split
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.shards: list[dict] = []
+        self.rows: dict[str, list] = {"key": [], "label": [], "shard": [], "offset": [], "size": []}
+        self.member_cols: dict[str, list] = {}
+        self._cur: _ShardState | None = None
+
+    def _open(self) -> _ShardState:
+        rel = Path("shards") / f"{self.split}-{len(self.shards):06d}.tar"
+        raw = open(self.root / rel, "wb")  # noqa: SIM115 - closed in _close
+        hasher = hashlib.sha256()
+        hf = _HashingFile(raw, hasher)
+        tar = tarfile.open(fileobj=hf, mode="w", format=tarfile.GNU_FORMAT)  # noqa: SIM115
+        self.shards.append({"path": str(rel), "split": self.split, "count": 0, "bytes": 0, "sha256": ""})
+        return _ShardState(rel, tar, hf, hasher)
+
+    def _close(self) -> None:
+        cur = self._cur
+        if cur is None:
+            return
+        cur.tar.close()  # writes the end-of-archive blocks
+        cur.fileobj.close()
+        meta = self.shards[-1]
+        meta.update(count=cur.count, bytes=cur.fileobj.pos, sha256=cur.hasher.hexdigest())
+        self._cur = None
+
+    def add(self, key: str, label: int, members: list[tuple[str, Encoded]]) -> None:
+        cur = self._cur
+        if cur is not None and (cur.count >= self.max_count or cur.fileobj.pos >= self.max_bytes):
+            self._close()
+            cur = None
+        if cur is None:
+            cur = self._cur = self._open()
+        start = cur.tar.offset
+        for name, enc in [("cls", _cls(label))] + members:
+            cur.tar.addfile(_member(f"{key}.{name}.{enc.ext}" if name != "cls" else f"{key}.cls",
+                                    len(enc.data)), io.BytesIO(enc.data))
+            data_off = cur.tar.offset - (-(-len(enc.data) // 512) * 512)
+            if name != "cls":
+                col = self.member_cols.setdefault(name, [[], [], []])
+                col[0].append(data_off)
+                col[1].append(len(enc.data))
+                col[2].append(zlib.crc32(enc.data))
+        cur.count += 1
+        self.rows["key"].append(key)
+        self.rows["label"].append(label)
+        self.rows["shard"].append(len(self.shards) - 1)
+        self.rows["offset"].append(start)
+        self.rows["size"].append(cur.tar.offset - start)
+
+    def finish(self, modality_order: list[str]) -> pa.Table:
+        self._close()
+        cols = {"key": pa.array(self.rows["key"], pa.string()),
+                "label": pa.array(self.rows["label"], pa.int64()),
+                "shard": pa.array(self.rows["shard"], pa.int32()),
+                "offset": pa.array(self.rows["offset"], pa.int64()),
+                "size": pa.array(self.rows["size"], pa.int64())}
+        for m in modality_order:
+            off, size, crc = self.member_cols.get(m, [[], [], []])
+            cols[f"{m}.offset"] = pa.array(off, pa.int64())
+            cols[f"{m}.size"] = pa.array(size, pa.int64())
+            cols[f"{m}.crc32"] = pa.array(crc, pa.uint32())
+        return pa.table(cols)
+
+
+def _cls(label: int) -> Encoded:
+    return Encoded("cls", str(label).encode(), "cls", None, None)
+
+
+def _check_schema(schema: dict, m: str, enc: Encoded, key: str, src: object) -> None:
+    """First sample of a modality fixes its schema; later ones must agree."""
+    facts = {"kind": enc.kind, "ext": enc.ext, "dtype": enc.dtype,
+             "shape": list(enc.shape) if enc.shape is not None else None}
+    if enc.kind == "audio" and facts["shape"]:
+        facts["shape"] = [facts["shape"][0], None]  # clips may differ in length
+    if m not in schema:
+        schema[m] = facts
+        return
+    want = schema[m]
+    for fld in ("kind", "ext", "dtype", "shape"):
+        if want[fld] != facts[fld]:
+            raise SchemaError(f"{where(src, key, m)}: {fld} {facts[fld]} disagrees with "
+                              f"{want[fld]} of earlier samples of modality '{m}'")
+
+
+def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: list[str] | None = None,
+                  modalities: list[str] | None = None, shard_max_count: int = 10_000,
+                  shard_max_mb: float = 256.0, split_seed: int = 0,
+                  split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
+                  overwrite: bool = False, source: dict | None = None, progress: bool = True) -> dict:
+    """Shard `samples` into `out_dir` atomically and return the manifest.
+
+    Samples without a split get a seeded stratified split. Labels are class names or
+    indices into `classes` (inferred from the labels, sorted, when not given).
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "manifest.json").exists() and not overwrite:
+        raise MidasDataError(f"{where(file=out_dir)}: already holds a dataset; pass --overwrite "
+                             "to replace it or choose another output directory")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").exists():
+        raise MidasDataError(f"{where(file=out_dir)}: exists and is not empty (and not a dataset); "
+                             "choose an empty or new output directory")
+    samples = list(samples)
+    if not samples:
+        raise MidasDataError("the source yielded no samples; check the pipeline's input path")
+    class_names, label_idx = _resolve_labels(samples, classes)
+    seen: set[str] = set()
+    for s in samples:
+        if not isinstance(s.key, str) or not KEY_RE.match(s.key):
+            raise SchemaError(f"{where(s.source, s.key, 'key')}: keys may hold only letters, digits, "
+                              "'_' and '-' (WebDataset splits keys at the first dot)")
+        if s.key in seen:
+            raise SchemaError(f"{where(s.source, s.key, 'key')}: duplicate key")
+        seen.add(s.key)
+    order = modalities or list(samples[0].payloads)
+    for m in order:
+        if not MODALITY_RE.match(m) or m in RESERVED:
+            raise SchemaError(f"{where(field=m)}: modality names must match [a-z][a-z0-9_]* and "
+                              f"not be one of {sorted(RESERVED)}")
+    splits = np.array([s.split for s in samples], dtype=object)
+    if any(sp is None for sp in splits):
+        if not all(sp is None for sp in splits):
+            raise SchemaError("some samples have a split and some do not; give all or none")
+        splits = stratified_split(label_idx, split_fractions, split_seed)
+    bad = sorted({sp for sp in splits if sp not in SPLITS})
+    if bad:
+        raise SchemaError(f"{where(field='split')}: unknown split names {bad}; use {list(SPLITS)}")
+
+    schema: dict = {}
+    max_bytes = int(shard_max_mb * 1024 * 1024)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        (tmp / "shards").mkdir()
+        (tmp / "index").mkdir()
+        split_meta, all_shards = {}, []
+        bar = tqdm(total=len(samples), desc="build-shards", unit="sample", disable=not progress)
+        for sp in SPLITS:
+            members_idx = np.flatnonzero(splits == sp)
+            if len(members_idx) == 0:
+                continue
+            writer = SplitShardWriter(tmp, sp, shard_max_count, max_bytes)
+            for i in members_idx:
+                s = samples[i]
+                missing = [m for m in order if m not in s.payloads or s.payloads[m] is None]
+                if missing:
+                    raise SchemaError(f"{where(s.source, s.key, missing[0])}: modality missing")
+                members = []
+                for m in order:
+                    enc = encode_value(s.payloads[m], key=s.key, field=m)
+                    _check_schema(schema, m, enc, s.key, s.source)
+                    members.append((m, enc))
+                writer.add(s.key, int(label_idx[i]), members)
+                bar.update(1)
+            index = writer.finish(order)
+            write_table(tmp / "index" / f"{sp}.arrow", index)
+            split_meta[sp] = {"count": len(members_idx), "index": f"index/{sp}.arrow",
+                              "shards": [s["path"] for s in writer.shards]}
+            all_shards.extend(writer.shards)
+        bar.close()
+        manifest = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            "modalities": {m: schema[m] for m in order}, "modality_order": order,
+            "classes": class_names, "splits": split_meta, "shards": all_shards,
+            "fingerprint": dataset_fingerprint({m: schema[m] for m in order}, class_names, all_shards),
+            "split_seed": split_seed, "source": source or {},
+        }
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _resolve_labels(samples: list[Sample], classes: list[str] | None) -> tuple[list[str], np.ndarray]:
+    raw = [s.label for s in samples]
+    if classes is None:
+        if all(isinstance(v, int | np.integer) for v in raw):
+            classes = [str(c) for c in range(int(max(raw)) + 1)]
+        else:
+            classes = sorted({str(v) for v in raw})
+    classes = [str(c) for c in classes]
+    lookup = {c: i for i, c in enumerate(classes)}
+    out = np.empty(len(raw), dtype=np.int64)
+    for i, (s, v) in enumerate(zip(samples, raw)):
+        if isinstance(v, int | np.integer) and not isinstance(v, bool):
+            if not 0 <= int(v) < len(classes):
+                raise SchemaError(f"{where(s.source, s.key, 'label')}: class index {v} is outside "
+                                  f"the class list (0..{len(classes) - 1})")
+            out[i] = int(v)
+        elif str(v) in lookup:
+            out[i] = lookup[str(v)]
+        else:
+            raise SchemaError(f"{where(s.source, s.key, 'label')}: unknown label {v!r}; known "
+                              f"classes are {classes[:20]}{'...' if len(classes) > 20 else ''}")
+    return classes, out

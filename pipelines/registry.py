@@ -1,0 +1,28 @@
+"""A small string-keyed registry of pipelines (no folder scanning at import time)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+# name -> "module:function"; imported on first use so optional readers cost nothing.
+PIPELINES: dict[str, str] = {
+    "mfeat": "pipelines.mfeat:read_mfeat",
+    "av_digits": "pipelines.av_digits:read_av_digits",
+    "manifest": "pipelines.user_manifest:read_manifest_file",
+}
+
+
+def register_pipeline(name: str, target: str | Callable) -> None:
+    """Add a reader: a callable returning a `PipelineOutput`, or its 'module:function' path."""
+    PIPELINES[name] = target  # type: ignore[assignment]
+
+
+def get_pipeline(name: str) -> Callable:
+    if name not in PIPELINES:
+        raise KeyError(f"unknown pipeline {name!r}; available: {sorted(PIPELINES)}")
+    target = PIPELINES[name]
+    if callable(target):
+        return target
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)

@@ -1,0 +1,94 @@
+"""A user's own data: a CSV, JSONL or Parquet manifest with one row per sample.
+
+Columns: `key`, `label`, optional `split` (train/val/test), and one column per modality
+holding a file path (.npy, .png/.jpg, .wav, .txt; relative paths are resolved against the
+manifest's folder) or an inline value (a number, a JSON list such as "[0.1, 2.0]", text).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from midas_data.errors import MidasDataError, SchemaError, where
+from midas_data.shards import Sample
+
+MAX_COLUMNS = 1024  # a manifest with millions of columns is refused before it is parsed
+MAX_HEADER_BYTES = 1 << 20
+REQUIRED = ("key", "label")
+
+
+def _read_table(path: Path) -> pa.Table:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            with open(path, "rb") as f:
+                header = f.readline(MAX_HEADER_BYTES + 1)
+            if len(header) > MAX_HEADER_BYTES or header.count(b",") >= MAX_COLUMNS:
+                raise SchemaError(f"{where(file=path)}: header has more than {MAX_COLUMNS} columns "
+                                  "or exceeds 1 MiB; is this really a sample manifest?")
+            from pyarrow import csv
+
+            return csv.read_csv(path, convert_options=csv.ConvertOptions(
+                column_types={"key": pa.string(), "split": pa.string()}, strings_can_be_null=True))
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            from pyarrow import json as pajson
+
+            return pajson.read_json(path)
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            if len(pq.read_schema(path)) > MAX_COLUMNS:
+                raise SchemaError(f"{where(file=path)}: more than {MAX_COLUMNS} columns")
+            return pq.read_table(path)
+    except FileNotFoundError as e:
+        raise MidasDataError(f"{where(file=path)}: manifest file does not exist") from e
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+        raise SchemaError(f"{where(file=path)}: cannot parse manifest ({e})") from e
+    raise SchemaError(f"{where(file=path)}: manifest must be .csv, .jsonl or .parquet")
+
+
+def read_manifest_file(manifest: str | Path, modalities: list[str] | None = None,
+                       classes: list[str] | None = None) -> dict:
+    """Samples described by a manifest file, payload paths resolved but not yet loaded."""
+    path = Path(manifest)
+    table = _read_table(path)
+    if table.num_columns > MAX_COLUMNS:
+        raise SchemaError(f"{where(file=path)}: {table.num_columns} columns exceed {MAX_COLUMNS}")
+    for col in REQUIRED:
+        if col not in table.column_names:
+            raise SchemaError(f"{where(file=path, field=col)}: required column missing")
+    mods = list(modalities or [c for c in table.column_names if c not in ("key", "label", "split")])
+    missing = [m for m in mods if m not in table.column_names]
+    if missing:
+        raise SchemaError(f"{where(file=path, field=missing[0])}: modality column missing")
+    if len(mods) < 2:
+        raise SchemaError(f"{where(file=path)}: MIDAS needs at least two modality columns, found {mods}")
+    base = path.parent
+    rows = table.to_pylist()
+    samples = []
+    for i, row in enumerate(rows):
+        key = row["key"]
+        if key is None or row["label"] is None:
+            raise SchemaError(f"{where(path, f'row {i + 1}', 'key' if key is None else 'label')}: empty")
+        payloads = {}
+        for m in mods:
+            v = row[m]
+            if v is None:
+                raise SchemaError(f"{where(path, key, m)}: modality missing (empty cell)")
+            if isinstance(v, str) and _looks_like_path(v):
+                p = Path(v)
+                v = p if p.is_absolute() else base / p
+            payloads[m] = v
+        label = row["label"]
+        label = int(label) if isinstance(label, int) and classes is not None else str(label)
+        samples.append(Sample(key=str(key), label=label, payloads=payloads,
+                              split=row.get("split") or None, source=str(path)))
+    return {"samples": samples, "classes": classes, "modalities": mods,
+            "source": {"pipeline": "manifest", "path": str(path.resolve())}}
+
+
+def _looks_like_path(v: str) -> bool:
+    return Path(v).suffix.lower().lstrip(".") in {"npy", "png", "jpg", "jpeg", "wav", "txt",
+                                                    "pyd", "pickle", "pkl", "pt", "pth"}
