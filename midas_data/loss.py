@@ -289,5 +289,5 @@ def misaligned_top2_correct(logits: Tensor, y_a: Tensor, y_b: Tensor) -> Tensor:
            f"{tuple(y_a.shape)}, {tuple(y_b.shape)}")
     top = logits.detach().topk(2, dim=1).indices
     a, b = y_a.long().to(top.device), y_b.long().to(top.device)
-    same = ((top[:, 0] == a) & (top[:, 1] == b)) | ((top[:, 0] == b) & (top[:, 1] == a))
-    return same & (a != b)
+    # The two top-k indices are distinct, so y_a == y_b can never match both.
+    return ((top[:, 0] == a) & (top[:, 1] == b)) | ((top[:, 0] == b) & (top[:, 1] == a))
