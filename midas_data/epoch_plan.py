@@ -117,8 +117,9 @@ def rank_batches(
 ) -> list[np.ndarray]:
     """``rank``'s batches of ``order[offset:]`` (K int64 arrays; the last may be shorter or
     empty). See :func:`batch_spans` for the layout and ``pair_aligned``."""
-    spans = batch_spans(len(order), offset, batch_size, world_size, rank, drop_last,
-                        pair_aligned=pair_aligned)
+    spans = batch_spans(
+        len(order), offset, batch_size, world_size, rank, drop_last, pair_aligned=pair_aligned
+    )
     return [order[lo:hi] for lo, hi in spans]
 
 
@@ -132,8 +133,10 @@ def global_batches(
     pair_aligned: bool = False,
 ) -> list[np.ndarray]:
     """All ranks' batches in global order, step-major and rank-minor (K * world_size)."""
-    per_rank = [rank_batches(order, offset, batch_size, world_size, r, drop_last,
-                             pair_aligned=pair_aligned) for r in range(world_size)]
+    per_rank = [
+        rank_batches(order, offset, batch_size, world_size, r, drop_last, pair_aligned=pair_aligned)
+        for r in range(world_size)
+    ]
     return [batches[k] for k in range(len(per_rank[0])) for batches in per_rank]
 
 
@@ -147,8 +150,9 @@ def remaining_items(
     pair_aligned: bool = False,
 ) -> np.ndarray:
     """Concatenation of :func:`global_batches`: equals ``order[offset:]`` unless drop_last."""
-    batches = global_batches(order, offset, batch_size, world_size, drop_last,
-                             pair_aligned=pair_aligned)
+    batches = global_batches(
+        order, offset, batch_size, world_size, drop_last, pair_aligned=pair_aligned
+    )
     return np.concatenate(batches).astype(np.int64) if batches else np.empty(0, np.int64)
 
 
@@ -171,7 +175,9 @@ def partner_rng(seed: int, epoch: int, first_item_offset: int) -> np.random.Gene
     return np.random.default_rng([int(seed), int(epoch), int(first_item_offset), _PARTNER_TAG])
 
 
-def assign_partners(labels: np.ndarray, num_modalities: int, rng: np.random.Generator) -> np.ndarray:
+def assign_partners(
+    labels: np.ndarray, num_modalities: int, rng: np.random.Generator
+) -> np.ndarray:
     """In-batch partner of every row for every swapped modality, int64 [b, M].
 
     ``labels``: int64 [b], the batch's labels. ``out[i, m]`` is another row of the batch
@@ -225,8 +231,8 @@ def matched_order(
 
     ``neighbours``: int64 [n, k] row indices of each anchor's mined partners, ``-1`` = none
     (self-loops are ignored). ``probs``: float [n, k] or None, sampling weights of the
-    neighbours (renormalised over the still-free ones; weight 0 = never chosen; None =
-    uniform). Returns ``order`` int64 [n], a permutation of ``0..n-1``, and ``partner_of``
+    neighbours (renormalised over the still-free ones, in float32 relative to the row's
+    largest weight; weight 0 = never chosen; None = uniform). Returns ``order`` int64 [n], a permutation of ``0..n-1``, and ``partner_of``
     int64 [n], symmetric (``partner_of[partner_of[i]] == i``), ``-1`` for unmatched anchors
     (they get an in-batch random partner instead). Each pair has one member in the other's
     neighbour list.
@@ -249,52 +255,61 @@ def matched_order(
     if nb.size and (nb.min() < -1 or nb.max() >= n):
         raise ValueError(f"neighbours must hold rows in [0, {n}) or -1")
     valid = (nb >= 0) & (nb != np.arange(n, dtype=np.int64)[:, None])
-    if probs is None:
-        weight = valid.astype(np.float64)
-    else:
+    weight = None  # uniform
+    if probs is not None:
         p = np.asarray(probs, dtype=np.float64)
         if p.shape != nb.shape:
             raise ValueError(f"probs must have the shape of neighbours {nb.shape}, got {p.shape}")
         if not np.all(np.isfinite(p)) or np.any(p < 0):
             raise ValueError("probs must be finite and >= 0")
-        weight = np.where(valid, p, 0.0)
-    rng = np.random.default_rng([int(seed), int(epoch), _MATCH_TAG])
-    priority = rng.permutation(n).astype(np.int64)
+        weight = (p / np.maximum(p.max(axis=1, keepdims=True), 1e-300)).astype(np.float32)
+        valid &= weight > 0
+    # int32 rows with sentinel n for "no neighbour": taken[n] is always True
+    idx = np.where(valid, nb, n).astype(np.int32 if n < 2**31 - 1 else np.int64)
+    taken = np.zeros(n + 1, dtype=bool)
+    taken[n] = True
     partner_of = np.full(n, -1, dtype=np.int64)
-    cand = np.flatnonzero(weight.sum(axis=1) > 0)
+    rng = np.random.default_rng([int(seed), int(epoch), _MATCH_TAG])
+    walk = rng.permutation(n)  # candidates stay in walk order: earlier = higher priority
+    cand = walk[valid.any(axis=1)[walk]]
+    del valid
     while cand.size:
-        nbc = nb[cand]
-        w = weight[cand] * (partner_of[np.maximum(nbc, 0)] < 0)
-        cum = np.cumsum(w, axis=1)
-        total = cum[:, -1]
+        nbc = idx[cand]
+        free = ~taken[nbc]
+        if weight is None:
+            cum = np.cumsum(free, axis=1, dtype=np.int32)
+            total = cum[:, -1]
+            u = np.floor(rng.random(cand.size) * total).astype(np.int32)
+        else:
+            cum = np.cumsum(np.where(free, weight[cand], 0), axis=1, dtype=np.float32)
+            total = cum[:, -1]
+            u = (rng.random(cand.size, dtype=np.float32) * total).astype(np.float32)
+            u = np.minimum(u, np.nextafter(total, np.float32(0)))
         keep = total > 0
-        cand, nbc, cum, total = cand[keep], nbc[keep], cum[keep], total[keep]
+        cand, nbc, cum, u = cand[keep], nbc[keep], cum[keep], u[keep]
         if not cand.size:
             break
-        u = np.minimum(rng.random(cand.size) * total, np.nextafter(total, 0))
-        target = nbc[np.arange(cand.size), np.argmax(cum > u[:, None], axis=1)]
-        _accept(cand, target, priority, partner_of)
-        cand = cand[partner_of[cand] < 0]
+        target = nbc[np.arange(cand.size), np.argmax(cum > u[:, None], axis=1)].astype(np.int64)
+        _accept(cand, target, partner_of, taken)
+        cand = cand[~taken[cand]]
     return _pair_layout(partner_of, rng), partner_of
 
 
-def _accept(src: np.ndarray, dst: np.ndarray, priority: np.ndarray, partner_of: np.ndarray) -> None:
-    """Accept proposals ``src[i] -> dst[i]`` that are the earliest (lowest ``priority`` of
-    the proposer) edge at both endpoints; writes ``partner_of`` in place."""
-    lo, hi, pri = np.minimum(src, dst), np.maximum(src, dst), priority[src]
-    first = np.lexsort((pri, hi, lo))  # a mutual proposal keeps its earlier copy
-    lo, hi, pri = lo[first], hi[first], pri[first]
-    uniq = np.ones(lo.size, dtype=bool)
-    uniq[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
-    lo, hi, pri = lo[uniq], hi[uniq], pri[uniq]
-    ends = np.concatenate([lo, hi])
-    edge = np.tile(np.arange(lo.size), 2)
-    srt = np.lexsort((np.concatenate([pri, pri]), ends))
-    best = np.ones(srt.size, dtype=bool)
-    best[1:] = ends[srt][1:] != ends[srt][:-1]
-    ok = np.bincount(edge[srt][best], minlength=lo.size) == 2
-    partner_of[lo[ok]] = hi[ok]
-    partner_of[hi[ok]] = lo[ok]
+def _accept(src: np.ndarray, dst: np.ndarray, partner_of: np.ndarray, taken: np.ndarray) -> None:
+    """Accept proposals ``src[e] -> dst[e]`` (listed earliest proposer first) whose edge is
+    the earliest one touching both endpoints; writes ``partner_of`` and ``taken`` in place."""
+    edges = np.arange(src.size)
+    best = np.full(partner_of.size, src.size, dtype=np.int64)
+    np.minimum.at(best, dst, edges)  # earliest proposal received by each vertex
+    best[src] = np.minimum(best[src], edges)  # ... or its own proposal, if earlier
+    bs, bd = best[src], best[dst]
+    other_s = np.where(src[bs] == src, dst[bs], src[bs])  # other end of src's best edge
+    other_d = np.where(src[bd] == dst, dst[bd], src[bd])
+    ok = (other_s == dst) & (other_d == src)  # a mutual proposal may pass twice: same pair
+    partner_of[src[ok]] = dst[ok]
+    partner_of[dst[ok]] = src[ok]
+    taken[src[ok]] = True
+    taken[dst[ok]] = True
 
 
 def _pair_layout(partner_of: np.ndarray, rng: np.random.Generator) -> np.ndarray:

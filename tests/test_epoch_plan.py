@@ -1,0 +1,352 @@
+"""Property tests for midas_data.epoch_plan: exactly-once delivery, resume, partners."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from midas_data.epoch_plan import (
+    assign_partners,
+    batch_spans,
+    epoch_order,
+    global_batches,
+    matched_order,
+    num_batches,
+    partner_rng,
+    rank_batches,
+    remaining_items,
+    worker_batches,
+)
+
+N_VALUES = (0, 1, 2, 5, 17, 100, 101)
+BATCH_SIZES = (1, 4, 7)
+WORLD_SIZES = (1, 2, 3)
+WORKER_COUNTS = (0, 1, 2, 3)
+FAST = settings(max_examples=60, deadline=None)
+
+
+def assert_exactly_once(items: np.ndarray, expected: np.ndarray, what: str) -> None:
+    items = np.asarray(items, dtype=np.int64)
+    uniq, counts = np.unique(items, return_counts=True)
+    assert not np.any(counts > 1), f"Duplicate samples ({what}): {uniq[counts > 1][:10]}"
+    missing = np.setdiff1d(expected, items)
+    assert missing.size == 0, f"Missing samples ({what}): {missing[:10]}"
+    extra = np.setdiff1d(items, expected)
+    assert extra.size == 0, f"Unexpected samples ({what}): {extra[:10]}"
+
+
+def round_robin(per_worker: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """What torch's DataLoader yields: poll workers in turn, skipping exhausted ones."""
+    out = []
+    for k in range(max((len(w) for w in per_worker), default=0)):
+        out.extend(w[k] for w in per_worker if k < len(w))
+    return out
+
+
+def read_rank(order, offset, b, world, rank, workers) -> list[np.ndarray]:
+    batches = rank_batches(order, offset, b, world, rank)
+    return round_robin([worker_batches(batches, w, workers) for w in range(max(workers, 1))])
+
+
+# ---------------------------------------------------------------- epoch_order
+
+
+@FAST
+@given(st.integers(0, 3000), st.integers(0, 2**32), st.integers(0, 1000))
+def test_epoch_order_is_permutation(n: int, seed: int, epoch: int) -> None:
+    order = epoch_order(n, seed, epoch)
+    assert order.dtype == np.int64 and order.shape == (n,)
+    assert_exactly_once(order, np.arange(n), "epoch_order")
+
+
+@FAST
+@given(st.integers(2, 500), st.integers(0, 2**32), st.integers(0, 1000))
+def test_epoch_order_is_deterministic(n: int, seed: int, epoch: int) -> None:
+    assert np.array_equal(epoch_order(n, seed, epoch), epoch_order(n, seed, epoch)), (
+        "Incorrect sample order: same (seed, epoch) gave two orders"
+    )
+
+
+def test_epoch_order_differs_across_epochs_and_seeds() -> None:
+    orders = {(s, e): epoch_order(100, s, e) for s in range(3) for e in range(5)}
+    for (a, oa), (b, ob) in itertools.combinations(orders.items(), 2):
+        assert not np.array_equal(oa, ob), f"Same order for (seed, epoch) {a} and {b}"
+    # a shuffle, not a rotation: few fixed relative positions between epochs
+    assert np.mean(orders[0, 0] == orders[0, 1]) < 0.1
+
+
+def test_epoch_order_checks_shard_sizes() -> None:
+    assert np.array_equal(epoch_order(10, 1, 2, shard_sizes=[4, 6]), epoch_order(10, 1, 2))
+    with pytest.raises(ValueError):
+        epoch_order(10, 1, 2, shard_sizes=[4, 5])
+    with pytest.raises(ValueError):
+        epoch_order(10, -1, 0)
+
+
+# ---------------------------------------------------------------- batching across ranks
+
+
+def test_exactly_once_and_equal_batch_counts() -> None:
+    for n, b, world, workers in itertools.product(
+        N_VALUES, BATCH_SIZES, WORLD_SIZES, WORKER_COUNTS
+    ):
+        case = f"n={n} B={b} W={world} workers={workers}"
+        order = epoch_order(n, 7, 3)
+        expected_k = num_batches(n, b, world)
+        assert expected_k == -(-n // (b * world))
+        seen, counts, final_sizes = [], [], []
+        for rank in range(world):
+            batches = rank_batches(order, 0, b, world, rank)
+            counts.append(len(batches))
+            assert all(len(x) <= b for x in batches), f"Oversized batch ({case})"
+            assert all(len(x) == b for x in batches[:-1]), f"Short batch before the end ({case})"
+            final_sizes.extend(len(x) for x in batches[-1:])
+            for w in range(max(workers, 1)):
+                for x in worker_batches(batches, w, workers):
+                    seen.extend(x.tolist())
+        assert len(set(counts)) == 1 and counts[0] == expected_k, (
+            f"Unequal batch counts {counts} ({case})"
+        )
+        assert_exactly_once(np.array(seen, dtype=np.int64), np.arange(n), case)
+        if final_sizes:
+            assert max(final_sizes) - min(final_sizes) <= 1, (
+                f"Uneven final step {final_sizes} ({case})"
+            )
+
+
+def test_drop_last_drops_only_the_partial_step() -> None:
+    for n, b, world in itertools.product(N_VALUES, BATCH_SIZES, WORLD_SIZES):
+        order = epoch_order(n, 1, 1)
+        kept = (n // (b * world)) * b * world
+        counts = {len(rank_batches(order, 0, b, world, r, drop_last=True)) for r in range(world)}
+        assert counts == {n // (b * world)}, f"Unequal batch counts {counts}"
+        got = remaining_items(order, 0, b, world, drop_last=True)
+        assert np.array_equal(got, order[:kept]), "Incorrect sample order with drop_last"
+
+
+def test_full_steps_give_each_rank_consecutive_slices() -> None:
+    order = epoch_order(50, 0, 0)
+    for rank in range(3):
+        batches = rank_batches(order, 0, 4, 3, rank)
+        for step, batch in enumerate(batches[:-1]):
+            start = step * 12 + rank * 4
+            assert np.array_equal(batch, order[start : start + 4]), "Incorrect sample order"
+
+
+def test_batch_spans_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        batch_spans(10, 11, 2, 1, 0)
+    with pytest.raises(ValueError):
+        batch_spans(10, 0, 2, 2, 2)
+    with pytest.raises(ValueError):
+        batch_spans(10, 0, 0, 2, 0)
+    with pytest.raises(ValueError):
+        worker_batches([1, 2], 2, 2)
+
+
+# ---------------------------------------------------------------- workers
+
+
+def test_worker_round_robin_reproduces_rank_order() -> None:
+    for n, b, world, workers in itertools.product(
+        N_VALUES, BATCH_SIZES, WORLD_SIZES, WORKER_COUNTS
+    ):
+        order = epoch_order(n, 3, 0)
+        for rank in range(world):
+            expected = rank_batches(order, 0, b, world, rank)
+            got = read_rank(order, 0, b, world, rank, workers)
+            assert len(got) == len(expected), "Missing samples: batch count differs"
+            for x, y in zip(got, expected):
+                assert np.array_equal(x, y), f"Incorrect sample order with {workers} workers"
+
+
+# ---------------------------------------------------------------- resume
+
+
+def test_resume_with_any_world_size_and_workers_continues_the_order() -> None:
+    for n, b, world in itertools.product(N_VALUES, BATCH_SIZES, WORLD_SIZES):
+        order = epoch_order(n, 11, 4)
+        for steps in range(num_batches(n, b, world) + 1):
+            offset = min(steps * b * world, n)  # whole steps of the old world size
+            done = np.concatenate([order[:0]] + global_batches(order, 0, b, world)[: steps * world])
+            assert np.array_equal(done, order[:offset]), "Incorrect sample order before resume"
+            for new_world, workers in itertools.product(WORLD_SIZES, WORKER_COUNTS):
+                per_rank = [
+                    read_rank(order, offset, b, new_world, r, workers) for r in range(new_world)
+                ]
+                assert len({len(x) for x in per_rank}) == 1, "Unequal batch counts after resume"
+                rest = [x for k in range(len(per_rank[0])) for x in (r[k] for r in per_rank)]
+                got = np.concatenate([order[:0], *rest])
+                case = f"n={n} B={b} W={world}->{new_world} offset={offset} workers={workers}"
+                assert_exactly_once(got, order[offset:], case)
+                assert np.array_equal(got, order[offset:]), f"Incorrect sample order ({case})"
+
+
+def test_resume_with_same_world_size_gives_the_same_batches() -> None:
+    order = epoch_order(101, 5, 2)
+    full = global_batches(order, 0, 4, 3)
+    for steps in range(len(full) // 3 + 1):
+        resumed = global_batches(order, min(steps * 12, 101), 4, 3)
+        assert len(resumed) == len(full) - 3 * steps, "Missing samples: wrong batch count"
+        for x, y in zip(resumed, full[3 * steps :]):
+            assert np.array_equal(x, y), "Incorrect sample order after resume"
+
+
+# ---------------------------------------------------------------- partners
+
+
+@FAST
+@given(
+    st.lists(st.integers(0, 5), min_size=0, max_size=70), st.integers(1, 3), st.integers(0, 2**32)
+)
+def test_partners_have_a_different_label_in_the_same_batch(labels, m, seed) -> None:
+    labels = np.array(labels, dtype=np.int64)
+    out = assign_partners(labels, m, np.random.default_rng(seed))
+    b = labels.size
+    assert out.shape == (b, m) and out.dtype == np.int64
+    assert np.all((out >= -1) & (out < b)), "Partner outside the batch"
+    assert np.all(out == out[:, :1]), "Modalities should share the batch's permutation"
+    p = out[:, 0]
+    has_other = np.array([np.any(labels != y) for y in labels], dtype=bool)
+    assert np.array_equal(p >= 0, has_other), "-1 partner although a different label exists"
+    ok = p >= 0
+    assert np.all(labels[p[ok]] != labels[ok]), "Partner has the same label"
+    if b and np.bincount(labels).max() * 2 <= b:  # feasible: a label-respecting permutation
+        assert_exactly_once(p, np.arange(b), "partners should form a permutation")
+
+
+def test_partners_are_deterministic_and_vary_by_batch() -> None:
+    labels = np.arange(64) % 5
+    a = assign_partners(labels, 2, partner_rng(1, 2, 640))
+    assert np.array_equal(a, assign_partners(labels, 2, partner_rng(1, 2, 640)))
+    assert not np.array_equal(a, assign_partners(labels, 2, partner_rng(1, 2, 704)))
+    assert not np.array_equal(a, assign_partners(labels, 2, partner_rng(1, 3, 640)))
+
+
+def test_partners_do_not_depend_on_world_size_or_workers() -> None:
+    n, b, seed, epoch = 300, 8, 9, 1
+    labels = np.random.default_rng(0).integers(0, 4, n)
+    order = epoch_order(n, seed, epoch)
+    plans = {}
+    for world, workers in itertools.product(WORLD_SIZES, WORKER_COUNTS):
+        for rank in range(world):
+            spans = batch_spans(n, 0, b, world, rank)
+            full = [(lo, hi) for lo, hi in spans if hi - lo == b]  # full steps: same batches
+            for w in range(max(workers, 1)):
+                for lo, hi in worker_batches(full, w, workers):
+                    batch = order[lo:hi]
+                    partners = assign_partners(labels[batch], 2, partner_rng(seed, epoch, int(lo)))
+                    got = batch[partners[:, 0]]  # partner rows in split numbering
+                    key = tuple(batch.tolist())
+                    assert np.array_equal(plans.setdefault(key, got), got), (
+                        f"Partners depend on world size {world} / workers {workers}"
+                    )
+    assert len(plans) == n // b
+
+
+def test_single_class_batch_gets_no_partner() -> None:
+    assert np.all(assign_partners(np.full(5, 3), 2, np.random.default_rng(0)) == -1)
+    assert np.all(assign_partners(np.array([1]), 2, np.random.default_rng(0)) == -1)
+    out = assign_partners(np.array([0, 0, 0, 0, 1]), 1, np.random.default_rng(0))[:, 0]
+    assert np.all(out[:4] == 4) and out[4] in range(4), "Majority rows must fall back to row 4"
+
+
+# ---------------------------------------------------------------- matched_order
+
+
+def knn_graph(n: int, k: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random neighbour lists of different-label rows (like mined partners), some -1."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    nb = rng.integers(0, n, (n, k))
+    nb[labels[nb] == labels[:, None]] = -1
+    nb[rng.random((n, k)) < 0.2] = -1
+    return nb, labels
+
+
+def check_matching(n: int, nb: np.ndarray, order: np.ndarray, partner_of: np.ndarray) -> None:
+    assert_exactly_once(order, np.arange(n), "matched_order")
+    m = np.flatnonzero(partner_of >= 0)
+    assert np.all(partner_of[partner_of[m]] == m), "Partner pairs are not symmetric"
+    listed = (nb[m] == partner_of[m][:, None]).any(1) | (nb[partner_of[m]] == m[:, None]).any(1)
+    assert np.all(listed), "Partner is in neither neighbour list"
+    assert np.all(partner_of[m] != m), "Anchor matched to itself"
+    free = np.flatnonzero(partner_of < 0)  # maximal: no edge between two unmatched anchors
+    cand = nb[free]
+    assert not np.any((cand >= 0) & (partner_of[np.maximum(cand, 0)] < 0) & (cand != free[:, None]))
+
+
+@FAST
+@given(st.integers(0, 400), st.integers(1, 8), st.integers(2, 6), st.integers(0, 10**6))
+def test_matched_order_is_a_symmetric_matching_on_the_graph(n, k, classes, seed) -> None:
+    nb, labels = knn_graph(n, k, classes, seed)
+    order, partner_of = matched_order(n, nb, seed, 3)
+    check_matching(n, nb, order, partner_of)
+    m = partner_of >= 0
+    assert np.all(labels[partner_of[m]] != labels[m]), "Matched partners share a label"
+
+
+@FAST
+@given(
+    st.integers(0, 400), st.integers(1, 6), st.sampled_from([2, 4, 6, 8, 64]), st.integers(0, 10**6)
+)
+def test_matched_pairs_never_straddle_batches(n, k, b, seed) -> None:
+    nb, _ = knn_graph(n, k, 3, seed)
+    order, partner_of = matched_order(n, nb, seed, 0)
+    pos = np.empty(n, dtype=np.int64)
+    pos[order] = np.arange(n)
+    m = np.flatnonzero(partner_of >= 0)
+    assert np.all(np.abs(pos[m] - pos[partner_of[m]]) == 1), "Partners are not adjacent"
+    assert np.all(np.minimum(pos[m], pos[partner_of[m]]) % 2 == 0), "Pair at an odd position"
+    for world in WORLD_SIZES:
+        for steps in (0, 1):  # fresh start and a resume one step in
+            offset = min(steps * b * world, n)
+            where = np.full(n, -1)
+            for i, batch in enumerate(global_batches(order, offset, b, world, pair_aligned=True)):
+                where[batch] = i
+            both = m[(pos[m] >= offset) & (pos[partner_of[m]] >= offset)]
+            assert np.all(where[both] == where[partner_of[both]]), "Pair straddles a batch"
+            assert np.array_equal(
+                remaining_items(order, offset, b, world, pair_aligned=True), order[offset:]
+            ), "Incorrect sample order with pair_aligned"
+
+
+def test_matched_order_is_deterministic_and_varies_by_epoch() -> None:
+    nb, _ = knn_graph(500, 8, 4, 0)
+    a = matched_order(500, nb, 1, 2)
+    b = matched_order(500, nb, 1, 2)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), "Not deterministic"
+    c = matched_order(500, nb, 1, 3)
+    assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[1], c[1])
+
+
+def test_matched_order_follows_probs() -> None:
+    n, k = 200, 6
+    rng = np.random.default_rng(0)
+    nb = rng.integers(0, n, (n, k))
+    mate = np.arange(n) ^ 1  # a perfect matching hidden in slot 3
+    nb[:, 3] = mate
+    probs = np.zeros((n, k))
+    probs[:, 3] = 1.0
+    _, partner_of = matched_order(n, nb, 4, 0, probs=probs)
+    assert np.array_equal(partner_of, mate), "Concentrated probs did not pick their neighbour"
+    _, uniform = matched_order(n, nb, 4, 0)
+    assert np.mean(uniform == mate) < 0.5, "Uniform sampling should rarely find the hidden matching"
+
+
+def test_matched_order_ignores_missing_self_and_zero_prob_neighbours() -> None:
+    nb = np.array([[0, -1], [2, 0], [1, 3], [-1, -1]])
+    probs = np.array([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    order, partner_of = matched_order(4, nb, 0, 0, probs=probs)
+    check_matching(4, np.where(probs > 0, nb, -1), order, partner_of)
+    # row 1 may only take 0 (2 has prob 0 for 1) or be taken by 2 (2 lists 1 with prob 1)
+    assert partner_of[3] == -1 and partner_of[0] in (-1, 1)
+    with pytest.raises(ValueError):
+        matched_order(4, nb, 0, 0, probs=-probs)
+    with pytest.raises(ValueError):
+        matched_order(4, np.array([[4], [0], [0], [0]]), 0, 0)
+    assert matched_order(0, np.zeros((0, 3), np.int64), 0, 0)[0].shape == (0,)

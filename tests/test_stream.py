@@ -1,0 +1,225 @@
+"""Stream contract: exactly once per epoch across ranks and workers, equal batch counts,
+determinism, resume (also with other worker counts and world sizes), damaged shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from midas_data import CorruptShardError, MidasDataError, Sample, build_dataset
+from midas_data.stream import MidasDataset, MidasLoader, collate, materialize_misaligned
+
+
+def _dataset(root: Path, n: int = 61, shard: int = 7, classes: int = 5) -> Path:
+    rng = np.random.default_rng(0)
+    samples = [Sample(f"s{i:04d}", int(i % classes),
+                      {"a": rng.normal(size=4).astype(np.float32),
+                       "b": rng.normal(size=3).astype(np.float32)}, split="train")
+               for i in range(n)]
+    build_dataset(samples, root, shard_max_count=shard, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory) -> Path:
+    # 61 samples in shards of 7: nine shards, the last holding 5
+    return _dataset(tmp_path_factory.mktemp("stream") / "ds")
+
+
+def _epoch_keys(root, world, workers, batch_size=4, epoch=0, policy="random", **kw) -> list[list[list[str]]]:
+    """Per rank, the list of batches (lists of keys) of one epoch."""
+    out = []
+    for rank in range(world):
+        ds = MidasDataset(root, batch_size=batch_size, rank=rank, world_size=world, policy=policy, **kw)
+        ds.set_epoch(epoch)
+        out.append([b["key"] for b in MidasLoader(ds, num_workers=workers)])
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_every_item_delivered_once_across_ranks_and_workers(uneven, world, workers):
+    per_rank = _epoch_keys(uneven, world, workers)
+    keys = [k for batches in per_rank for b in batches for k in b]
+    assert len(keys) == len(set(keys)), "Duplicate samples"
+    assert set(keys) == {f"s{i:04d}" for i in range(61)}, "Missing samples"
+    counts = {len(batches) for batches in per_rank}
+    assert len(counts) == 1, f"unequal batch counts per rank: {[len(b) for b in per_rank]}"
+
+
+def test_order_does_not_depend_on_worker_count(uneven):
+    ref = _epoch_keys(uneven, 2, 0)
+    for workers in (1, 2, 3):
+        assert _epoch_keys(uneven, 2, workers) == ref, "Incorrect sample order"
+
+
+def test_epochs_are_deterministic_and_differ(uneven):
+    a = _epoch_keys(uneven, 1, 0, epoch=0)
+    assert a == _epoch_keys(uneven, 1, 0, epoch=0)
+    assert a != _epoch_keys(uneven, 1, 0, epoch=1)
+    assert a != _epoch_keys(uneven, 1, 0, epoch=0, seed=1)
+
+
+def test_partners_have_different_labels_and_sit_in_the_batch(uneven):
+    ds = MidasDataset(uneven, batch_size=8)
+    for b in ds:
+        p = b["partner"]
+        valid = p >= 0
+        assert valid.any()
+        lab = b["label"]
+        assert torch.all(lab[p.clamp(min=0)][valid] != lab.unsqueeze(1).expand_as(p)[valid])
+        assert torch.all(b["partner_label"][valid] == lab[p.clamp(min=0)][valid])
+
+
+def test_materialize_misaligned_swaps_exactly_one_modality(uneven):
+    b = next(iter(MidasDataset(uneven, batch_size=8)))
+    mis = materialize_misaligned(b)
+    for n in range(len(mis["anchor"])):
+        i, m = int(mis["anchor"][n]), int(mis["swapped"][n])
+        j = int(b["partner"][i, m])
+        for mi, name in enumerate(["a", "b"]):
+            src = j if mi == m else i
+            assert torch.equal(mis["inputs"][name][n], b["inputs"][name][src])
+
+
+@pytest.mark.parametrize("old_world,new_world", [(1, 1), (2, 3), (3, 1), (2, 2)])
+@pytest.mark.parametrize("new_workers", [0, 2])
+def test_resume_gives_identical_remaining_sequence(uneven, old_world, new_world, new_workers):
+    batch = 4
+    full = _epoch_keys(uneven, 1, 0, batch_size=batch, epoch=3)
+    full_seq = [k for b in full[0] for k in b]
+    # consume 2 global steps with the old world size, then save the state of rank 0
+    loaders = [MidasLoader(MidasDataset(uneven, batch_size=batch, rank=r, world_size=old_world))
+               for r in range(old_world)]
+    consumed = []
+    for ld in loaders:
+        ld.dataset.set_epoch(3)
+    iters = [iter(ld) for ld in loaders]
+    for _ in range(2):
+        for it in iters:
+            consumed.extend(next(it)["key"])
+    state = loaders[0].state_dict()
+    assert state["offset"] == 2 * batch * old_world
+    # resume with another world size and worker count; read the remaining global order
+    resumed = []
+    for r in range(new_world):
+        ds = MidasDataset(uneven, batch_size=batch, rank=r, world_size=new_world)
+        ds.load_state_dict(json.loads(json.dumps(state)))
+        resumed.append([b["key"] for b in MidasLoader(ds, num_workers=new_workers)])
+    assert len({len(b) for b in resumed}) == 1, "unequal batch counts after resume"
+    rest = [k for step in range(len(resumed[0])) for r in range(new_world) for k in resumed[r][step]]
+    assert sorted(consumed) == sorted(full_seq[: len(consumed)])
+    assert consumed + rest == full_seq, "Incorrect sample order after resume"
+
+
+def test_in_process_state_dict_tracks_consumed_items(uneven):
+    ds = MidasDataset(uneven, batch_size=5)
+    it = iter(ds)
+    next(it)
+    next(it)
+    assert ds.state_dict()["offset"] == 10
+    rest = [k for b in it for k in b["key"]]
+    ds2 = MidasDataset(uneven, batch_size=5)
+    ds2.load_state_dict({"seed": 0, "epoch": 0, "offset": 10, "num_samples": 61, "policy": "random"})
+    assert [k for b in ds2 for k in b["key"]] == rest
+
+
+def test_next_iteration_rolls_over_to_next_epoch(uneven):
+    ds = MidasDataset(uneven, batch_size=8)
+    first = [k for b in ds for k in b["key"]]
+    second = [k for b in ds for k in b["key"]]
+    assert ds.epoch == 1 and sorted(first) == sorted(second) and first != second
+
+
+def test_resume_state_from_other_dataset_is_refused(uneven, tmp_path):
+    other = _dataset(tmp_path / "o", n=30)
+    ds = MidasDataset(other, batch_size=4)
+    with pytest.raises(MidasDataError, match="61 samples"):
+        ds.load_state_dict({"seed": 0, "epoch": 0, "offset": 8, "num_samples": 61})
+
+
+def _flip_payload_byte(root: Path, key: str) -> str:
+    ds = MidasDataset(root, batch_size=4)
+    r = ds.reader.row(key)
+    off = int(ds.reader.member["a"][0][r])
+    shard = ds.reader.shard_paths[ds.reader.shard[r]]
+    data = bytearray(shard.read_bytes())
+    data[off + 130] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return shard.name
+
+
+def test_corrupt_shard_mid_epoch_names_shard_and_key(tmp_path):
+    root = _dataset(tmp_path / "ds")
+    shard = _flip_payload_byte(root, "s0030")
+    with pytest.raises(CorruptShardError) as e:
+        for _ in MidasLoader(MidasDataset(root, batch_size=4), num_workers=2):
+            pass
+    assert shard in str(e.value) and "s0030" in str(e.value) and "'a'" in str(e.value)
+
+
+def test_skip_mode_reports_what_it_skipped_and_keeps_the_rest(tmp_path):
+    root = _dataset(tmp_path / "ds")
+    _flip_payload_byte(root, "s0030")
+    keys, skipped = [], []
+    for b in MidasLoader(MidasDataset(root, batch_size=4, on_error="skip"), num_workers=2):
+        keys.extend(b["key"])
+        skipped.extend(b["skipped"])
+    assert skipped == ["s0030"]
+    assert sorted(keys) == sorted(f"s{i:04d}" for i in range(61) if i != 30)
+
+
+def test_truncated_shard_is_an_error_naming_the_shard(tmp_path):
+    root = _dataset(tmp_path / "ds")
+    last = sorted((root / "shards").glob("train-*.tar"))[-1]
+    last.write_bytes(last.read_bytes()[:1024])
+    with pytest.raises(CorruptShardError, match=last.name):
+        for _ in MidasDataset(root, batch_size=4):
+            pass
+
+
+def test_mined_policy_without_pairs_is_a_clear_error(uneven):
+    with pytest.raises(MidasDataError, match="extract"):
+        MidasDataset(uneven, batch_size=4, policy="mined")
+
+
+def test_collate_stacks_inputs():
+    s = [{"__key__": "k", "label": 1, "a": np.zeros(3, np.float32)}] * 2
+    b = collate(s, ["a"])
+    assert b["inputs"]["a"].shape == (2, 3) and b["label"].tolist() == [1, 1]
+
+
+DDP_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+from midas_data.stream import MidasDataset, MidasLoader
+dist.init_process_group("gloo")
+ds = MidasDataset(sys.argv[1], batch_size=4)
+keys = [b["key"] for b in MidasLoader(ds, num_workers=1)]
+with open(os.path.join(sys.argv[2], f"rank{dist.get_rank()}.json"), "w") as f:
+    json.dump({"world": dist.get_world_size(), "batches": keys}, f)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.ddp
+def test_two_process_torchrun_delivers_each_item_once(uneven, tmp_path):
+    script = tmp_path / "ddp_stream.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29533", str(script), str(uneven), str(tmp_path)]
+    subprocess.run(cmd, check=True, env=env, timeout=120, capture_output=True)
+    runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in runs)
+    assert len(runs[0]["batches"]) == len(runs[1]["batches"])
+    keys = [k for r in runs for b in r["batches"] for k in b]
+    assert sorted(keys) == sorted(f"s{i:04d}" for i in range(61)) and len(set(keys)) == 61
