@@ -12,14 +12,18 @@ Built in:
   per-frame features averaged over time, as the MIDAS / OGM-GE code does for visual frames).
 
 Input layouts for the conv encoders: `[H, W]` (one channel added), `[C, H, W]`, `[T, C, H, W]`.
+`train_unimodal` and `embed` train and apply a `UnimodalModel` on in-memory tensors.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 EncoderFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, EncoderFactory] = {}
@@ -78,6 +82,18 @@ class UnimodalModel(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.encoder(x)
         return f, self.head(f)
+
+
+class Standardize(nn.Module):
+    """`(x - mean) / std` with train-split statistics kept as buffers (saved in the state dict)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).clone())
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 # ---------------------------------------------------------------- mlp
@@ -202,6 +218,74 @@ def _resnet18(input_shape: tuple[int, ...], out_dim: int) -> nn.Module:
     c, dims = _frame_layout(input_shape)
     trunk = ResNet18(in_channels=c)
     return FramePooled(nn.Sequential(trunk, _project(trunk.out_dim, out_dim)), dims)
+
+
+# ---------------------------------------------------------------- training helpers
+def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """Batch bounds; a trailing batch of one joins the previous (BatchNorm needs two)."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [(s, starts[i + 1] if i + 1 < len(starts) else n) for i, s in enumerate(starts)]
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes, in key order."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def train_unimodal(x: torch.Tensor, y: torch.Tensor, model: UnimodalModel, epochs: int,
+                   batch_size: int, lr: float, seed: int, optimizer: str = "adam",
+                   device: torch.device | str = "cpu", desc: str = "warm-up",
+                   progress: bool = False) -> list[dict]:
+    """Train `model` with cross-entropy on (x, y); returns per-epoch loss and accuracy."""
+    device = torch.device(device)
+    model.to(device)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress)
+    for _ in bar:
+        model.train()
+        perm = torch.randperm(len(y), generator=g)
+        tot_loss, correct = 0.0, 0
+        for lo, hi in _batches(len(y), batch_size):
+            idx = perm[lo:hi]
+            xb, yb = x[idx].to(device), y[idx].to(device)
+            _, logits = model(xb)
+            loss = torch.nn.functional.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot_loss += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+        history.append({"loss": tot_loss / max(len(y), 1), "acc": correct / max(len(y), 1)})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", acc=f"{history[-1]['acc']:.3f}")
+    return history
+
+
+@torch.no_grad()
+def embed(model: UnimodalModel, x: torch.Tensor, y: np.ndarray, batch_size: int = 256,
+          device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Features float32 [n, d] and confidences softmax(logits)[y] float32 [n] in eval mode."""
+    model.eval()
+    fs, cs = [], []
+    for lo in range(0, len(y), batch_size):
+        f, logits = model(x[lo:lo + batch_size].to(device))
+        p = torch.softmax(logits.float(), dim=1).cpu()
+        fs.append(f.float().cpu())
+        cs.append(p[torch.arange(len(p)), torch.from_numpy(y[lo:lo + batch_size])])
+    d = model.head.in_features
+    feats = torch.cat(fs).numpy() if fs else np.zeros((0, d), np.float32)
+    return feats, (torch.cat(cs).numpy() if cs else np.zeros(0, np.float32))
 
 
 register_encoder("mlp", _mlp)
