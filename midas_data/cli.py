@@ -74,5 +74,40 @@ def inspect_cmd(dataset, verify) -> None:
         sys.exit(1)
 
 
+@main.command("extract")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.option("--features", "features_file", type=click.Path(exists=True, dir_okay=False),
+              help="Bring your own features (npz/Arrow/Parquet keyed by sample key); "
+                   "confidences then come from cross-fitted linear probes.")
+@click.option("--splits", default="train,val,test", show_default=True)
+@click.option("--warmup-epochs", default=10, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
+@click.option("--feature-dim", default=64, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--threads", default=1, show_default=True,
+              help="torch CPU threads (results are reproducible for a fixed thread count).")
+@click.option("--quiet", is_flag=True)
+def extract_cmd(dataset, features_file, splits, warmup_epochs, batch_size, lr, optimizer,
+                feature_dim, seed, device, threads, quiet) -> None:
+    """Per-modality features and unimodal confidences for every sample."""
+    from .extract import extract_features
+
+    try:
+        summary = extract_features(
+            dataset, source="user" if features_file else "warmup", features_file=features_file,
+            splits=tuple(splits.split(",")), warmup_epochs=warmup_epochs, batch_size=batch_size,
+            lr=lr, optimizer=optimizer, seed=seed, feature_dim=feature_dim, device=device,
+            progress=not quiet, num_threads=threads)
+    except MidasDataError as e:
+        _fail(e)
+    for split, info in summary.get("splits", {}).items():
+        conf = " ".join(f"{m}={c:.3f}" for m, c in info["mean_conf"].items())
+        click.echo(f"features/{split}.arrow: {info['rows']} rows, mean confidence {conf}, "
+                   f"fingerprint {info['features_fingerprint'][:12]}")
+
+
 if __name__ == "__main__":
     main()
