@@ -47,25 +47,32 @@ def kind_of_ext(ext: str, *, file: object = None, key: object = None, field: obj
     return EXT_TO_KIND[ext]
 
 
-def encode_array(x: np.ndarray) -> Encoded:
+def encode_array(x: np.ndarray, *, file: object = None, key: object = None,
+                 field: object = None) -> Encoded:
     x = np.asarray(x)
     if x.dtype == object or x.dtype.hasobject:
-        raise SchemaError("object arrays cannot be stored; use a numeric dtype")
+        loc = where(file, key, field)
+        raise SchemaError(f"{loc + ': ' if loc else ''}object arrays cannot be stored; use a numeric dtype")
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(x), allow_pickle=False)
+    # C order always; reshape because ascontiguousarray turns a 0-d array into shape (1,)
+    np.save(buf, np.ascontiguousarray(x).reshape(x.shape), allow_pickle=False)
     return Encoded("npy", buf.getvalue(), "tensor", x.dtype.name, tuple(x.shape))
 
 
-def encode_value(value: object, *, key: str, field: str, base_dir: Path | None = None) -> Encoded:
-    """Encode a payload given inline (array, number, list, text) or as a file path."""
+def encode_value(value: object, *, key: str, field: str, base_dir: Path | None = None,
+                 file: object = None) -> Encoded:
+    """Encode a payload given inline (array, number, list, text) or as a file path.
+
+    `file` names where an inline value came from (e.g. the manifest) in error messages.
+    """
     if isinstance(value, np.ndarray | np.generic):
-        return encode_array(np.asarray(value))
+        return encode_array(np.asarray(value), file=file, key=key, field=field)
     if isinstance(value, bytes):
-        raise SchemaError(f"{where(None, key, field)}: raw bytes need an extension; pass a file path")
+        raise SchemaError(f"{where(file, key, field)}: raw bytes need an extension; pass a file path")
     if isinstance(value, int | float) and not isinstance(value, bool):
         return encode_array(np.asarray([value], dtype=np.float32))
     if isinstance(value, list | tuple):
-        return encode_array(np.asarray(value, dtype=np.float32))
+        return encode_array(_float_vector(value, file, key, field))
     if isinstance(value, str | os.PathLike):
         s = str(value)
         ext = Path(s).suffix.lower().lstrip(".")
@@ -74,11 +81,21 @@ def encode_value(value: object, *, key: str, field: str, base_dir: Path | None =
         stripped = s.strip()
         if stripped.startswith("["):  # inline JSON vector, e.g. from a CSV cell
             try:
-                return encode_array(np.asarray(json.loads(stripped), dtype=np.float32))
-            except (ValueError, TypeError) as e:
-                raise SchemaError(f"{where(None, key, field)}: inline vector is not valid JSON ({e})") from e
+                parsed = json.loads(stripped)
+            except ValueError as e:
+                raise SchemaError(f"{where(file, key, field)}: inline vector is not valid JSON ({e})") from e
+            return encode_array(_float_vector(parsed, file, key, field))
         return Encoded("txt", s.encode("utf-8"), "text", None, None)
-    raise SchemaError(f"{where(None, key, field)}: cannot store a value of type {type(value).__name__}")
+    raise SchemaError(f"{where(file, key, field)}: cannot store a value of type {type(value).__name__}")
+
+
+def _float_vector(value: object, file: object, key: object, field: object) -> np.ndarray:
+    """An inline list as float32; ragged or non-numeric lists are a located SchemaError."""
+    try:
+        return np.asarray(value, dtype=np.float32)
+    except (ValueError, TypeError) as e:
+        raise SchemaError(f"{where(file, key, field)}: inline list is not a rectangular array of "
+                          f"numbers ({e})") from e
 
 
 def encode_file(path: Path, *, key: str, field: str) -> Encoded:

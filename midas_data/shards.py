@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import tarfile
 import zlib
@@ -73,6 +74,8 @@ class _HashingFile(io.RawIOBase):
         return len(b)
 
     def close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())  # durable before the manifest (fsynced) can point at it
         self._f.close()
         super().close()
 
@@ -183,6 +186,9 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
     indices into `classes` (inferred from the labels, sorted, when not given).
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MidasDataError(f"{where(file=out_dir)}: exists and is not a directory; choose another "
+                             "output directory")
     if (out_dir / "manifest.json").exists() and not overwrite:
         raise MidasDataError(f"{where(file=out_dir)}: already holds a dataset; pass --overwrite "
                              "to replace it or choose another output directory")
@@ -202,6 +208,8 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
             raise SchemaError(f"{where(s.source, s.key, 'key')}: duplicate key")
         seen.add(s.key)
     order = modalities or list(samples[0].payloads)
+    if len(set(order)) != len(order):
+        raise SchemaError(f"{where(field='modalities')}: modality names repeat in {order}")
     for m in order:
         if not MODALITY_RE.match(m) or m in RESERVED:
             raise SchemaError(f"{where(field=m)}: modality names must match [a-z][a-z0-9_]* and "
@@ -217,7 +225,8 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
 
     schema: dict = {}
     max_bytes = int(shard_max_mb * 1024 * 1024)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    # Past the checks above, an existing out_dir is either a dataset we may replace or empty.
+    with atomic_dir(out_dir, overwrite=overwrite or out_dir.exists()) as tmp:
         (tmp / "shards").mkdir()
         (tmp / "index").mkdir()
         split_meta, all_shards = {}, []
@@ -234,7 +243,7 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
                     raise SchemaError(f"{where(s.source, s.key, missing[0])}: modality missing")
                 members = []
                 for m in order:
-                    enc = encode_value(s.payloads[m], key=s.key, field=m)
+                    enc = encode_value(s.payloads[m], key=s.key, field=m, file=s.source)
                     _check_schema(schema, m, enc, s.key, s.source)
                     members.append((m, enc))
                 writer.add(s.key, int(label_idx[i]), members)
@@ -262,7 +271,8 @@ def _resolve_labels(samples: list[Sample], classes: list[str] | None) -> tuple[l
         if all(isinstance(v, int | np.integer) for v in raw):
             classes = [str(c) for c in range(int(max(raw)) + 1)]
         else:
-            classes = sorted({str(v) for v in raw})
+            names = {str(v) for v in raw}  # integer-like names sort numerically: "2" < "10"
+            classes = sorted(names, key=lambda c: (0, int(c), c) if c.isdigit() else (1, 0, c))
     classes = [str(c) for c in classes]
     lookup = {c: i for i, c in enumerate(classes)}
     out = np.empty(len(raw), dtype=np.int64)

@@ -56,6 +56,8 @@ def read_manifest_file(manifest: str | Path, modalities: list[str] | None = None
     table = _read_table(path)
     if table.num_columns > MAX_COLUMNS:
         raise SchemaError(f"{where(file=path)}: {table.num_columns} columns exceed {MAX_COLUMNS}")
+    if table.num_rows == 0:
+        raise SchemaError(f"{where(file=path)}: manifest has no rows; nothing to build")
     for col in REQUIRED:
         if col not in table.column_names:
             raise SchemaError(f"{where(file=path, field=col)}: required column missing")
