@@ -14,6 +14,21 @@ def _fail(e: Exception) -> None:
     sys.exit(2)
 
 
+def _parse_options(pairs: tuple[str, ...]) -> dict:
+    import json
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--option")
+        k, v = pair.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
 @click.group()
 @click.version_option(package_name="midas-data")
 def main() -> None:
@@ -25,6 +40,12 @@ def main() -> None:
               help="Reader for the source: mfeat (bundled real default), av_digits, or any registered.")
 @click.option("--manifest", "manifest_file", type=click.Path(dir_okay=False),
               help="A CSV/JSONL/Parquet manifest of your own data (implies --pipeline manifest).")
+@click.option("--root", type=click.Path(exists=True, file_okay=False),
+              help="Source folder for on-disk pipelines (cremad, ucf101, food101, ...).")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Pipeline option, repeatable; VALUE is read as JSON when it parses.")
+@click.option("--skip-bad", is_flag=True,
+              help="Skip unreadable or incomplete samples and list them in the manifest.")
 @click.option("--modalities", help="Comma-separated modality names (mfeat default: fac,mor).")
 @click.option("--classes", help="Comma-separated class names, in index order (default: inferred).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -34,7 +55,7 @@ def main() -> None:
 @click.option("--split-seed", default=0, show_default=True, help="Seed of the stratified 70/10/20 split.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset at --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def build_shards_cmd(pipeline_name, manifest_file, modalities, classes, out_dir, shard_samples,
+def build_shards_cmd(pipeline_name, manifest_file, root, options, skip_bad, modalities, classes, out_dir, shard_samples,
                      shard_mb, split_seed, overwrite, quiet) -> None:
     """Turn a dataset into WebDataset shards plus Arrow indexes."""
     from pipelines import get_pipeline
@@ -44,10 +65,13 @@ def build_shards_cmd(pipeline_name, manifest_file, modalities, classes, out_dir,
     mods = modalities.split(",") if modalities else None
     class_list = classes.split(",") if classes else None
     try:
+        opts = _parse_options(options)
         if manifest_file:
             src = get_pipeline("manifest")(manifest_file, modalities=mods, classes=class_list)
+        elif root:
+            src = get_pipeline(pipeline_name)(root, modalities=mods, skip_bad=skip_bad, **opts)
         else:
-            src = get_pipeline(pipeline_name)(modalities=mods)
+            src = get_pipeline(pipeline_name)(modalities=mods, **opts)
         m = build_dataset(src["samples"], out_dir, classes=class_list or src.get("classes"),
                           modalities=src["modalities"], shard_max_count=shard_samples,
                           shard_max_mb=shard_mb, split_seed=split_seed, overwrite=overwrite,
