@@ -117,6 +117,8 @@ def inspect_cmd(dataset, verify) -> None:
 def extract_cmd(dataset, features_file, splits, warmup_epochs, batch_size, lr, optimizer,
                 feature_dim, seed, device, threads, quiet) -> None:
     """Per-modality features and unimodal confidences for every sample."""
+    import pipelines.text_encoder  # noqa: F401  registers the text encoder
+
     from .extract import extract_features
 
     try:
@@ -131,6 +133,17 @@ def extract_cmd(dataset, features_file, splits, warmup_epochs, batch_size, lr, o
         conf = " ".join(f"{m}={c:.3f}" for m, c in info["mean_conf"].items())
         click.echo(f"features/{split}.arrow: {info['rows']} rows, mean confidence {conf}, "
                    f"fingerprint {info['features_fingerprint'][:12]}")
+
+
+def _register_train() -> None:
+    # The reference trainer lives in trainers/ (it is the library's user, not part of it).
+    import pipelines.text_encoder  # noqa: F401  registers the text encoder for training
+    from trainers.run import main as train_main
+
+    main.add_command(train_main, "train")
+
+
+_register_train()
 
 
 if __name__ == "__main__":

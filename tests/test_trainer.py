@@ -1,0 +1,235 @@
+"""Tests of the reference trainer (trainers/): artifacts, determinism, exact resume, metrics,
+alpha, DDP. Real data: a stratified subset of the bundled mfeat fac+mor views."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_samples
+
+from midas_data import Sample, build_dataset
+from trainers import (
+    TrainConfig,
+    config_from_options,
+    macro_f1,
+    misaligned_metrics,
+    misaligned_pairs,
+)
+from trainers.run import train
+
+# 30 per class: 210 train / 30 val / 60 test samples; 7 batches of 32 per epoch.
+SMALL = {"epochs": 3, "warmup_epochs": 1, "batch_size": 32}
+TIME_KEYS = {"epoch_time_s", "wall_time_s", "mean_epoch_time_s"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: one intra-op thread is faster and immune to other processes on the box.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, mfeat_source) -> Path:
+    out = tmp_path_factory.mktemp("trainer") / "ds"
+    build_dataset(tiny_samples(mfeat_source, 30), out, classes=mfeat_source["classes"],
+                  modalities=["fac", "mor"], progress=False)
+    return out
+
+
+def mfeat_config(**overrides) -> TrainConfig:
+    return TrainConfig.from_preset("mfeat", **{**SMALL, **overrides})
+
+
+def strip_times(x):
+    """Drop wall-clock fields, which legitimately differ between otherwise equal runs."""
+    if isinstance(x, dict):
+        return {k: strip_times(v) for k, v in x.items() if k not in TIME_KEYS}
+    if isinstance(x, list):
+        return [strip_times(v) for v in x]
+    return x
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def baseline(dataset, tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted 3-epoch MIDAS run: the reference for determinism and resume."""
+    out = tmp_path_factory.mktemp("baseline")
+    return out, train(dataset, out, mfeat_config(), progress=False, plots=False)
+
+
+@pytest.mark.parametrize("method", ["midas", "joint", "unimodal"])
+def test_two_epoch_run_writes_every_artifact(dataset, tmp_path, method):
+    results = train(dataset, tmp_path, mfeat_config(method=method, epochs=2), progress=False)
+    for name in ("metrics.jsonl", "results.json", "best.pt", "last.pt",
+                 "curves.png", "alpha.png", "confidence.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    for name in ("curves.png", "alpha.png", "confidence.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = read_metrics(tmp_path)
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert all(h["train"]["samples"] == 210 for h in history)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["config"] == mfeat_config(method=method, epochs=2).to_dict()
+    test = saved["test"]
+    assert test["samples"] == 60 and 0.0 <= test["accuracy"] <= 1.0
+    assert set(test["only_acc"]) == set(test["unimodal_acc"]) == {"fac", "mor"}
+    assert set(test["misaligned_acc"]) == {"fac", "mor", "mean"}
+    assert math.isclose(sum(test["mis_conf"].values()), 1.0, rel_tol=1e-9)
+    assert results["test"] == test  # JSON keeps Python floats exactly
+    for ckpt in ("best.pt", "last.pt"):  # plain containers only: safe to load
+        state = torch.load(tmp_path / ckpt, weights_only=True)
+        assert TrainConfig.from_dict(state["config"]) == mfeat_config(method=method, epochs=2)
+    if method == "joint":  # Joint never builds misaligned rows
+        assert all(h["train"]["loss_misaligned"] == 0.0 for h in history)
+    if method == "midas":
+        assert history[0]["warmup"] and not history[1]["warmup"]
+        assert history[1]["train"]["loss_misaligned"] > 0.0
+
+
+def test_same_seed_gives_identical_losses_and_metrics(dataset, baseline, tmp_path):
+    _, first = baseline
+    second = train(dataset, tmp_path, mfeat_config(), progress=False, plots=False)
+    assert strip_times(second) == strip_times(first)
+    assert strip_times(read_metrics(tmp_path)) == strip_times(read_metrics(baseline[0]))
+    uni = [h["train"]["loss_unimodal"] for h in read_metrics(tmp_path)]  # the term of every epoch
+    assert all(math.isfinite(v) for v in uni) and uni[-1] < uni[0]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_run_killed_mid_epoch_resumes_to_identical_metrics(dataset, baseline, tmp_path):
+    # 7 steps per epoch: last.pt is written at step 9 (epoch 1, two steps in), the run dies
+    # at step 11; the resumed run replays steps 10-11 and must end where the baseline ended.
+    def die(step: int) -> None:
+        if step == 11:
+            raise Killed
+
+    cfg = mfeat_config(checkpoint_every=3)
+    with pytest.raises(Killed):
+        train(dataset, tmp_path, cfg, progress=False, plots=False, on_step=die)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (state["epoch"], state["epoch_done"], state["run"]["global_step"]) == (1, False, 9)
+    resumed = train(dataset, tmp_path, cfg, resume=True, progress=False, plots=False)
+    reference = strip_times(baseline[1])
+    resumed = strip_times(resumed)
+    assert resumed.pop("config")["checkpoint_every"] == 3
+    reference.pop("config")
+    assert resumed == reference
+    assert strip_times(read_metrics(tmp_path)) == strip_times(read_metrics(baseline[0]))
+
+
+def test_resume_refuses_a_different_config(dataset, baseline, tmp_path):
+    import shutil
+
+    shutil.copy(baseline[0] / "last.pt", tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="lam"):
+        train(dataset, tmp_path, mfeat_config(lam=2.0), resume=True, progress=False, plots=False)
+
+
+def test_alpha_stays_at_least_one_and_its_trajectory_is_recorded(dataset, baseline, tmp_path):
+    _, results = baseline
+    assert len(results["alpha_trajectory"]) == 3
+    assert all(a >= 1.0 for a in results["alpha_trajectory"])
+    assert results["weak_modality_trajectory"][1:] == ["mor", "mor"]  # the 6-feature view
+    # Per-batch updates (the authors') with a large step: alpha moves, never below 1.
+    fast = train(dataset, tmp_path, mfeat_config(alpha_update="batch", eta=0.5), progress=False,
+                 plots=False)
+    assert all(a >= 1.0 for a in fast["alpha_trajectory"])
+    assert len(set(fast["alpha_trajectory"])) > 1 or fast["alpha_trajectory"][-1] == 1.0
+
+
+def test_macro_f1_matches_hand_computed_values():
+    y = [0, 0, 1, 1, 2]
+    pred = [0, 1, 1, 1, 0]
+    # class 0: 2*1/(2+1+1) = 0.5; class 1: 2*2/(4+1+0) = 0.8; class 2: 0 / (0+0+1) = 0
+    assert macro_f1(pred, y) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    assert macro_f1(y, y) == 1.0
+    # a class only predicted (3) counts too: classes 0 (2/3), 1 (1.0), 3 (0)
+    assert macro_f1([0, 3, 1], [0, 0, 1]) == pytest.approx((2 / 3 + 1.0 + 0.0) / 3)
+
+
+def test_misaligned_accuracy_uses_the_exact_top2_rule():
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    C = 4
+    onehot = torch.nn.functional.one_hot(y, C).double()
+    i, j = misaligned_pairs(y.numpy(), seed=7)
+    assert len(i) > 0 and np.all(y.numpy()[i] != y.numpy()[j])
+    assert sorted(set(i.tolist())) == i.tolist()  # a subset of one permutation
+
+    # A fused head that follows both modalities (2 * f0 + f1): its top-2 is always
+    # {label of modality 0's source, label of modality 1's source}.
+    both = misaligned_metrics(lambda f: 2 * f[0] + f[1], [onehot, onehot], y, 7, ["a", "b"])
+    assert both["misaligned_acc"] == {"a": 1.0, "b": 1.0, "mean": 1.0}
+    # normalised probability of modality a's label: e^2 / (e^2 + e^1) = e / (e + 1)
+    assert both["mis_conf"]["a"] == pytest.approx(math.e / (math.e + 1))
+
+    # A head that ignores modality b and always ranks class 3 second: top-2 is
+    # {label of a's source, 3}, correct only when the other source's label is 3.
+    bias = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    blind = misaligned_metrics(lambda f: 2 * f[0] + bias, [onehot, onehot], y, 7, ["a", "b"])
+    yi, yj = y.numpy()[i], y.numpy()[j]
+    swap_b = np.mean((yj == 3) & (yi != 3))  # a from i, b from j
+    swap_a = np.mean((yi == 3) & (yj != 3))  # a from j, b from i
+    assert blind["misaligned_acc"]["b"] == pytest.approx(swap_b)
+    assert blind["misaligned_acc"]["a"] == pytest.approx(swap_a)
+
+
+def test_cli_options_build_the_config():
+    cfg = config_from_options({"preset": "mfeat", "hidden": "256,64", "encoders": "fac=mlp",
+                               "lam": 2.0, "method": None})
+    assert cfg.hidden == [256, 64] and cfg.encoders == {"fac": "mlp"} and cfg.lam == 2.0
+    assert cfg.optimizer == "adam" and cfg.method == "midas" and cfg.preset == "mfeat"
+    with pytest.raises(ValueError, match="unknown training option"):
+        config_from_options({"lamda": 1.0})
+    with pytest.raises(ValueError, match="choose from"):
+        TrainConfig(method="balanced")
+
+
+@pytest.fixture(scope="module")
+def odd_dataset(tmp_path_factory, mfeat_source) -> Path:
+    """129 train samples: with batch 32 on 2 ranks the last step gives one rank nothing."""
+    samples, seen = [], {}
+    for s in tiny_samples(mfeat_source, 20):
+        k = seen[s.label] = seen.get(s.label, -1) + 1
+        split = "train" if k < 13 else "val" if k < 16 else "test"
+        if s.label == 0 and k == 12:
+            split = "val"
+        samples.append(Sample(s.key, s.label, s.payloads, split))
+    out = tmp_path_factory.mktemp("odd") / "ds"
+    build_dataset(samples, out, classes=mfeat_source["classes"], modalities=["fac", "mor"],
+                  progress=False)
+    return out
+
+
+@pytest.mark.ddp
+def test_ddp_two_ranks_see_equal_batches_and_write_results(odd_dataset, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "trainers.run", str(odd_dataset), str(tmp_path), "--preset", "mfeat",
+           "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "32", "--quiet",
+           "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    history = read_metrics(tmp_path)
+    for h in history:
+        assert h["train"]["batches_per_rank"] == [3, 3]  # 129 items: steps of 64, 64, 1 + 0
+        assert h["train"]["samples"] == 129
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["world_size"] == 2 and results["epochs_run"] == 2
+    assert all(a >= 1.0 for a in results["alpha_trajectory"])

@@ -1,0 +1,134 @@
+"""`TrainConfig`: the one place the reference trainer's defaults live.
+
+The command line (trainers.cli_options) and `PAPER_PRESETS` only override fields of this
+dataclass; every checkpoint and results.json stores `config.to_dict()`, and
+`TrainConfig.from_dict` reads it back. Field help strings live here too (`metadata["help"]`)
+so that the command line documents exactly these defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from midas_data.stream import POLICIES
+
+METHODS = ("midas", "joint", "unimodal")
+ALPHA_UPDATES = ("epoch", "batch")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run. Defaults are the MIDAS authors' (DESIGN.md section 1)."""
+
+    method: str = _opt("midas", "midas (aligned CE + unimodal CE + lam * misaligned loss), "
+                                "joint (aligned CE only) or unimodal (unimodal heads only)")
+    policy: str = _opt("random", "partner policy of the stream: random (the paper), mined, "
+                                 "mixed, soft")
+    mined_fraction: float = _opt(0.5, "policy mixed: fraction of anchors paired on the mined graph")
+    temperature: float = _opt(0.1, "policy soft: softmax temperature over mined similarities")
+    epochs: int = _opt(70, "training epochs (warm-up included)")
+    warmup_epochs: int = _opt(10, "midas: first epochs train the unimodal heads only")
+    lam: float = _opt(1.0, "midas: weight lambda of the misaligned loss")
+    eta: float = _opt(0.05, "midas: step of the weak-modality weight alpha")
+    alpha_update: str = _opt("epoch", "midas: refresh alpha once per epoch (epoch) or after "
+                                      "every batch as the authors' code does (batch)")
+    hard_weighting: bool = _opt(True, "midas: weight misaligned rows by 1 + (cos + 1) / 2")
+    optimizer: str = _opt("sgd", "sgd (momentum, the authors') or adam")
+    lr: float = _opt(1e-3, "learning rate")
+    momentum: float = _opt(0.9, "sgd momentum")
+    weight_decay: float = _opt(1e-4, "weight decay (sgd and adam)")
+    batch_size: int = _opt(64, "anchors (aligned samples) per batch per rank")
+    step_size: int = _opt(50, "StepLR: multiply the lr by gamma every step_size epochs (0 = never)")
+    gamma: float = _opt(0.1, "StepLR decay factor")
+    feature_dim: int = _opt(64, "encoder output (shared feature) dimension")
+    hidden: list[int] = _opt([128], "hidden layer sizes of mlp encoders")
+    encoders: dict[str, str] = _opt({}, "encoder per modality (name in the midas_data.encoders "
+                                        "registry); a modality left out is chosen automatically")
+    modalities: list[str] = _opt([], "modalities to train on, in order (empty: all of the dataset)")
+    seed: int = _opt(0, "seed of the model init, the stream order and the misaligned evaluation")
+    device: str = _opt("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
+    num_workers: int = _opt(0, "DataLoader workers for the train stream (0: in-process)")
+    checkpoint_every: int = _opt(0, "also write last.pt every this many steps (0: once per epoch)")
+    eval_batch_size: int = _opt(256, "batch size of validation and test passes")
+    stats_samples: int = _opt(100_000, "train samples used for the input standardisation statistics")
+    deterministic: bool = _opt(True, "torch.use_deterministic_algorithms (exact resume on CPU)")
+    preset: str = _opt("", "name of the preset these settings started from (for the record)")
+
+    def __post_init__(self) -> None:
+        self.hidden = [int(h) for h in self.hidden]
+        self.modalities = [str(m) for m in self.modalities]
+        self.encoders = {str(k): str(v) for k, v in dict(self.encoders).items() if v is not None}
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject bad settings up front, saying what to use instead."""
+        choices = {"method": METHODS, "alpha_update": ALPHA_UPDATES, "optimizer": OPTIMIZERS,
+                   "policy": tuple(p for p in POLICIES if p != "none")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; choose from {allowed}")
+        for name in ("epochs", "warmup_epochs", "step_size", "checkpoint_every", "num_workers",
+                     "stats_samples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "feature_dim", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.eta < 0 or self.lam < 0:
+            raise ValueError("TrainConfig: lr must be > 0, eta and lam >= 0")
+        if self.method == "midas" and self.epochs and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"TrainConfig: warmup_epochs={self.warmup_epochs} leaves no MIDAS epoch "
+                             f"of epochs={self.epochs}; lower warmup_epochs or raise epochs")
+
+    # -- (de)serialisation: plain dicts, so checkpoints load with torch.load(weights_only=True)
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
+        """The preset's settings, then `overrides` (None values are ignored)."""
+        if name not in PAPER_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PAPER_PRESETS)}")
+        values = {**PAPER_PRESETS[name], "preset": name}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# The authors' settings (DESIGN.md section 1): SGD, momentum 0.9, weight decay 1e-4, batch 64,
+# StepLR gamma 0.1. `mfeat` is the independent prototype's protocol (CALIBRATION.md): Adam
+# without weight decay, constant lr, MLP in -> 128 -> 64 encoders.
+_AUTHORS = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64,
+            "gamma": 0.1}
+PAPER_PRESETS: dict[str, dict[str, Any]] = {
+    "cremad": {**_AUTHORS, "lr": 1e-3, "epochs": 70, "step_size": 50, "warmup_epochs": 10,
+               "lam": 1.0},
+    "kinetics_sounds": {**_AUTHORS, "lr": 1e-3, "epochs": 70, "step_size": 50,
+                        "warmup_epochs": 10, "lam": 5.0},
+    "ucf101": {**_AUTHORS, "lr": 1e-2, "epochs": 70, "step_size": 50, "warmup_epochs": 0,
+               "lam": 1.0},
+    "food101": {**_AUTHORS, "lr": 1e-3, "epochs": 30, "step_size": 15, "warmup_epochs": 2,
+                "lam": 1.0},
+    "mfeat": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 64,
+              "epochs": 60, "step_size": 0, "warmup_epochs": 10, "lam": 1.0, "eta": 0.05,
+              "feature_dim": 64, "hidden": [128], "encoders": {}},
+}

@@ -1,0 +1,244 @@
+"""One training epoch of MIDAS, Joint or unimodal training, readable top to bottom.
+
+Per batch: encode every modality once; aligned fused CE and unimodal CEs; for MIDAS after
+warm-up, the misaligned rows (b, m) whose modality m comes from row partner[b, m] (features
+swapped inside the batch, so the only extra cost is the fused head on those rows). All the
+MIDAS math (confidences, soft labels, modality and hard weights, the alpha step) is
+`midas_data.loss`; this file only wires it up.
+
+- midas:    L = CE + L_uni + lam * L_mis; warm-up epochs L = L_uni.
+- joint:    the encoders and fused head train on CE alone. The unimodal heads train as linear
+            probes on *detached* features, so they report unimodal accuracy and confidence
+            without changing what Joint learns.
+- unimodal: L = L_uni.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from midas_data.loss import (
+    AlphaStats,
+    LossTerms,
+    accumulate,
+    hard_sample_weight,
+    midas_total_loss,
+    misaligned_loss,
+    modality_weights,
+    normalised_confidences,
+    strong_modality,
+    unimodal_confidence,
+    update_alpha,
+    weak_modality,
+)
+from midas_data.stream import MidasLoader
+
+from .config import TrainConfig
+from .distributed import DistInfo, all_sum
+
+ALPHA_CHUNK = 16  # batches of misaligned rows per `accumulate` call (epoch-mode alpha)
+
+
+@dataclass
+class RunState:
+    """What carries over from epoch to epoch (saved in every checkpoint)."""
+
+    alpha: float = 1.0
+    prev_conf: list[float] | None = None  # last epoch's mean unimodal confidence per modality
+    global_step: int = 0
+
+
+@dataclass
+class EpochTracker:
+    """This rank's running sums over the current epoch. Saved in mid-epoch checkpoints, so a
+    resumed epoch reports exactly what an uninterrupted one would."""
+
+    epoch: int
+    num_modalities: int
+    steps: int = 0
+    n: float = 0.0
+    loss: float = 0.0
+    fused: float = 0.0
+    uni: float = 0.0
+    mis: float = 0.0
+    n_fused: float = 0.0  # samples seen by the fused head (none in warm-up)
+    correct_fused: float = 0.0
+    correct_uni: list[float] = field(default_factory=list)
+    conf: list[float] = field(default_factory=list)
+    alpha_stats: AlphaStats = field(default_factory=AlphaStats)
+    weak: int | None = None  # weak / strong modality used by this epoch's misaligned loss
+    strong: int | None = None
+    # Misaligned rows not yet summed into alpha_stats: [logits, y_strong, y_weak, c_strong,
+    # c_weak] per batch, detached. Summing every ALPHA_CHUNK batches instead of every batch
+    # takes `accumulate` (and its host syncs on CUDA) off the per-step path.
+    pending: list[list[Tensor]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.correct_uni = self.correct_uni or [0.0] * self.num_modalities
+        self.conf = self.conf or [0.0] * self.num_modalities
+        if isinstance(self.alpha_stats, dict):
+            self.alpha_stats = AlphaStats(**self.alpha_stats)
+
+    def add_alpha_rows(self, *rows: Tensor) -> None:
+        self.pending.append([t.detach() for t in rows])
+        if len(self.pending) >= ALPHA_CHUNK:  # a fixed chunking: resumed runs sum identically
+            self.flush_alpha_rows()
+
+    def flush_alpha_rows(self) -> None:
+        if self.pending:
+            cols = [torch.cat(c) for c in zip(*self.pending)]
+            self.alpha_stats = accumulate(self.alpha_stats, *cols)
+            self.pending = []
+
+    def to_dict(self) -> dict:
+        # floats, lists and tensors only: loads with torch.load(weights_only=True)
+        return dataclasses.asdict(self)
+
+
+def is_warmup(config: TrainConfig, epoch: int) -> bool:
+    return config.method == "midas" and epoch < config.warmup_epochs
+
+
+def set_weak(tracker: EpochTracker, mean_conf: list[float]) -> None:
+    """The weak modality has the lowest mean confidence; the strong one the highest other."""
+    tracker.weak = weak_modality(mean_conf)
+    strong = strong_modality(mean_conf)
+    tracker.strong = strong if strong != tracker.weak else (tracker.weak + 1) % len(mean_conf)
+
+
+def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
+               config: TrainConfig, run: RunState, tracker: EpochTracker, info: DistInfo) -> LossTerms:
+    """One optimizer step on one batch; updates `tracker` (and `run.alpha` in batch mode)."""
+    M, warmup = tracker.num_modalities, is_warmup(config, tracker.epoch)
+    use_fused = config.method != "unimodal" and not warmup
+    use_mis = config.method == "midas" and not warmup
+    y = batch["label"].to(info.device)
+    n = len(y)
+
+    if n == 0:  # this rank got no items in the epoch's last step; it must still join DDP's all-reduce
+        loss = model(None, fused=use_fused)["zero"]
+        conf = torch.zeros(0, M, device=info.device)
+        terms = LossTerms(loss, loss, loss, loss)
+    else:
+        out = model(batch["inputs"], batch["partner"] if use_mis else None, fused=use_fused,
+                    detach_unimodal=config.method == "joint")
+        # Live confidences c^m = softmax(g_m(f^m))[y], detached (the paper's, not the stored ones).
+        conf = torch.stack([unimodal_confidence(z, y) for z in out["uni"]], dim=1)  # [B, M]
+
+    if use_mis and (config.alpha_update == "batch" or tracker.weak is None):
+        # Per batch (or the first batch when no earlier epoch exists): weak modality from this
+        # batch's mean confidence over every rank, so all ranks weight the same modality.
+        s = all_sum(conf.sum(0).tolist() + [float(n)], info)
+        set_weak(tracker, [c / max(s[M], 1.0) for c in s[:M]])
+
+    batch_stats = AlphaStats()
+    if n > 0:
+        uni_ces = [F.cross_entropy(z, y) for z in out["uni"]]
+        fused_ce = F.cross_entropy(out["fused"], y) if use_fused else None
+        mis = None
+        if use_mis:
+            idx = out["mis_index"]  # row n: anchor idx.b[n], modality idx.m[n] from row idx.src[n]
+            src_labels = y[idx.rows]  # [N, M] label of each modality's source
+            src_conf = conf[idx.rows, torch.arange(M, device=y.device)]  # its c^m
+            h = None
+            if config.hard_weighting:  # cosine on the swapped modality's features
+                feats = torch.stack(out["feats"])  # [M, B, D]
+                h = hard_sample_weight(feats[idx.m, idx.b], feats[idx.m, idx.src])
+            a = modality_weights(M, tracker.weak, run.alpha).to(y.device)
+            mis = misaligned_loss(out["mis"], src_labels, normalised_confidences(src_conf), a, h)
+            w, s_ = tracker.weak, tracker.strong
+            rows = (out["mis"], src_labels[:, s_], src_labels[:, w], src_conf[:, s_], src_conf[:, w])
+            if config.alpha_update == "batch":
+                batch_stats = accumulate(batch_stats, *rows)
+            else:
+                tracker.add_alpha_rows(*rows)
+        # Joint: CE + the probes' CE (their gradient stops at the detached features).
+        terms = midas_total_loss(fused_ce, uni_ces, mis, config.lam, warmup=not use_fused)
+        loss = terms.total
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+    if use_mis and config.alpha_update == "batch":  # the authors' per-batch alpha step
+        run.alpha = update_alpha(run.alpha, AlphaStats(*all_sum(_stats_list(batch_stats), info)),
+                                 config.eta)
+    tracker.alpha_stats = tracker.alpha_stats + batch_stats
+    tracker.steps += 1
+    if n > 0:
+        tracker.n += n
+        tracker.loss += float(loss.detach()) * n
+        tracker.fused += float(terms.fused.detach()) * n
+        tracker.uni += float(terms.unimodal.detach()) * n
+        tracker.mis += float(terms.misaligned.detach()) * n
+        if use_fused:
+            tracker.n_fused += n
+            tracker.correct_fused += float((out["fused"].argmax(1) == y).sum())
+        for k, z in enumerate(out["uni"]):
+            tracker.correct_uni[k] += float((z.argmax(1) == y).sum())
+        for k, c in enumerate(conf.sum(0).tolist()):
+            tracker.conf[k] += c
+    return terms
+
+
+def _stats_list(s: AlphaStats) -> list[float]:
+    return [s.fused_strong, s.fused_weak, s.uni_strong, s.uni_weak, float(s.count)]
+
+
+def train_epoch(model: nn.Module, loader: MidasLoader, optimizer: torch.optim.Optimizer, config: TrainConfig,
+                run: RunState, tracker: EpochTracker, info: DistInfo, *,
+                checkpoint: Callable[[EpochTracker], None] | None = None,
+                on_step: Callable[[int], None] | None = None, progress: bool = True) -> EpochTracker:
+    """Train on the rest of the epoch the loader is at. `checkpoint(tracker)` runs every
+    `config.checkpoint_every` steps; `on_step(global_step)` after each step (a test hook)."""
+    model.train()
+    if (config.method == "midas" and config.alpha_update == "epoch" and tracker.weak is None
+            and run.prev_conf is not None):
+        set_weak(tracker, run.prev_conf)  # the weak modality of the epoch: last epoch's argmin
+    bar = tqdm(loader, total=len(loader), desc=f"epoch {tracker.epoch}", unit="batch",
+               disable=not (progress and info.is_main), leave=False)
+    for batch in bar:
+        terms = train_step(model, batch, optimizer, config, run, tracker, info)
+        run.global_step += 1
+        if info.is_main and progress:
+            bar.set_postfix(loss=f"{float(terms.total):.3f}", alpha=f"{run.alpha:.2f}")
+        if checkpoint is not None and config.checkpoint_every and run.global_step % config.checkpoint_every == 0:
+            checkpoint(tracker)
+        if on_step is not None:
+            on_step(run.global_step)
+    return tracker
+
+
+def finish_epoch(tracker: EpochTracker, info: DistInfo) -> dict:
+    """Epoch summary summed over ranks: losses, train accuracies, mean confidences, alpha
+    statistics and each rank's batch count (equal on every rank, or DDP would hang)."""
+    M = tracker.num_modalities
+    tracker.flush_alpha_rows()
+    local = [tracker.n, tracker.loss, tracker.fused, tracker.uni, tracker.mis, tracker.correct_fused,
+             *tracker.correct_uni, *tracker.conf, *_stats_list(tracker.alpha_stats), tracker.n_fused]
+    batches = [0.0] * info.world_size
+    batches[info.rank] = float(tracker.steps)
+    s = all_sum(local + batches, info)
+    n, n_fused = max(s[0], 1.0), s[11 + 2 * M]
+    stats = AlphaStats(*s[6 + 2 * M: 10 + 2 * M], int(s[10 + 2 * M]))
+    return {"samples": int(s[0]), "loss": s[1] / n, "loss_fused": s[2] / n,
+            "loss_unimodal": s[3] / n, "loss_misaligned": s[4] / n,
+            "acc": s[5] / n_fused if n_fused else math.nan,  # NaN: the fused head did not train
+            "unimodal_acc": [c / n for c in s[6:6 + M]],
+            "mean_conf": [c / n for c in s[6 + M:6 + 2 * M]],
+            "alpha_stats": stats, "batches_per_rank": [int(b) for b in s[12 + 2 * M:]]}
+
+
+def end_of_epoch_alpha(run: RunState, summary: dict, config: TrainConfig, epoch: int) -> None:
+    """Epoch mode: one alpha step from the epoch's statistics (all ranks hold the same sums)."""
+    if config.method == "midas" and config.alpha_update == "epoch" and not is_warmup(config, epoch):
+        run.alpha = update_alpha(run.alpha, summary["alpha_stats"], config.eta)
+    run.prev_conf = summary["mean_conf"]

@@ -1,0 +1,169 @@
+"""`MultimodalModel`: one encoder per modality, unimodal linear heads, a fused linear head.
+
+The model is split into the three pieces the MIDAS loss needs, so that each modality is
+encoded once per batch and misaligned samples are built by swapping *features* inside the
+batch (the paper's in-batch construction): `encode` -> `unimodal_logits` and `fuse` on any
+list of per-modality features (aligned, swapped, or zeroed for per-modality accuracy).
+`forward` composes them in one call, because DDP synchronises gradients only for what
+runs through the wrapped module's forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from midas_data.encoders import Standardize, build_encoder, default_encoder_for
+from midas_data.errors import MidasDataError, where
+from midas_data.reader import Dataset
+from midas_data.stream import collate
+
+from .config import TrainConfig
+
+
+def prepare(kind: str, x: Tensor) -> Tensor:
+    """A collated batch of one modality as float32 in the encoders' layout."""
+    if kind == "image":  # decoded images are [B, H, W, C] uint8; conv encoders take [B, C, H, W]
+        return x.permute(0, 3, 1, 2).float()
+    if kind in ("text", "audio") and not isinstance(x, Tensor):
+        raise MidasDataError(f"the reference trainer takes tensors; give MidasDataset a transform "
+                             f"that turns {kind} into fixed-shape arrays")
+    return x.float()
+
+
+def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-feature statistics for vectors; one scalar for images, spectrograms and clips
+    (per-pixel statistics would whiten away spatial structure)."""
+    dims = (0,) if x.dim() == 2 else tuple(range(x.dim()))
+    mean, std = x.mean(dim=dims), x.std(dim=dims, unbiased=False)
+    return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
+
+
+def train_statistics(ds: Dataset, modalities: Sequence[str], max_samples: int
+                     ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[Tensor, Tensor]]]:
+    """Input shape and (mean, std) of each modality on the train split.
+
+    At most `max_samples` rows, evenly spaced, are read: enough for stable moments without
+    a full pass over a large split. Every DDP rank computes the same numbers from the files.
+    """
+    reader = ds.split("train")
+    n = len(reader)
+    if n == 0:
+        raise MidasDataError(f"{where(ds.root / 'manifest.json', field='splits')}: the train split is empty")
+    rows = np.unique(np.linspace(0, n - 1, min(n, max(max_samples, 1))).round().astype(np.int64))
+    batch = collate(reader.get_many(rows, list(modalities)), list(modalities))
+    shapes, stats = {}, {}
+    for m in modalities:
+        x = prepare(ds.schema[m]["kind"], batch["inputs"][m])
+        shapes[m] = tuple(x.shape[1:])
+        stats[m] = _stats(x)
+    return shapes, stats
+
+
+class MultimodalModel(nn.Module):
+    """Encoders phi_m (standardised inputs), unimodal heads g_m, fused head g_f on concat(f^m)."""
+
+    def __init__(self, modalities: Sequence[str], kinds: dict[str, str],
+                 shapes: dict[str, tuple[int, ...]], num_classes: int, feature_dim: int = 64,
+                 encoders: dict[str, str] | None = None, hidden: Sequence[int] = (128,),
+                 stats: dict[str, tuple[Tensor, Tensor]] | None = None):
+        super().__init__()
+        self.modalities, self.kinds = list(modalities), dict(kinds)
+        self.num_classes, self.feature_dim = int(num_classes), int(feature_dim)
+        self.encoder_names: dict[str, str] = {}
+        self.encoders = nn.ModuleDict()
+        for m in self.modalities:
+            name = (encoders or {}).get(m) or default_encoder_for(kinds[m], shapes[m])
+            kwargs = {"hidden": tuple(hidden)} if name == "mlp" else {}
+            mean, std = stats[m] if stats else (torch.zeros(()), torch.ones(()))
+            # Standardisation lives inside the model (as buffers), so a checkpoint is usable alone.
+            self.encoders[m] = nn.Sequential(Standardize(mean, std),
+                                             build_encoder(name, shapes[m], feature_dim, **kwargs))
+            self.encoder_names[m] = name
+        self.unimodal_heads = nn.ModuleDict({m: nn.Linear(feature_dim, num_classes)
+                                             for m in self.modalities})
+        self.fused_head = nn.Linear(feature_dim * len(self.modalities), num_classes)
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset, config: TrainConfig) -> MultimodalModel:
+        mods = config.modalities or ds.modalities
+        unknown = [m for m in list(mods) + list(config.encoders) if m not in ds.modalities]
+        if unknown:
+            raise MidasDataError(f"{where(ds.root / 'manifest.json', field=unknown[0])}: no such "
+                                 f"modality; the dataset has {ds.modalities}")
+        shapes, stats = train_statistics(ds, mods, config.stats_samples)
+        kinds = {m: ds.schema[m]["kind"] for m in mods}
+        return cls(mods, kinds, shapes, len(ds.classes), config.feature_dim, config.encoders,
+                   config.hidden, stats)
+
+    # -- the pieces ---------------------------------------------------------------------
+    def encode(self, inputs: dict[str, Tensor]) -> list[Tensor]:
+        """Features f^m [B, D] of each modality, in `self.modalities` order."""
+        dev = self.fused_head.weight.device
+        return [self.encoders[m](prepare(self.kinds[m], inputs[m]).to(dev)) for m in self.modalities]
+
+    def unimodal_logits(self, feats: Sequence[Tensor]) -> list[Tensor]:
+        return [self.unimodal_heads[m](f) for m, f in zip(self.modalities, feats)]
+
+    def fuse(self, feats: Sequence[Tensor]) -> Tensor:
+        """Fused logits [N, C] of any per-modality features (aligned, swapped or zeroed)."""
+        return self.fused_head(torch.cat(list(feats), dim=1))
+
+    def forward(self, inputs: dict[str, Tensor] | None, partner: Tensor | None = None,
+                fused: bool = True, detach_unimodal: bool = False) -> dict:
+        """One pass for a training step.
+
+        Returns {'feats': [M x [B, D]], 'uni': [M x [B, C]], 'fused': [B, C] or None,
+        'mis': [N, C] fused logits of the misaligned rows or None, 'mis_index': (b, m, src)}.
+        `partner` [B, M] (the stream's in-batch partners) adds the N misaligned rows; row
+        (b, m) takes modality m's features from row partner[b, m]. `fused=False` skips the
+        fused head (warm-up: DDP must not see a head that gets no gradient). `detach_unimodal`
+        trains the unimodal heads as probes that do not move the encoders (Joint).
+        `inputs=None` (an empty batch on this rank) returns a zero loss touching every
+        parameter the other ranks use, so that DDP's gradient all-reduce still completes.
+        """
+        if inputs is None:
+            used = [self.encoders, self.unimodal_heads] + ([self.fused_head] if fused else [])
+            return {"zero": sum((p * 0).sum() for mod in used for p in mod.parameters())}
+        feats = self.encode(inputs)
+        uni = self.unimodal_logits([f.detach() for f in feats] if detach_unimodal else feats)
+        out = {"feats": feats, "uni": uni, "fused": self.fuse(feats) if fused else None,
+               "mis": None, "mis_index": None}
+        if partner is not None and fused:
+            index = misaligned_index(partner.to(feats[0].device))
+            out["mis"] = self.fuse(swap_features(feats, index.rows))
+            out["mis_index"] = index
+        return out
+
+
+class MisalignedIndex(NamedTuple):
+    """The N misaligned rows of a batch, b-major like `materialize_misaligned`: row n is
+    anchor `b[n]` with modality `m[n]` taken from row `src[n]`; `rows[n, k]` is the batch
+    row that modality k of misaligned row n comes from."""
+
+    b: Tensor
+    m: Tensor
+    src: Tensor
+    rows: Tensor
+
+
+def misaligned_index(partner: Tensor) -> MisalignedIndex:
+    """Index of every valid misaligned row of a batch's `partner` [B, M] (-1 = none)."""
+    b_idx, m_idx = torch.nonzero(partner >= 0, as_tuple=True)
+    src = partner[b_idx, m_idx]
+    return MisalignedIndex(b_idx, m_idx, src, source_rows(b_idx, m_idx, src, partner.shape[1]))
+
+
+def source_rows(b_idx: Tensor, m_idx: Tensor, src: Tensor, num_modalities: int) -> Tensor:
+    """[N, M]: modality m_idx[n] comes from row src[n], every other modality from row b_idx[n]."""
+    k = torch.arange(num_modalities, device=b_idx.device)
+    return torch.where(m_idx[:, None] == k[None, :], src[:, None], b_idx[:, None])
+
+
+def swap_features(feats: Sequence[Tensor], rows: Tensor) -> list[Tensor]:
+    """Per-modality features of misaligned rows: modality k of row n is feats[k][rows[n, k]]."""
+    return [f[rows[:, k]] for k, f in enumerate(feats)]
