@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -133,6 +134,51 @@ def extract_cmd(dataset, features_file, splits, warmup_epochs, batch_size, lr, o
         conf = " ".join(f"{m}={c:.3f}" for m, c in info["mean_conf"].items())
         click.echo(f"features/{split}.arrow: {info['rows']} rows, mean confidence {conf}, "
                    f"fingerprint {info['features_fingerprint'][:12]}")
+
+
+@main.command("mine-misaligned")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.option("--index", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True,
+              help="FAISS on the CPU, on the GPU (the `gpu` extra), or GPU when visible.")
+@click.option("--k", default=16, show_default=True, help="Partners per anchor and modality.")
+@click.option("--splits", default="train", show_default=True)
+@click.option("--approx", type=click.Choice(["ivf"]), default=None,
+              help="Approximate IVF index for very large datasets (recall is reported).")
+@click.option("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(n)).")
+@click.option("--nprobe", type=int, default=None, help="IVF lists probed per query.")
+@click.option("--report", is_flag=True, help="Similarity histograms, class matrix (PNG + JSON).")
+@click.option("--quiet", is_flag=True)
+def mine_cmd(dataset, index, k, splits, approx, nlist, nprobe, report, quiet) -> None:
+    """FAISS k-NN partners with a different label, per modality, into DATASET/pairs/."""
+    from .mine_stage import mine_misaligned
+
+    try:
+        summary = mine_misaligned(dataset, splits=tuple(splits.split(",")), k=k, index=index,
+                                  approx=approx, nlist=nlist, nprobe=nprobe, report=report,
+                                  progress=not quiet)
+    except MidasDataError as e:
+        _fail(e)
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+@main.command("demo")
+@click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--modalities", default="fac,mor", show_default=True,
+              help="Two or more UCI Multiple Features views (fac, pix, kar, fou, zer, mor).")
+@click.option("--epochs", default=60, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+def demo_cmd(out, modalities, epochs, seed, quiet) -> None:
+    """The whole pipeline on the bundled real dataset, then Joint vs MIDAS on test."""
+    import torch
+
+    from trainers.demo import run_demo
+
+    torch.set_num_threads(1)  # tiny MLPs: one thread is faster and reproducible
+    try:
+        run_demo(out, tuple(modalities.split(",")), epochs=epochs, seed=seed, quiet=quiet)
+    except MidasDataError as e:
+        _fail(e)
 
 
 def _register_train() -> None:

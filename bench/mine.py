@@ -1,0 +1,122 @@
+"""Different-label mining vs an unconstrained IndexFlatIP self-search, same data, same run.
+
+Run: .venv/bin/python bench/mine.py [--n 100000] [--d 256] [--classes 10] [--k 16]
+     .venv/bin/python bench/mine.py --big        # 1M x 256: time and peak RSS only
+
+Random float32 data (seeded), labels uniform over the classes, k=16, all FAISS threads.
+Both sides count their setup once (baseline: normalised copy + IndexFlatIP.add; mining:
+DifferentLabelIndex, which normalises and sorts by class) and then search all n rows as
+queries in `--chunks` slices, alternating baseline / mining slice by slice (ABBA order),
+so that load from other processes on a shared machine hits both sides alike. `--full`
+N adds N end-to-end runs each (`search_different_label` vs normalise + add + search).
+CPU seconds (all threads) are printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import faiss
+import numpy as np
+
+from midas_data.mining import DifferentLabelIndex, search_different_label
+
+
+def data(n: int, d: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((n, d), dtype=np.float32), rng.integers(0, classes, n)
+
+
+def build_baseline(x: np.ndarray):
+    xn = x.copy()  # cosine needs normalised rows: both sides pay for it
+    faiss.normalize_L2(xn)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(xn)
+    return xn, index
+
+
+class Clock:
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def __call__(self, fn, *args):
+        t, c = time.perf_counter(), time.process_time()
+        out = fn(*args)
+        self.wall += time.perf_counter() - t
+        self.cpu += time.process_time() - c
+        return out
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def chunked(x, y, k: int, chunks: int) -> None:
+    base, mine = Clock(), Clock()
+    xn, index = base(build_baseline, x)
+    dli = mine(DifferentLabelIndex, x, y)
+    print(f"setup: baseline {base.wall:.2f} s, mining {mine.wall:.2f} s", flush=True)
+    for j, q in enumerate(np.array_split(np.arange(len(x)), chunks)):
+        for side in ((base, mine) if j % 2 == 0 else (mine, base)):
+            if side is base:
+                base(index.search, xn[q], k)
+            else:
+                mine(dli.search, k, q)
+        print(f"  chunk {j + 1}/{chunks}: baseline {base.wall:.1f} s, mining {mine.wall:.1f} s "
+              f"so far", flush=True)
+    print(f"IndexFlatIP self-search (k={k}): {base.wall:.2f} s wall, {base.cpu:.1f} CPU s")
+    print(f"different-label mining  (k={k}): {mine.wall:.2f} s wall, {mine.cpu:.1f} CPU s")
+    print(f"ratio mining / baseline: {mine.wall / base.wall:.3f} wall, {mine.cpu / base.cpu:.3f} CPU")
+
+
+def full(x, y, k: int, reps: int) -> None:
+    def baseline():
+        xn, index = build_baseline(x)
+        return index.search(xn, k)
+
+    base, mine = Clock(), Clock()
+    for rep in range(reps):
+        for side in ((base, mine) if rep % 2 == 0 else (mine, base)):  # ABBA
+            w = side.wall
+            if side is base:
+                base(baseline)
+            else:
+                mine(search_different_label, x, y, k)
+            print(f"  end to end {'baseline' if side is base else 'mining  '}: "
+                  f"{side.wall - w:.2f} s", flush=True)
+    print(f"end to end, {reps} each: baseline {base.wall:.2f} s, mining {mine.wall:.2f} s, "
+          f"ratio {mine.wall / base.wall:.3f} wall, {mine.cpu / base.cpu:.3f} CPU")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--chunks", type=int, default=10)
+    ap.add_argument("--full", type=int, default=0, metavar="REPS",
+                    help="also time REPS end-to-end calls each (ABBA order)")
+    ap.add_argument("--big", action="store_true", help="mine 1M x d once; print time and peak RSS")
+    a = ap.parse_args()
+    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
+    if a.big:
+        x, y = data(1_000_000, a.d, a.classes)
+        print(f"data: {x.nbytes / 2**30:.2f} GiB, peak RSS so far {peak_rss_gib():.2f} GiB", flush=True)
+        clock = Clock()
+        clock(lambda: search_different_label(x, y, a.k, progress=True))
+        print(f"big: n=1000000 d={a.d} C={a.classes} k={a.k}: {clock.wall:.1f} s wall, "
+              f"{clock.cpu:.1f} CPU s, peak RSS {peak_rss_gib():.2f} GiB")
+        return
+    x, y = data(a.n, a.d, a.classes)
+    print(f"n={a.n} d={a.d} C={a.classes} k={a.k}")
+    chunked(x, y, a.k, a.chunks)
+    if a.full:
+        full(x, y, a.k, a.full)
+    print(f"peak RSS {peak_rss_gib():.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""`midas-data mine-misaligned`: mine different-label partners per split and write pairs.
+
+Reads ``DATASET/features/{split}.arrow`` (refusing features of other shards), mines the k
+most similar different-label partners of every anchor in every modality, and writes
+``DATASET/pairs/{split}/part-{rank}-of-{world}.arrow``. Under torchrun each rank mines a
+contiguous slice of the anchors against the full data and writes its own part.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .atomic import write_bytes_atomic, write_text_atomic
+from .errors import MidasDataError, SchemaError, where
+from .manifest import read_manifest
+from .mining import MiningInputError, recall_at_k, resolve_index, search_different_label
+from .pairs import (
+    check_features,
+    mine_modalities,
+    pairs_dir,
+    pairs_table,
+    read_pairs,
+    with_metadata,
+    write_pairs,
+)
+from .tables import Features, read_features, read_table, table_metadata
+
+HIST_BINS = 100  # over [-1, 1]: mined partners crowd near 1, so keep the bins fine
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed if initialised, else torchrun's env, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier() -> bool:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        return True
+    return False
+
+
+def mine_misaligned(dataset_dir: str | os.PathLike, splits: tuple[str, ...] | list[str] = ("train",),
+                    k: int = 16, index: str = "cpu", approx: str | None = None,
+                    nlist: int | None = None, nprobe: int | None = None, report: bool = False,
+                    progress: bool = True, block_size: int = 16384,
+                    recall_queries: int = 1000, seed: int = 0) -> dict:
+    """Mine pairs for `splits`; return a summary {dataset, rank, world_size, splits: {...}}.
+
+    index: cpu | gpu | auto; approx: None | 'ivf' (then recall@k against exact search on
+    `recall_queries` sampled anchors is measured and reported). report=True writes
+    pairs/{split}/report.json, similarity_hist.png and class_matrix.png (rank 0).
+    """
+    root = Path(dataset_dir)
+    manifest = read_manifest(root)
+    device = resolve_index(index)  # resolve once: 'auto' warns once, every split agrees
+    rank, world = dist_rank_world()
+    summary: dict = {"dataset": str(root), "rank": rank, "world_size": world, "index": device,
+                     "approx": approx, "k": k, "splits": {}}
+    for split in splits:
+        if split not in manifest["splits"]:
+            raise MidasDataError(f"{where(file=root / 'manifest.json', field='splits')}: no split "
+                                 f"{split!r}; the dataset has {sorted(manifest['splits'])}")
+        summary["splits"][split] = _mine_split(root, manifest, split, k, device, approx, nlist,
+                                               nprobe, report, progress and rank == 0, block_size,
+                                               recall_queries, seed, rank, world)
+    return summary
+
+
+def _check_against_manifest(f: Features, manifest: dict, split: str, path: Path) -> None:
+    count = manifest["splits"][split].get("count")
+    if count is not None and count != len(f.keys):
+        raise SchemaError(f"{where(file=path, field='key')}: {len(f.keys)} rows, but the manifest "
+                          f"lists {count} samples in split {split!r}; rerun `midas-data extract`")
+    index_path = path.parent.parent / manifest["splits"][split].get("index", f"index/{split}.arrow")
+    if index_path.exists():  # rows must follow the index: partner rows are index rows
+        keys = read_table(index_path).column("key").to_pylist()
+        if keys != f.keys:
+            bad = next((i for i, (a, b) in enumerate(zip(keys, f.keys)) if a != b),
+                       min(len(keys), len(f.keys)))
+            raise SchemaError(f"{where(file=path, field='key')}: row {bad} does not match "
+                              f"{index_path.name} of split {split!r}; rerun `midas-data extract`")
+    unknown = [m for m in f.modalities if m not in manifest["modalities"]]
+    if unknown:
+        raise SchemaError(f"{where(file=path, field='midas.modalities')}: modalities {unknown} are "
+                          f"not in the dataset ({list(manifest['modalities'])})")
+    n_cls = len(manifest["classes"])
+    bad = np.flatnonzero((f.labels < 0) | (f.labels >= n_cls))
+    if bad.size:
+        r = int(bad[0])
+        raise SchemaError(f"{where(file=path, key=f.keys[r], field='label')}: label {f.labels[r]} "
+                          f"is outside the dataset's {n_cls} classes")
+
+
+def _mine_split(root, manifest, split, k, device, approx, nlist, nprobe, report, progress,
+                block_size, recall_queries, seed, rank, world) -> dict:
+    t0 = time.perf_counter()
+    path = root / "features" / f"{split}.arrow"
+    if not path.exists():
+        raise MidasDataError(f"{where(file=path)}: no features for split {split!r}; run "
+                             "`midas-data extract` first")
+    f = read_features(path, manifest["fingerprint"])
+    _check_against_manifest(f, manifest, split, path)
+    n = len(f.keys)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    queries = np.arange(lo, hi, dtype=np.int64)
+    try:
+        check_features(f)
+        results = mine_modalities(f, k, device, approx, nlist, nprobe, block_size, queries, progress)
+        recall = None
+        if approx is not None and hi > lo:
+            rng = np.random.default_rng([seed, rank])
+            sample = np.sort(rng.choice(queries, min(recall_queries, hi - lo), replace=False))
+            recall = {m: recall_at_k(results[m][1][sample - lo],
+                                     search_different_label(f.feats[m], f.labels, k, index=device,
+                                                            queries=sample, name=m)[1])
+                      for m in f.modalities}
+    except MiningInputError as e:
+        key = f.keys[e.row] if e.row is not None else None
+        raise type(e)(f"{where(file=path, key=key)}: {e}", e.row) from e
+    table = with_metadata(pairs_table(f, results, queries), f, k, device, approx, nlist, nprobe,
+                          block_size, {"split": split, "anchors": [lo, hi]})
+    part = write_pairs(root, split, table, rank, world)
+    synced = _barrier()  # every part exists before rank 0 reads them all for the report
+    out = {"path": str(part), "anchors": [lo, hi], "rows": table.num_rows, "k": k,
+           "modalities": f.modalities, "features_fingerprint": f.fingerprint,
+           "recall_at_k": recall}
+    if report and rank == 0:
+        full = read_pairs(root, split, f.fingerprint) if world > 1 and synced else table
+        scope = "all parts" if full is not table or world == 1 else f"rank 0 part (anchors {lo}..{hi})"
+        out["report"] = str(write_report(pairs_dir(root, split), full, manifest["classes"], k,
+                                         recall, scope))
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def report_stats(table: pa.Table, n_classes: int) -> dict:
+    """Per-modality similarity histogram and statistics, and the class -> class partner counts."""
+    mod = table.column("modality").combine_chunks().dictionary_encode()
+    codes, names = mod.indices.to_numpy(zero_copy_only=False), mod.dictionary.to_pylist()
+    sim = table.column("similarity").to_numpy()
+    hard = table.column("hard_weight").to_numpy()
+    aw = table.column("anchor_weight").to_numpy()
+    edges = np.linspace(-1.0, 1.0, HIST_BINS + 1)
+    per = {}
+    for i, m in enumerate(names):
+        s = sim[codes == i].astype(np.float64)
+        q05, q50, q95 = np.quantile(s, [0.05, 0.5, 0.95])
+        per[m] = {"pairs": int(s.size), "hist": np.histogram(s, edges)[0].tolist(),
+                  "mean": float(s.mean()), "std": float(s.std()), "min": float(s.min()),
+                  "max": float(s.max()), "p05": float(q05), "median": float(q50), "p95": float(q95),
+                  "mean_hard_weight": float(hard[codes == i].mean()),
+                  "mean_anchor_weight": float(aw[codes == i].mean())}
+    al = table.column("anchor_label").to_numpy()
+    pl = table.column("partner_label").to_numpy()
+    matrix = np.bincount(al * n_classes + pl, minlength=n_classes * n_classes)
+    return {"bin_edges": edges.tolist(), "modalities": per,
+            "class_matrix": matrix.reshape(n_classes, n_classes).tolist()}
+
+
+def write_report(out_dir: Path, table: pa.Table, classes: list[str], k: int,
+                 recall: dict | None, scope: str) -> Path:
+    """report.json plus similarity_hist.png and class_matrix.png, each written atomically."""
+    stats = report_stats(table, len(classes))
+    anchors = len(np.unique(table.column("anchor_row").to_numpy()))
+    rep = {"scope": scope, "features_fingerprint": table_metadata(table).get("features_fingerprint"),
+           "rows": table.num_rows, "anchors": anchors, "k": k, "classes": classes,
+           "recall_at_k": recall, **stats}
+    path = Path(out_dir) / "report.json"
+    write_text_atomic(path, json.dumps(rep, indent=1) + "\n")
+    _plots(Path(out_dir), rep)
+    return path
+
+
+def _plots(out_dir: Path, rep: dict) -> None:
+    # Figure + Agg canvas directly: no pyplot, so no global backend switch for the caller
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    edges = np.asarray(rep["bin_edges"])
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for m, s in rep["modalities"].items():
+        ax.stairs(s["hist"], edges, label=f"{m} (mean {s['mean']:.3f})")
+    ax.set(xlabel="cosine similarity of mined partner (swapped modality)", ylabel="pairs",
+           title=f"mined partners, k={rep['k']}")
+    ax.legend()
+    _save(fig, FigureCanvasAgg, out_dir / "similarity_hist.png")
+
+    mat = np.asarray(rep["class_matrix"])
+    fig = Figure(figsize=(6, 5))
+    ax = fig.add_subplot()
+    im = ax.imshow(mat, cmap="viridis")
+    fig.colorbar(im, ax=ax, label="pairs")
+    if len(rep["classes"]) <= 30:
+        ticks = range(len(rep["classes"]))
+        ax.set_xticks(ticks, rep["classes"], rotation=90, fontsize=7)
+        ax.set_yticks(ticks, rep["classes"], fontsize=7)
+    ax.set(xlabel="partner class", ylabel="anchor class", title="mined partners by class")
+    _save(fig, FigureCanvasAgg, out_dir / "class_matrix.png")
+
+
+def _save(fig, canvas_cls, path: Path) -> None:
+    canvas_cls(fig)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    write_bytes_atomic(path, buf.getvalue())
