@@ -43,6 +43,10 @@ class MidasDataset(IterableDataset):
     (`mined_fraction` of the anchors matched on the graph, the rest random), `soft`
     (matching on the graph with neighbours drawn with probability softmax(s / temperature)),
     `none` (aligned only).
+    graph_modalities: whose mined k-NN lists form the matching graph (default: all);
+    mined_swap: which modalities take the mined partner (default: all; the others get a
+    random in-batch partner, so a matched pair yields distinct misaligned samples). Both
+    accept modality names or "weak"/"strong" (lowest/highest mean stored confidence).
     on_error: `raise` (default: a damaged shard stops the epoch naming shard and key) or
     `skip` (drop the sample, and report its key in `batch["skipped"]`).
     """
@@ -52,7 +56,8 @@ class MidasDataset(IterableDataset):
                  seed: int = 0, shuffle: bool = True, drop_last: bool = False,
                  modalities: list[str] | None = None, transform: Callable | None = None,
                  on_error: str = "raise", rank: int | None = None, world_size: int | None = None,
-                 use_features: bool = True):
+                 use_features: bool = True, graph_modalities: list[str] | None = None,
+                 mined_swap: list[str] | None = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
         if on_error not in ("raise", "skip"):
@@ -81,8 +86,27 @@ class MidasDataset(IterableDataset):
                 raise SchemaError(f"{where(feat_path, field='key')}: rows do not match the split's "
                                   "index; rerun `midas-data extract`")
         self.neighbours = self.neighbour_sims = None
+        self.graph_modalities = self._resolve(graph_modalities)
+        self.mined_swap = self._resolve(mined_swap)
         if policy in ("mined", "mixed", "soft"):
             self._load_neighbours()
+
+    def _resolve(self, names: list[str] | None) -> list[str]:
+        """Modality names, with 'weak'/'strong' chosen by mean stored train confidence."""
+        if not names:
+            return list(self.modalities)
+        out = []
+        for name in names:
+            if name in ("weak", "strong"):
+                if self.features is None:
+                    raise MidasDataError(f"{where(self.root / 'features')}: '{name}' needs stored "
+                                         "confidences; run `midas-data extract`")
+                conf = [float(np.mean(self.features.confs[m])) for m in self.modalities]
+                name = self.modalities[int(np.argmin(conf) if name == "weak" else np.argmax(conf))]
+            if name not in self.modalities:
+                raise SchemaError(f"{where(self.root / 'manifest.json', field=name)}: no such modality")
+            out.append(name)
+        return out
 
     # -- mined graph ---------------------------------------------------------------------
     def _load_neighbours(self) -> None:
@@ -93,9 +117,10 @@ class MidasDataset(IterableDataset):
                                  "features and mined pairs; run `midas-data extract` then "
                                  "`midas-data mine-misaligned`")
         t = read_pairs(self.root, self.split, self.features.fingerprint)
-        anchor = t.column("anchor_row").to_numpy()
-        partner = t.column("partner_row").to_numpy()
-        sim = t.column("similarity").to_numpy().astype(np.float64)
+        keep = np.isin(np.asarray(t.column("modality").to_pylist()), self.graph_modalities)
+        anchor = t.column("anchor_row").to_numpy()[keep]
+        partner = t.column("partner_row").to_numpy()[keep]
+        sim = t.column("similarity").to_numpy().astype(np.float64)[keep]
         n = len(self.reader)
         counts = np.bincount(anchor, minlength=n)
         width = int(counts.max()) if len(counts) else 0
@@ -239,10 +264,11 @@ class MidasDataset(IterableDataset):
         partner = plan.assign_partners(labels, M, plan.partner_rng(self.seed, self.epoch, lo))
         if partner_of is not None:  # mined pairs sit in the same batch: use them
             pos = {int(r): i for i, r in enumerate(rows)}
+            swap = [self.modalities.index(m) for m in self.mined_swap]
             for i, r in enumerate(rows):
                 j = pos.get(int(partner_of[r]), -1)
                 if j >= 0 and labels[j] != labels[i]:
-                    partner[i, :] = j
+                    partner[i, swap] = j
         batch["partner"] = torch.from_numpy(partner)
         valid = partner >= 0
         safe = np.where(valid, partner, 0)

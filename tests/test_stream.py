@@ -223,3 +223,66 @@ def test_two_process_torchrun_delivers_each_item_once(uneven, tmp_path):
     assert len(runs[0]["batches"]) == len(runs[1]["batches"])
     keys = [k for r in runs for b in r["batches"] for k in b]
     assert sorted(keys) == sorted(f"s{i:04d}" for i in range(61)) and len(set(keys)) == 61
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory) -> Path:
+    """A dataset with warm-up features and k=3 mined partners."""
+    from midas_data.extract import extract_features
+    from midas_data.mine_stage import mine_misaligned
+
+    root = _dataset(tmp_path_factory.mktemp("mined") / "ds", n=80, shard=16, classes=4)
+    extract_features(root, warmup_epochs=1, splits=("train",), progress=False, num_threads=1)
+    mine_misaligned(root, splits=("train",), k=3, progress=False)
+    return root
+
+
+def _neighbour_sets(root: Path, modalities: list[str]) -> dict[int, set[int]]:
+    from midas_data.pairs import read_pairs
+
+    t = read_pairs(root, "train")
+    out: dict[int, set[int]] = {}
+    for a, p, m in zip(t.column("anchor_row").to_pylist(), t.column("partner_row").to_pylist(),
+                       t.column("modality").to_pylist()):
+        if m in modalities:
+            out.setdefault(a, set()).add(p)
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mined_policy_pairs_mined_neighbours_in_the_same_batch_once(mined, workers):
+    nbrs = _neighbour_sets(mined, ["a", "b"])
+    ds = MidasDataset(mined, batch_size=8, policy="mined")
+    keys, matched = [], 0
+    for b in MidasLoader(ds, num_workers=workers):
+        keys.extend(b["key"])
+        rows = b["row"].tolist()
+        for i, r in enumerate(rows):
+            j = int(b["partner"][i, 0])
+            if j >= 0 and (rows[j] in nbrs.get(r, set()) or r in nbrs.get(rows[j], set())):
+                matched += 1
+    assert sorted(keys) == sorted(ds.reader.keys), "Missing or duplicate samples"
+    assert matched >= len(keys) // 2, f"only {matched} of {len(keys)} anchors got a mined partner"
+
+
+def test_mined_swap_limits_mined_partners_to_chosen_modality(mined):
+    nbrs = _neighbour_sets(mined, ["b"])
+    ds = MidasDataset(mined, batch_size=8, policy="mined", graph_modalities=["b"], mined_swap=["b"])
+    same = total = 0
+    for b in ds:
+        rows = b["row"].tolist()
+        for i, r in enumerate(rows):
+            jb = int(b["partner"][i, 1])
+            ja = int(b["partner"][i, 0])
+            if jb >= 0 and rows[jb] in nbrs.get(r, set()) | {x for x, s in nbrs.items() if r in s}:
+                total += 1
+                same += ja == jb
+    assert total > 0
+    assert same < total, "modality 'a' should get its own random partner, not the mined one"
+
+
+def test_weak_and_strong_resolve_from_stored_confidences(mined):
+    ds = MidasDataset(mined, batch_size=8, policy="mined", graph_modalities=["strong"], mined_swap=["weak"])
+    conf = {m: float(np.mean(ds.features.confs[m])) for m in ("a", "b")}
+    assert ds.graph_modalities == [max(conf, key=conf.get)]
+    assert ds.mined_swap == [min(conf, key=conf.get)]

@@ -35,6 +35,10 @@ class TrainConfig:
                                  "mixed, soft")
     mined_fraction: float = _opt(0.5, "policy mixed: fraction of anchors paired on the mined graph")
     temperature: float = _opt(0.1, "policy soft: softmax temperature over mined similarities")
+    graph_modalities: list[str] = _opt([], "mined policies: modalities whose k-NN lists form the "
+                                           "matching graph (names or weak/strong; empty: all)")
+    mined_swap: list[str] = _opt([], "mined policies: modalities swapped with the mined partner "
+                                     "(others get a random in-batch partner; empty: all)")
     epochs: int = _opt(70, "training epochs (warm-up included)")
     warmup_epochs: int = _opt(10, "midas: first epochs train the unimodal heads only")
     lam: float = _opt(1.0, "midas: weight lambda of the misaligned loss")
@@ -66,6 +70,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.hidden = [int(h) for h in self.hidden]
         self.modalities = [str(m) for m in self.modalities]
+        self.graph_modalities = [str(m) for m in self.graph_modalities]
+        self.mined_swap = [str(m) for m in self.mined_swap]
         self.encoders = {str(k): str(v) for k, v in dict(self.encoders).items() if v is not None}
         self.validate()
 

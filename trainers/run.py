@@ -96,6 +96,7 @@ def _train(root: Path, out: Path, config: TrainConfig, resume: bool, progress: b
     policy = config.policy if config.method == "midas" else "none"
     stream = MidasDataset(root, "train", batch_size=config.batch_size, policy=policy,
                           mined_fraction=config.mined_fraction, temperature=config.temperature,
+                          graph_modalities=config.graph_modalities, mined_swap=config.mined_swap,
                           seed=config.seed, modalities=mods)
     loader = MidasLoader(stream, num_workers=config.num_workers)
     held_out = {s: MidasDataset(root, s, batch_size=config.eval_batch_size, policy="none",
