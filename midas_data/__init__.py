@@ -1,5 +1,6 @@
 """midas-data: MIDAS misaligned-sample augmentation against modality imbalance, as a data pipeline."""
 
+from .batch_loss import batch_alpha_stats, batch_misaligned_loss, misaligned_targets
 from .errors import (
     CorruptShardError,
     MidasDataError,
@@ -7,13 +8,45 @@ from .errors import (
     StaleArtifactError,
     UnsafeInputError,
 )
+from .loss import (
+    AlphaStats,
+    accumulate,
+    hard_sample_weight,
+    midas_total_loss,
+    misaligned_loss,
+    misaligned_top2_correct,
+    modality_weights,
+    normalised_confidences,
+    unimodal_confidence,
+    update_alpha,
+    weak_modality,
+)
 from .reader import Dataset, SplitReader, open_dataset
 from .shards import Sample, build_dataset
+from .stream import MidasDataset, MidasLoader, collate, materialize_misaligned
 from .tables import Features, read_features, write_features
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlphaStats",
+    "MidasDataset",
+    "MidasLoader",
+    "accumulate",
+    "batch_alpha_stats",
+    "batch_misaligned_loss",
+    "collate",
+    "hard_sample_weight",
+    "materialize_misaligned",
+    "midas_total_loss",
+    "misaligned_loss",
+    "misaligned_targets",
+    "misaligned_top2_correct",
+    "modality_weights",
+    "normalised_confidences",
+    "unimodal_confidence",
+    "update_alpha",
+    "weak_modality",
     "CorruptShardError",
     "Dataset",
     "Features",

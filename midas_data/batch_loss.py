@@ -1,0 +1,70 @@
+"""MIDAS loss terms straight from a stream batch, for a user's own model.
+
+The stream gives each misaligned sample (b, m) its sources (row b for every modality but
+m, row partner[b, m] for m) and the sources' stored unimodal confidences. These helpers
+turn that into the targets of DESIGN.md section 1 and call the pure functions of
+`midas_data.loss`; nothing about the model is assumed beyond "logits for inputs".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .loss import AlphaStats, accumulate, misaligned_loss, modality_weights, weak_modality
+
+
+def misaligned_targets(batch: dict, mis: dict) -> tuple[Tensor, Tensor]:
+    """Source labels [N, M] and normalised confidences [N, M] of the misaligned rows.
+
+    `mis` is `materialize_misaligned(batch)`. With stored per-modality confidences
+    (`batch["conf"]`, from `midas-data extract`) each modality's weight is its source's
+    confidence normalised over the modalities (appendix A.2); without them the stream's
+    anchor/partner weights (0.5 each) are split over the anchor's kept modalities.
+    """
+    anchor, swapped = mis["anchor"], mis["swapped"]
+    n, m_count = len(anchor), batch["partner"].shape[1]
+    cols = torch.arange(m_count).expand(n, m_count)
+    is_swapped = cols == swapped.unsqueeze(1)
+    src_rows = torch.where(is_swapped, batch["partner"][anchor, swapped].unsqueeze(1), anchor.unsqueeze(1))
+    src_labels = batch["label"][src_rows]
+    conf = batch.get("conf")
+    if conf is not None and n and torch.isfinite(conf).all():
+        c = conf[src_rows, cols].double()
+        weights = c / c.sum(1, keepdim=True).clamp_min(1e-12)
+    else:
+        kept = (~is_swapped).sum(1, keepdim=True).double()
+        weights = torch.where(is_swapped, mis["weights"][:, 1:2].double(),
+                              mis["weights"][:, 0:1].double() / kept)
+    return src_labels, weights.float()
+
+
+def batch_misaligned_loss(logits: Tensor, batch: dict, mis: dict, alpha: float = 1.0,
+                          weak: int | None = None, hard_weighting: bool = True) -> Tensor:
+    """L_mis for the misaligned rows of a batch.
+
+    logits: [N, C] the user's fused logits on `mis["inputs"]`; alpha: the weak-modality
+    weight (see `update_alpha`); weak: index of the weak modality (default: the lowest
+    mean stored confidence of the batch, else the last modality).
+    """
+    src_labels, weights = misaligned_targets(batch, mis)
+    m_count = src_labels.shape[1]
+    if weak is None:
+        conf = batch.get("conf")
+        weak = weak_modality(conf.nanmean(0)) if conf is not None and torch.isfinite(conf).any() else m_count - 1
+    hard = mis["hard_weight"] if hard_weighting else None
+    return misaligned_loss(logits, src_labels, weights.to(logits.dtype),
+                           modality_weights(m_count, weak, alpha).to(logits.device), hard)
+
+
+def batch_alpha_stats(stats: AlphaStats, logits: Tensor, batch: dict, mis: dict, weak: int,
+                      strong: int) -> AlphaStats:
+    """Add a batch's misaligned rows to the statistics that `update_alpha` consumes."""
+    src_labels, _ = misaligned_targets(batch, mis)
+    anchor, swapped = mis["anchor"], mis["swapped"]
+    n, m_count = len(anchor), src_labels.shape[1]
+    cols = torch.arange(m_count).expand(n, m_count)
+    src_rows = torch.where(cols == swapped.unsqueeze(1), batch["partner"][anchor, swapped].unsqueeze(1),
+                           anchor.unsqueeze(1))
+    conf = batch["conf"][src_rows, cols]
+    return accumulate(stats, logits, src_labels[:, strong], src_labels[:, weak], conf[:, strong], conf[:, weak])
