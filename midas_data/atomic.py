@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +20,28 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+
+    Returns False where the platform or file system cannot, so the caller falls back to two
+    renames.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no libc symbol (glibc < 2.28, musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 @contextlib.contextmanager
@@ -52,9 +77,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a temp name and swap it into place when the block succeeds.
 
-    With overwrite, an existing directory is moved aside first and deleted after the swap,
-    so a crash at any moment leaves either the old or the new directory at `path`
-    (plus, at worst, a `.old`/`.tmp` sibling that the next run cleans up).
+    With overwrite, the new directory and the existing one trade places in one atomic
+    rename (Linux RENAME_EXCHANGE) and the old one is deleted after, so a crash at any moment
+    leaves the old or the new directory at `path`, never neither (plus, at worst, a `.tmp`
+    sibling that the next run cleans up). Where the exchange is unsupported the old directory
+    is moved aside first, which leaves a moment with no directory at `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,11 +95,15 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         if path.exists():
             if not overwrite:
                 raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-            old = path.parent / f".{path.name}.old.tmp"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            if _exchange(tmp, path):  # never a moment without a complete `path`
+                _fsync_dir(path.parent)
+                shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
+            else:
+                old = path.parent / f".{path.name}.old.tmp"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)

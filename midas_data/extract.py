@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -255,8 +256,12 @@ def load_user_features(path: str | os.PathLike, modalities: list[str]) -> tuple[
             with np.load(path, allow_pickle=False) as z:
                 cols = {k: z[k] for k in z.files}
         except ValueError as e:
+            if "pickle" not in str(e):
+                raise MidasDataError(f"{where(file=path)}: not a readable .npz file ({e})") from e
             raise UnsafeInputError(f"{where(file=path)}: cannot load without pickle ({e}); store keys "
                                    "as a str array (dtype '<U') and features as float arrays") from e
+        except (OSError, EOFError, MemoryError, zipfile.BadZipFile) as e:  # a damaged or crafted zip
+            raise MidasDataError(f"{where(file=path)}: not a readable .npz file ({e})") from e
     elif ext in (".arrow", ".feather", ".ipc", ".parquet"):
         try:
             if ext == ".parquet":
@@ -269,7 +274,7 @@ def load_user_features(path: str | os.PathLike, modalities: list[str]) -> tuple[
                     except pa.ArrowInvalid:  # an IPC stream rather than a file
                         src.seek(0)
                         table = pa.ipc.open_stream(src).read_all()
-        except (pa.ArrowInvalid, OSError) as e:
+        except (pa.ArrowException, OSError) as e:
             raise MidasDataError(f"{where(file=path)}: not a readable {ext[1:]} file ({e})") from e
         cols = {n: table.column(n) for n in table.column_names}
     else:

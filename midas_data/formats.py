@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import wave
 from dataclasses import dataclass
@@ -110,7 +111,7 @@ def encode_file(path: Path, *, key: str, field: str) -> Encoded:
         data = path.read_bytes()
     except FileNotFoundError as e:
         raise SchemaError(f"{where(path, key, field)}: payload file does not exist") from e
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte
         raise SchemaError(f"{where(path, key, field)}: payload file is unreadable ({e})") from e
     value = decode(kind, ext, data, file=path, key=key, field=field)
     if kind == "tensor":
@@ -123,27 +124,71 @@ def encode_file(path: Path, *, key: str, field: str) -> Encoded:
 
 def decode(kind: str, ext: str, data: bytes, *, file: object = None, key: object = None,
            field: object = None) -> np.ndarray | str:
-    """Decode payload bytes into an array (tensor, image HxWxC uint8, audio float32) or str."""
+    """Decode payload bytes into an array (tensor, image HxWxC uint8, audio float32) or str.
+
+    Untrusted bytes: whatever the decoding library raises (Pillow and `wave` raise many
+    kinds of exceptions on damaged input) becomes a SchemaError that names file, key, field.
+    """
     try:
         if kind == "tensor":
-            return np.load(io.BytesIO(data), allow_pickle=False)
+            return _decode_npy(data)
         if kind == "text":
             return data.decode("utf-8")
         if kind == "image":
-            return _decode_image(data)
+            return _decode_image(data, ext)
         if kind == "audio":
             return _decode_wav(data)
-    except (ValueError, OSError, EOFError, UnicodeDecodeError, wave.Error, SyntaxError) as e:
+    except Exception as e:  # any failure to decode untrusted bytes is a data error
         raise SchemaError(f"{where(file, key, field)}: cannot decode {kind} payload "
                           f"'.{ext}' ({type(e).__name__}: {e})") from e
     raise SchemaError(f"{where(file, key, field)}: unknown modality kind {kind!r}")
 
 
-def _decode_image(data: bytes) -> np.ndarray:
+def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, data offset) from the start of `.npy` bytes, without
+    pickle; object dtypes and negative shapes are refused (ValueError)."""
+    fmt = np.lib.format
+    buf = io.BytesIO(data)
+    version = fmt.read_magic(buf)
+    if version == (1, 0):
+        shape, fortran, dtype = fmt.read_array_header_1_0(buf)
+    elif version == (2, 0):
+        shape, fortran, dtype = fmt.read_array_header_2_0(buf)
+    else:
+        raise ValueError(f".npy format version {version} is not supported")
+    if dtype.hasobject:
+        raise ValueError("object arrays cannot be loaded without pickle and are refused")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"header claims a negative shape {shape}")
+    return shape, fortran, dtype, buf.tell()
+
+
+def _decode_npy(data: bytes) -> np.ndarray:
+    """`.npy` bytes to an array without pickle, after checking that the header's shape and
+    dtype describe exactly the bytes present (a header claiming a huge shape is refused
+    before anything is allocated)."""
+    shape, fortran, dtype, offset = npy_header(data)
+    count = math.prod(shape)
+    if count * dtype.itemsize != len(data) - offset:
+        raise ValueError(f"header claims shape {shape} of {dtype} ({count * dtype.itemsize} bytes) "
+                         f"but {len(data) - offset} bytes of data follow")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+
+
+IMAGE_FORMATS = {"png": ("PNG",), "jpg": ("JPEG",), "jpeg": ("JPEG",)}
+
+
+def _decode_image(data: bytes, ext: str = "png") -> np.ndarray:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # refuse decompression bombs
-    with Image.open(io.BytesIO(data)) as im:
+    # Only the format the extension names: Pillow would otherwise sniff any of its formats
+    # (EPS, for one, runs Ghostscript).
+    formats = IMAGE_FORMATS.get(ext.lower().lstrip("."))
+    if formats is None:
+        raise ValueError(f"'.{ext}' is not an image extension")
+    with Image.open(io.BytesIO(data), formats=formats) as im:
         if im.width * im.height > MAX_IMAGE_PIXELS:
             raise ValueError(f"image of {im.width}x{im.height} pixels exceeds the limit")
         im.load()

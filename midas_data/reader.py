@@ -4,24 +4,37 @@ Every payload read is checked against the CRC32 recorded in the index, so a flip
 or a truncated shard is an error that names the shard, key and modality, never silent
 wrong data. File handles are opened lazily per process and read with pread, so a reader
 can be shared with forked DataLoader workers.
+
+Nothing here trusts its input: the index is checked against the manifest's digest and its
+offsets against the shards' sizes before any read, each payload read also reads the tar
+header in front of it and refuses one that does not name `<key>.<modality>.<ext>` with the
+indexed size, decoding never unpickles (formats.decode), and `verify` walks every tar
+header itself with bounded reads (no `tarfile`, no extraction, links refused).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
+import re
 import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from .errors import CorruptShardError, MidasDataError, SchemaError, where
-from .formats import decode
-from .manifest import read_manifest
+from .errors import CorruptShardError, MidasDataError, SchemaError, UnsafeInputError, where
+from .formats import MAX_PAYLOAD_BYTES, decode, npy_header
+from .manifest import file_sha256, read_manifest
 from .tables import read_table
+
+BLOCK = 512
+KEY_PATTERN = r"^[A-Za-z0-9_\-]+$"
+MEMBER_RE = re.compile(r"^[A-Za-z0-9_\-]+\.(cls|[a-z][a-z0-9_]*\.[a-z0-9]+)$")
+MAX_LONGNAME = 64 << 10
 
 
 class SplitReader:
@@ -33,19 +46,34 @@ class SplitReader:
                                  f"{split!r}; the dataset has {sorted(manifest['splits'])}")
         self.root, self.manifest, self.split = root, manifest, split
         self.modalities: list[str] = list(manifest["modality_order"])
+        self._ext = {m: manifest["modalities"][m]["ext"] for m in self.modalities}
         meta = manifest["splits"][split]
         self.shard_paths = [root / p for p in meta["shards"]]
-        index_path = root / meta["index"]
+        by_path = {s["path"]: s for s in manifest["shards"]}
+        self.shard_bytes = np.array([by_path[p]["bytes"] for p in meta["shards"]], np.int64)
+        self.index_path = index_path = root / meta["index"]
+        want = meta.get("index_sha256")
+        if want is not None and index_path.is_file() and file_sha256(index_path) != want:
+            raise CorruptShardError(f"{where(file=index_path)}: sha256 does not match the manifest "
+                                    "(the index is damaged or from another build); rebuild the dataset")
         t = read_table(index_path)
         need = ["key", "label", "shard", "offset", "size"]
         need += [f"{m}.{c}" for m in self.modalities for c in ("offset", "size", "crc32")]
         missing = [c for c in need if c not in t.column_names]
         if missing:
             raise SchemaError(f"{where(file=index_path, field=missing[0])}: index column missing")
-        self.keys: list[str] = t.column("key").to_pylist()
-        if len(self.keys) != meta["count"]:
-            raise SchemaError(f"{where(file=index_path)}: {len(self.keys)} rows but the manifest "
+        for c in need:
+            col = t.column(c)
+            is_str = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+            if not (is_str if c == "key" else pa.types.is_integer(col.type)):
+                raise SchemaError(f"{where(file=index_path, field=c)}: index column has type "
+                                  f"{col.type}, expected {'string' if c == 'key' else 'integers'}")
+            if col.null_count:
+                raise SchemaError(f"{where(file=index_path, field=c)}: index column holds nulls")
+        if t.num_rows != meta["count"]:
+            raise SchemaError(f"{where(file=index_path)}: {t.num_rows} rows but the manifest "
                               f"says {meta['count']}; the dataset is incomplete, rebuild it")
+        self.keys: list[str] = t.column("key").to_pylist()
         self.labels = t.column("label").to_numpy().astype(np.int64)
         self.shard = t.column("shard").to_numpy().astype(np.int64)
         self.sample_offset = t.column("offset").to_numpy().astype(np.int64)
@@ -54,9 +82,50 @@ class SplitReader:
                            t.column(f"{m}.size").to_numpy().astype(np.int64),
                            t.column(f"{m}.crc32").to_numpy().astype(np.int64))
                        for m in self.modalities}
+        self._check_index(t)
         self._row_of: dict[str, int] | None = None
         self._fds: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
         self._pid = os.getpid()
+
+    def _check_index(self, t: pa.Table) -> None:
+        """Refuse an index whose rows could not have come from these shards: bad keys or
+        labels, offsets outside the shard or outside their sample, absurd sizes."""
+        path, n = self.index_path, len(self.keys)
+
+        def refuse(bad: np.ndarray, field: str, what: str) -> None:
+            rows = np.flatnonzero(bad)
+            if rows.size:
+                r = int(rows[0])
+                raise SchemaError(f"{where(path, self.keys[r], field)}: {what} (row {r}, "
+                                  f"{rows.size} rows affected); the index does not describe its "
+                                  "shards, rebuild the dataset")
+
+        good_key = pc.match_substring_regex(t.column("key"), KEY_PATTERN)
+        refuse(~good_key.to_numpy(zero_copy_only=False).astype(bool), "key",
+               "key is not letters, digits, '_' and '-'")
+        if n and pc.count_distinct(t.column("key")).as_py() != n:
+            seen: set[str] = set()
+            dup = np.array([k in seen or seen.add(k) is not None for k in self.keys])
+            refuse(dup, "key", "duplicate key")
+        refuse((self.labels < 0) | (self.labels >= len(self.manifest["classes"])), "label",
+               f"label outside the {len(self.manifest['classes'])} classes")
+        refuse((self.shard < 0) | (self.shard >= len(self.shard_paths)), "shard",
+               f"shard number outside the split's {len(self.shard_paths)} shards")
+        counts = np.bincount(self.shard, minlength=len(self.shard_paths))
+        by_path = {s["path"]: s for s in self.manifest["shards"]}
+        want = [by_path[p]["count"] for p in self.manifest["splits"][self.split]["shards"]]
+        refuse(counts[self.shard] != np.asarray(want, np.int64)[self.shard], "shard",
+               "sample count of the shard disagrees with the manifest")
+        soff, ssize, limit = self.sample_offset, self.sample_size, self.shard_bytes[self.shard]
+        refuse((soff < 0) | (soff % BLOCK != 0) | (ssize < 2 * BLOCK) | (ssize > limit - soff),
+               "offset", "sample byte range lies outside its shard")
+        for m in self.modalities:
+            off, size, crc = self.member[m]
+            refuse((off < soff + BLOCK) | (off % BLOCK != 0) | (size < 0)
+                   | (size > MAX_PAYLOAD_BYTES) | (size > soff + ssize - off), m,
+                   "payload byte range lies outside its sample")
+            refuse((crc < 0) | (crc > 0xFFFFFFFF), m, "crc32 is not a 32-bit value")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -73,30 +142,50 @@ class SplitReader:
 
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # forked: descriptors are shared, open our own
-            self._fds, self._pid = {}, os.getpid()
+            self._fds, self._sizes, self._pid = {}, {}, os.getpid()
         fd = self._fds.get(shard)
         if fd is None:
             path = self.shard_paths[shard]
             try:
                 fd = os.open(path, os.O_RDONLY)
+                self._sizes[shard] = os.fstat(fd).st_size
             except OSError as e:
                 raise CorruptShardError(f"{where(file=path)}: shard cannot be opened ({e})") from e
             self._fds[shard] = fd
         return fd
 
     def _pread(self, shard: int, offset: int, size: int, key: str, field: str) -> bytes:
-        data = os.pread(self._fd(shard), size, offset)
+        fd = self._fd(shard)
+        have = self._sizes[shard] - offset
+        data = os.pread(fd, size, offset) if size <= have else b""  # never allocate past EOF
         if len(data) != size:
             raise CorruptShardError(f"{where(self.shard_paths[shard], key, field)}: shard is "
-                                    f"truncated (wanted {size} bytes at offset {offset}, got {len(data)})")
+                                    f"truncated (wanted {size} bytes at offset {offset}, got "
+                                    f"{max(0, min(size, have))})")
         return data
 
+    def member_name(self, row: int, modality: str) -> str:
+        """The tar member name of a payload: `<key>.<modality>.<ext>`."""
+        return f"{self.keys[row]}.{modality}.{self._ext[modality]}"
+
+    def _check_header(self, hdr: bytes | memoryview, row: int, modality: str, size: int) -> None:
+        """The tar header in front of a payload must name it and give the indexed size."""
+        want = self.member_name(row, modality).encode()[:100]
+        name = bytes(hdr[:100]).split(b"\0", 1)[0]
+        if name != want or bytes(hdr[124:136]) != b"%011o\0" % size or hdr[156] not in (0, 48):
+            raise CorruptShardError(
+                f"{where(self.shard_paths[self.shard[row]], self.keys[row], modality)}: the tar "
+                f"header in front of the payload names {name[:120]!r}, expected {want!r} of "
+                f"{size} bytes (damaged header, or an index that does not match the shard)")
+
     def read_raw(self, row: int, modality: str) -> bytes:
-        """The stored bytes of one payload, CRC-checked."""
-        off, size, crc = (a[row] for a in self.member[modality])
+        """The stored bytes of one payload, CRC-checked, after its tar header."""
+        off, size, crc = (int(a[row]) for a in self.member[modality])
         key = self.keys[row]
-        data = self._pread(int(self.shard[row]), int(off), int(size), key, modality)
-        self._check_crc(data, int(crc), row, modality)
+        data = self._pread(int(self.shard[row]), off - BLOCK, size + BLOCK, key, modality)
+        self._check_header(data, row, modality, size)
+        data = data[BLOCK:]
+        self._check_crc(data, crc, row, modality)
         return data
 
     def _check_crc(self, data: bytes | memoryview, crc: int, row: int, modality: str) -> None:
@@ -106,25 +195,52 @@ class SplitReader:
 
     def _decode(self, row: int, modality: str, data: bytes) -> np.ndarray | str:
         spec = self.manifest["modalities"][modality]
-        return decode(spec["kind"], spec["ext"], data, file=self.shard_paths[self.shard[row]],
-                      key=self.keys[row], field=modality)
+        file, key = self.shard_paths[self.shard[row]], self.keys[row]
+        value = decode(spec["kind"], spec["ext"], data, file=file, key=key, field=modality)
+        if spec["kind"] in ("tensor", "image"):
+            if value.dtype.name != spec["dtype"] or list(value.shape) != spec["shape"]:
+                raise SchemaError(f"{where(file, key, modality)}: payload is {value.dtype.name} "
+                                  f"{list(value.shape)}, the manifest says {spec['dtype']} {spec['shape']}")
+        elif spec["kind"] == "audio" and spec["shape"] and value.shape[0] != spec["shape"][0]:
+            raise SchemaError(f"{where(file, key, modality)}: {value.shape[0]} audio channels, the "
+                              f"manifest says {spec['shape'][0]}")
+        return value
 
     def get(self, item: int | str, modalities: list[str] | None = None) -> dict:
         """Decode one sample by row number or key: {'__key__', 'label', <modality>: value}."""
-        row = self.row(item) if isinstance(item, str) else int(item)
+        row = self.row(item) if isinstance(item, str) else self._row_number(item)
         out: dict = {"__key__": self.keys[row], "label": int(self.labels[row])}
-        for m in modalities or self.modalities:
+        for m in self._mods(modalities):
             out[m] = self._decode(row, m, self.read_raw(row, m))
         return out
 
+    def _row_number(self, item: object) -> int:
+        row = int(item)
+        if -len(self) <= row < 0:
+            row += len(self)
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} is outside split {self.split!r} of {self.root} "
+                             f"({len(self)} samples)")
+        return row
+
+    def _mods(self, modalities: list[str] | None) -> list[str]:
+        mods = list(modalities or self.modalities)
+        unknown = [m for m in mods if m not in self.member]
+        if unknown:
+            raise SchemaError(f"{where(self.root / 'manifest.json', field=unknown[0])}: no such "
+                              f"modality; the dataset has {self.modalities}")
+        return mods
+
     def get_many(self, rows: np.ndarray, modalities: list[str] | None = None) -> list[dict]:
         """Decode several samples, each with one pread of its whole byte range."""
-        mods = modalities or self.modalities
+        mods = self._mods(modalities)
         out = []
         for row in np.asarray(rows, dtype=np.int64):
-            row = int(row)
+            row = self._row_number(row)
+            shard = int(self.shard[row])
             start, size = int(self.sample_offset[row]), int(self.sample_size[row])
-            blob = memoryview(os.pread(self._fd(int(self.shard[row])), size, start))
+            fd = self._fd(shard)
+            blob = memoryview(os.pread(fd, size, start) if size <= self._sizes[shard] - start else b"")
             d: dict = {"__key__": self.keys[row], "label": int(self.labels[row])}
             if len(blob) != size:  # truncated shard: per-member reads name the modality cut off
                 d.update((m, self._decode(row, m, self.read_raw(row, m))) for m in mods)
@@ -132,6 +248,7 @@ class SplitReader:
                 continue
             for m in mods:
                 off, sz, crc = (int(a[row]) for a in self.member[m])
+                self._check_header(blob[off - start - BLOCK: off - start], row, m, sz)
                 data = blob[off - start: off - start + sz]
                 self._check_crc(data, crc, row, m)
                 d[m] = self._decode(row, m, bytes(data))
@@ -145,11 +262,11 @@ class SplitReader:
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
-        self._fds = {}
+        self._fds, self._sizes = {}, {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_fds"] = {}
+        state["_fds"], state["_sizes"] = {}, {}
         return state
 
     def __del__(self) -> None:
@@ -183,42 +300,147 @@ class Dataset:
         return self._splits[name]
 
     def verify(self, progress: bool = False) -> list[str]:
-        """Check every shard's size, sha256 and tar structure; return the problems found."""
+        """Check every shard's size, sha256 and tar structure against the index; return the
+        problems found (an empty list: the dataset is exactly as built)."""
         problems = []
+        readers: dict[str, SplitReader | None] = {}
+        for sp in self.splits:
+            try:
+                readers[sp] = self.split(sp)
+            except MidasDataError as e:
+                readers[sp] = None
+                problems.append(str(e))
         for s in self.manifest["shards"]:
             path = self.root / s["path"]
-            if not path.exists():
+            if not path.is_file():
                 problems.append(f"{where(file=path)}: shard missing")
                 continue
             size = path.stat().st_size
             if size != s["bytes"]:
                 problems.append(f"{where(file=path)}: {size} bytes, manifest says {s['bytes']} (truncated?)")
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                    h.update(chunk)
-            if h.hexdigest() != s["sha256"]:
+            if file_sha256(path) != s["sha256"]:
                 problems.append(f"{where(file=path)}: sha256 mismatch (corrupted bytes)")
-                problems.extend(self._locate_damage(s["split"], path))
+            sr = readers.get(s["split"])
+            if sr is not None:
+                problems.extend(self._check_shard(sr, path))
         return problems
 
-    def _locate_damage(self, split: str, path: Path) -> list[str]:
-        """Name the keys whose payloads no longer match their checksums."""
-        sr = self.split(split)
+    def _check_shard(self, sr: SplitReader, path: Path) -> list[str]:
+        """Check every indexed payload of one shard (tar header and CRC, as a read would),
+        then walk the shard's tar headers and compare them with the index."""
         shard_no = [str(p) for p in sr.shard_paths].index(str(path))
+        rows = np.flatnonzero(sr.shard == shard_no)
         out = []
-        for row in np.flatnonzero(sr.shard == shard_no):
+        for row in rows:
             for m in sr.modalities:
                 try:
                     sr.read_raw(int(row), m)
                 except CorruptShardError as e:
                     out.append(str(e))
+        expected = {}
+        for row in rows:
+            key = sr.keys[row]
+            expected[f"{key}.cls"] = (row, None)
+            for m in sr.modalities:
+                expected[sr.member_name(int(row), m)] = (row, m)
+        found = set()
         try:
-            with tarfile.open(path) as tf:
-                tf.getmembers()
-        except (tarfile.TarError, OSError) as e:
-            out.append(f"{where(file=path)}: tar structure damaged ({e})")
+            for name, data_off, size, cls_data in walk_tar(path):
+                if name not in expected:
+                    out.append(f"{where(file=path, key=name)}: unexpected tar member (not in the "
+                               "index); refused")
+                    continue
+                found.add(name)
+                row, m = expected[name]
+                if m is None:
+                    if cls_data != str(int(sr.labels[row])).encode():
+                        out.append(f"{where(path, sr.keys[row], 'label')}: .cls member holds "
+                                   f"{cls_data[:20]!r}, the index says {int(sr.labels[row])}")
+                elif (data_off, size) != (int(sr.member[m][0][row]), int(sr.member[m][1][row])):
+                    out.append(f"{where(path, sr.keys[row], m)}: tar member at offset {data_off} "
+                               f"({size} bytes) is not where the index points")
+                elif self.schema[m]["kind"] == "tensor":
+                    problem = self._check_npy_header(sr, int(row), m)
+                    if problem:
+                        out.append(problem)
+        except MidasDataError as e:
+            out.append(str(e))
+        else:
+            missing = [n for n in expected if n not in found]
+            if missing:
+                out.append(f"{where(file=path, key=missing[0])}: {len(missing)} indexed tar "
+                           "member(s) missing from the shard")
         return out
+
+
+    def _check_npy_header(self, sr: SplitReader, row: int, m: str) -> str | None:
+        """A tensor payload's .npy header must give the manifest's dtype and shape (read
+        from the first bytes only; object arrays, pickles in disguise, are reported)."""
+        off, size, _ = (int(a[row]) for a in sr.member[m])
+        try:
+            prefix = sr._pread(int(sr.shard[row]), off, min(size, 4096), sr.keys[row], m)
+            shape, _, dtype, _ = npy_header(prefix)
+        except CorruptShardError as e:
+            return str(e)
+        except Exception as e:  # damaged or hostile header: report, never raise
+            return f"{where(sr.shard_paths[sr.shard[row]], sr.keys[row], m)}: bad .npy header ({e})"
+        spec = self.schema[m]
+        if dtype.name != spec["dtype"] or list(shape) != spec["shape"]:
+            return (f"{where(sr.shard_paths[sr.shard[row]], sr.keys[row], m)}: .npy header says "
+                    f"{dtype} {list(shape)}, the manifest says {spec['dtype']} {spec['shape']}")
+        return None
+
+
+def walk_tar(path: str | os.PathLike) -> Iterator[tuple[str, int, int, bytes | None]]:
+    """Yield (name, data offset, size, data if a `.cls` member) for each member of a shard.
+
+    Reads headers only (one 512-byte pread each), never trusts a size past the end of the
+    file, never extracts, and refuses what our shards never hold: links, directories,
+    devices, pax headers, names with '/', '..' or an absolute path, names that are not
+    `<key>.<modality>.<ext>` or `<key>.cls`. Errors are CorruptShardError/UnsafeInputError
+    naming the file and the offset.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        end = os.fstat(fd).st_size
+        pos, longname = 0, None
+        while True:
+            if pos + BLOCK > end:
+                raise CorruptShardError(f"{where(file=path)}: tar ends without its end-of-archive "
+                                        f"blocks at offset {pos} (truncated?)")
+            hdr = os.pread(fd, BLOCK, pos)
+            if hdr == bytes(BLOCK):
+                return
+            try:
+                ti = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
+            except tarfile.HeaderError as e:
+                raise CorruptShardError(f"{where(file=path)}: damaged tar header at offset {pos} "
+                                        f"({e})") from e
+            data_off, size = pos + BLOCK, ti.size
+            if size < 0 or size > end - data_off:
+                raise CorruptShardError(f"{where(file=path)}: tar header at offset {pos} claims "
+                                        f"{size} bytes, past the end of the file")
+            pos = data_off + -(-size // BLOCK) * BLOCK
+            if ti.type == tarfile.GNUTYPE_LONGNAME:
+                if size > MAX_LONGNAME:
+                    raise CorruptShardError(f"{where(file=path)}: long-name header at offset "
+                                            f"{data_off - BLOCK} claims {size} bytes")
+                longname = os.pread(fd, size, data_off).split(b"\0", 1)[0].decode(
+                    "utf-8", "surrogateescape")
+                continue
+            name, longname = (longname if longname is not None else ti.name), None
+            if ti.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                raise UnsafeInputError(f"{where(file=path, key=name)}: tar member of type "
+                                       f"{ti.type!r} (link, directory, device or pax header) at "
+                                       f"offset {data_off - BLOCK} refused; shards hold regular "
+                                       "files only")
+            if name.startswith("/") or "/" in name or ".." in name or not MEMBER_RE.match(name):
+                raise UnsafeInputError(f"{where(file=path, key=name)}: tar member name is not "
+                                       "<key>.<modality>.<ext>; refused (paths, '..' and "
+                                       "absolute names are never valid)")
+            cls = os.pread(fd, min(size, 32), data_off) if name.endswith(".cls") else None
+            yield name, data_off, size, cls
 
 
 def open_dataset(path: str | Path) -> Dataset:

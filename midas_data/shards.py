@@ -26,7 +26,13 @@ from tqdm.auto import tqdm
 from .atomic import atomic_dir
 from .errors import MidasDataError, SchemaError, where
 from .formats import Encoded, encode_value
-from .manifest import FORMAT_NAME, FORMAT_VERSION, dataset_fingerprint, write_manifest
+from .manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    dataset_fingerprint,
+    file_sha256,
+    write_manifest,
+)
 from .split import SPLITS, stratified_split
 from .tables import write_table
 
@@ -208,20 +214,25 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
             raise SchemaError(f"{where(s.source, s.key, 'key')}: duplicate key")
         seen.add(s.key)
     order = modalities or list(samples[0].payloads)
+    src0 = samples[0].source  # errors about the whole source name where it came from
     if len(set(order)) != len(order):
-        raise SchemaError(f"{where(field='modalities')}: modality names repeat in {order}")
+        raise SchemaError(f"{where(src0, field='modalities')}: modality names repeat in {order}")
     for m in order:
-        if not MODALITY_RE.match(m) or m in RESERVED:
-            raise SchemaError(f"{where(field=m)}: modality names must match [a-z][a-z0-9_]* and "
-                              f"not be one of {sorted(RESERVED)}")
+        if not isinstance(m, str) or not MODALITY_RE.match(m) or m in RESERVED:
+            raise SchemaError(f"{where(src0, field=m)}: modality names must match [a-z][a-z0-9_]* "
+                              f"and not be one of {sorted(RESERVED)}")
     splits = np.array([s.split for s in samples], dtype=object)
     if any(sp is None for sp in splits):
         if not all(sp is None for sp in splits):
-            raise SchemaError("some samples have a split and some do not; give all or none")
+            s = next(s for s in samples if s.split is None)
+            raise SchemaError(f"{where(s.source, s.key, 'split')}: this sample has no split but "
+                              "others have one; give all or none")
         splits = stratified_split(label_idx, split_fractions, split_seed)
-    bad = sorted({sp for sp in splits if sp not in SPLITS})
+    bad = [i for i, sp in enumerate(splits) if not isinstance(sp, str) or sp not in SPLITS]
     if bad:
-        raise SchemaError(f"{where(field='split')}: unknown split names {bad}; use {list(SPLITS)}")
+        s, names = samples[bad[0]], sorted({str(splits[i]) for i in bad})
+        raise SchemaError(f"{where(s.source, s.key, 'split')}: unknown split names {names}; use "
+                          f"{list(SPLITS)}")
 
     schema: dict = {}
     max_bytes = int(shard_max_mb * 1024 * 1024)
@@ -250,7 +261,10 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
                 bar.update(1)
             index = writer.finish(order)
             write_table(tmp / "index" / f"{sp}.arrow", index)
+            # the index has no checksums of its own: the manifest's digest catches a flipped
+            # key, label or offset that the payload CRCs cannot
             split_meta[sp] = {"count": len(members_idx), "index": f"index/{sp}.arrow",
+                              "index_sha256": file_sha256(tmp / "index" / f"{sp}.arrow"),
                               "shards": [s["path"] for s in writer.shards]}
             all_shards.extend(writer.shards)
         bar.close()

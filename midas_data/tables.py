@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .atomic import atomic_file
 from .errors import MidasDataError, SchemaError, StaleArtifactError, where
@@ -28,25 +29,33 @@ def write_table(path: str | os.PathLike, table: pa.Table, metadata: dict[str, st
 
 
 def read_table(path: str | os.PathLike) -> pa.Table:
-    """Read an Arrow IPC file fully into memory; a damaged file is a clear error."""
+    """Read an Arrow IPC file fully into memory; a damaged file is a clear error.
+
+    The file is fully validated (offsets, UTF-8, lengths) before anything reads a value, so
+    a damaged or crafted file cannot make Arrow read outside its buffers.
+    """
     path = Path(path)
     if not path.exists():
         raise MidasDataError(f"{where(file=path)}: table not found; run the stage that produces it")
     try:
         with pa.memory_map(str(path), "r") as source:
-            return pa.ipc.open_file(source).read_all()
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+            table = pa.ipc.open_file(source).read_all()
+        table.validate(full=True)
+        for k, v in (table.schema.metadata or {}).items():
+            k.decode(), v.decode()
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
         raise MidasDataError(f"{where(file=path)}: not a readable Arrow IPC file ({e}); "
                              "delete it and rerun the stage that wrote it") from e
+    return table
 
 
 def table_metadata(table: pa.Table) -> dict[str, str]:
     """The `midas.*` schema metadata of a table, prefix stripped."""
     out = {}
     for k, v in (table.schema.metadata or {}).items():
-        k = k.decode()
+        k = k.decode("utf-8", "replace")
         if k.startswith(META_PREFIX):
-            out[k[len(META_PREFIX):]] = v.decode()
+            out[k[len(META_PREFIX):]] = v.decode("utf-8", "replace")
     return out
 
 
@@ -117,7 +126,11 @@ def write_features(path: str | os.PathLike, f: Features, dataset_fingerprint: st
 
 
 def read_features(path: str | os.PathLike, dataset_fingerprint: str | None = None) -> Features:
-    """Read a features table; with `dataset_fingerprint`, refuse one built from other shards."""
+    """Read a features table; with `dataset_fingerprint`, refuse one built from other shards.
+
+    The stored `midas.features_fingerprint` is recomputed from the values read, so a damaged
+    table is an error, never silently different features.
+    """
     table = read_table(path)
     meta = table_metadata(table)
     for need in ("dataset_fingerprint", "features_fingerprint", "modalities"):
@@ -129,16 +142,48 @@ def read_features(path: str | os.PathLike, dataset_fingerprint: str | None = Non
             f"{where(file=path, field='midas.dataset_fingerprint')}: features were extracted "
             f"from dataset {meta['dataset_fingerprint'][:12]}, but the shards are now "
             f"{dataset_fingerprint[:12]}; rerun `midas-data extract`")
-    modalities = json.loads(meta["modalities"])
+    try:
+        modalities = json.loads(meta["modalities"])
+    except (ValueError, RecursionError) as e:
+        raise SchemaError(f"{where(file=path, field='midas.modalities')}: not JSON ({e})") from e
+    if (not isinstance(modalities, list) or not modalities
+            or not all(isinstance(m, str) for m in modalities) or len(set(modalities)) != len(modalities)):
+        raise SchemaError(f"{where(file=path, field='midas.modalities')}: not a list of modality names")
+    for col, ok, what in (("key", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string"),
+                          ("label", pa.types.is_integer, "integer")):
+        if col not in table.column_names:
+            raise SchemaError(f"{where(file=path, field=col)}: column missing")
+        if not ok(table.schema.field(col).type):
+            raise SchemaError(f"{where(file=path, field=col)}: type {table.schema.field(col).type}, "
+                              f"expected {what}")
     feats, confs = {}, {}
     for m in modalities:
         for col in (f"feat.{m}", f"conf.{m}"):
             if col not in table.column_names:
                 raise SchemaError(f"{where(file=path, field=col)}: column missing")
+        ft, ct = table.schema.field(f"feat.{m}").type, table.schema.field(f"conf.{m}").type
+        if not (pa.types.is_fixed_size_list(ft) and pa.types.is_floating(ft.value_type)):
+            raise SchemaError(f"{where(file=path, field=f'feat.{m}')}: type {ft}, expected "
+                              "fixed_size_list<float32>")
+        if not pa.types.is_floating(ct):
+            raise SchemaError(f"{where(file=path, field=f'conf.{m}')}: type {ct}, expected float32")
+        for col in (f"feat.{m}", f"conf.{m}"):
+            c = table.column(col)
+            if c.null_count or (pa.types.is_fixed_size_list(c.type)
+                                and pc.list_flatten(c).null_count):
+                raise SchemaError(f"{where(file=path, field=col)}: holds nulls")
         feats[m] = fixed_size_to_numpy(table.column(f"feat.{m}"))
         confs[m] = table.column(f"conf.{m}").to_numpy().astype(np.float32)
-    return Features(
+    for col in ("key", "label"):
+        if table.column(col).null_count:
+            raise SchemaError(f"{where(file=path, field=col)}: holds nulls")
+    f = Features(
         keys=table.column("key").to_pylist(),
         labels=table.column("label").to_numpy().astype(np.int64),
         feats=feats, confs=confs, metadata=meta,
     )
+    if features_fingerprint(f, meta["dataset_fingerprint"]) != meta["features_fingerprint"]:
+        raise SchemaError(f"{where(file=path, field='midas.features_fingerprint')}: the values do not "
+                          "match the table's own fingerprint (damaged or edited); rerun "
+                          "`midas-data extract`")
+    return f

@@ -35,6 +35,7 @@ def _read_table(path: Path) -> pa.Table:
         if suffix in (".jsonl", ".ndjson", ".json"):
             from pyarrow import json as pajson
 
+            _check_jsonl_columns(path)
             return pajson.read_json(path)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -44,9 +45,39 @@ def _read_table(path: Path) -> pa.Table:
             return pq.read_table(path)
     except FileNotFoundError as e:
         raise MidasDataError(f"{where(file=path)}: manifest file does not exist") from e
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+    except (pa.ArrowException, OSError) as e:
         raise SchemaError(f"{where(file=path)}: cannot parse manifest ({e})") from e
     raise SchemaError(f"{where(file=path)}: manifest must be .csv, .jsonl or .parquet")
+
+
+def _check_jsonl_columns(path: Path) -> None:
+    """Refuse, before Arrow parses it, a JSONL manifest whose rows name more than MAX_COLUMNS
+    distinct fields or hold JSON objects (Arrow would make a column of every field of every
+    row, nulls included: a few MB of crafted JSON can take minutes and gigabytes)."""
+    import json
+
+    names: set[str] = set()
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(iter(lambda: f.readline(MAX_HEADER_BYTES + 1), b""), 1):
+            if len(line) > MAX_HEADER_BYTES:
+                raise SchemaError(f"{where(path, f'line {lineno}')}: a row longer than 1 MiB; is "
+                                  "this really a sample manifest?")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError) as e:
+                raise SchemaError(f"{where(path, f'line {lineno}')}: not a JSON object ({e})") from e
+            if not isinstance(row, dict):
+                raise SchemaError(f"{where(path, f'line {lineno}')}: each line must be a JSON object")
+            nested = [k for k, v in row.items() if isinstance(v, dict)]
+            if nested:
+                raise SchemaError(f"{where(path, f'line {lineno}', nested[0])}: cells hold numbers, "
+                                  "strings or lists, not JSON objects")
+            names.update(row)
+            if len(names) > MAX_COLUMNS:
+                raise SchemaError(f"{where(path, f'line {lineno}')}: rows name more than "
+                                  f"{MAX_COLUMNS} distinct columns; is this really a sample manifest?")
 
 
 def read_manifest_file(manifest: str | Path, modalities: list[str] | None = None,
@@ -54,6 +85,10 @@ def read_manifest_file(manifest: str | Path, modalities: list[str] | None = None
     """Samples described by a manifest file, payload paths resolved but not yet loaded."""
     path = Path(manifest)
     table = _read_table(path)
+    try:
+        table.column_names  # noqa: B018 - Arrow decodes the names only now
+    except UnicodeDecodeError as e:
+        raise SchemaError(f"{where(file=path)}: column names are not UTF-8 ({e})") from e
     if table.num_columns > MAX_COLUMNS:
         raise SchemaError(f"{where(file=path)}: {table.num_columns} columns exceed {MAX_COLUMNS}")
     if table.num_rows == 0:
