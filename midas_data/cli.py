@@ -30,7 +30,27 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
     return out
 
 
-@click.group()
+class _LazyGroup(click.Group):
+    """Resolves `train` (the reference trainer in trainers/) only when asked for, so that
+    `midas-data --version` and the data commands do not pay for importing the trainer."""
+
+    lazy = {"train": "trainers.run:main"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            import importlib
+
+            import pipelines.text_encoder  # noqa: F401  registers the text encoder for training
+
+            module, attr = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_LazyGroup)
 @click.version_option(package_name="midas-data")
 def main() -> None:
     """MIDAS misaligned-sample augmentation as a data pipeline."""
@@ -179,17 +199,6 @@ def demo_cmd(out, modalities, epochs, seed, quiet) -> None:
         run_demo(out, tuple(modalities.split(",")), epochs=epochs, seed=seed, quiet=quiet)
     except MidasDataError as e:
         _fail(e)
-
-
-def _register_train() -> None:
-    # The reference trainer lives in trainers/ (it is the library's user, not part of it).
-    import pipelines.text_encoder  # noqa: F401  registers the text encoder for training
-    from trainers.run import main as train_main
-
-    main.add_command(train_main, "train")
-
-
-_register_train()
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class MidasDataset(IterableDataset):
         self.shuffle, self.drop_last, self.transform, self.on_error = shuffle, drop_last, transform, on_error
         self._rank, self._world = rank, world_size
         self.epoch, self.offset = 0, 0
+        self._exhausted = False  # set when an iteration ran to the end of the epoch
         self.features = None
         feat_path = self.root / "features" / f"{split}.arrow"
         if use_features and feat_path.exists():
@@ -117,6 +118,7 @@ class MidasDataset(IterableDataset):
                                  "features and mined pairs; run `midas-data extract` then "
                                  "`midas-data mine-misaligned`")
         t = read_pairs(self.root, self.split, self.features.fingerprint)
+        self._check_pairs(t)
         keep = np.isin(np.asarray(t.column("modality").to_pylist()), self.graph_modalities)
         anchor = t.column("anchor_row").to_numpy()[keep]
         partner = t.column("partner_row").to_numpy()[keep]
@@ -132,6 +134,34 @@ class MidasDataset(IterableDataset):
         sims[anchor[order], slot] = sim[order]
         self.neighbours, self.neighbour_sims = nb, sims
 
+    def _check_pairs(self, t) -> None:
+        """Rows in range, no nulls, labels that agree with the features and always differ."""
+        parts = sorted((self.root / "pairs" / self.split).glob("part-*.arrow"))
+        path = ", ".join(str(q) for q in parts) or self.root / "pairs" / self.split
+        n = len(self.reader)
+        for col in ("anchor_row", "partner_row", "similarity", "modality", "anchor_label", "partner_label"):
+            if col not in t.column_names or t.column(col).null_count:
+                raise SchemaError(f"{where(path, field=col)}: column missing or has nulls; "
+                                  "rerun `midas-data mine-misaligned`")
+        a, p = t.column("anchor_row").to_numpy(), t.column("partner_row").to_numpy()
+        bad = np.flatnonzero((a < 0) | (a >= n) | (p < 0) | (p >= n))
+        if len(bad):
+            raise SchemaError(f"{where(path, field='anchor_row/partner_row')}: row {int(bad[0])} points "
+                              f"outside the split's {n} samples; rerun `midas-data mine-misaligned`")
+        labels = self.features.labels
+        la, lp = t.column("anchor_label").to_numpy(), t.column("partner_label").to_numpy()
+        bad = np.flatnonzero((labels[a] != la) | (labels[p] != lp) | (la == lp))
+        if len(bad):
+            key = self.reader.keys[int(a[bad[0]])]
+            raise SchemaError(f"{where(path, key, 'anchor_label/partner_label')}: labels disagree with "
+                              "the features table or coincide; rerun `midas-data mine-misaligned`")
+        sim = t.column("similarity").to_numpy()
+        if not np.all(np.isfinite(sim)):
+            raise SchemaError(f"{where(path, field='similarity')}: non-finite values")
+        unknown = set(t.column("modality").unique().to_pylist()) - set(self.ds.modalities)
+        if unknown:
+            raise SchemaError(f"{where(path, field='modality')}: unknown modalities {sorted(unknown)}")
+
     def _neighbour_probs(self) -> np.ndarray | None:
         if self.policy != "soft":
             return None
@@ -144,7 +174,7 @@ class MidasDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning (call once per epoch, as with DistributedSampler)."""
         if epoch != self.epoch:
-            self.epoch, self.offset = int(epoch), 0
+            self.epoch, self.offset, self._exhausted = int(epoch), 0, False
 
     def _order(self) -> tuple[np.ndarray, np.ndarray | None]:
         n = len(self.reader)
@@ -173,9 +203,13 @@ class MidasDataset(IterableDataset):
         return plan.num_batches(len(self.reader) - self.offset, self.batch_size, world, self.drop_last)
 
     def begin_epoch(self) -> None:
-        """A finished epoch rolls over to the next one when iteration starts again."""
-        if self.offset >= len(self.reader):
-            self.epoch, self.offset = self.epoch + 1, 0
+        """An epoch that an iteration ran to its end rolls over when iteration starts again.
+
+        A state loaded at the end of an epoch (offset == len) is not rolled over: its
+        iteration yields nothing, so a resumed trainer can finish that epoch's bookkeeping.
+        """
+        if self._exhausted:
+            self.epoch, self.offset, self._exhausted = self.epoch + 1, 0, False
 
     def __iter__(self):
         rank, world = self.rank_world()
@@ -199,6 +233,7 @@ class MidasDataset(IterableDataset):
             yield batch
         if info is None:
             self.offset = len(order)  # epoch done (items dropped by drop_last included)
+            self._exhausted = True
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -217,6 +252,7 @@ class MidasDataset(IterableDataset):
         if state.get("policy", self.policy) != self.policy:
             raise MidasDataError(f"stream state has policy {state['policy']!r}, dataset has {self.policy!r}")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._exhausted = False
         if self._paired() and self.offset % 2:
             raise MidasDataError("a paired policy cannot resume from an odd offset")
 
@@ -351,7 +387,7 @@ class MidasLoader(DataLoader):
             self._last_state = batch["stream_state"]
             yield batch
         ds: MidasDataset = self.dataset  # type: ignore[assignment]
-        ds.offset = len(ds.reader)  # epoch finished
+        ds.offset, ds._exhausted = len(ds.reader), True  # epoch finished
         self._last_state = None
 
     def state_dict(self) -> dict:

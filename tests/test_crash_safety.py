@@ -54,19 +54,9 @@ def forked(work) -> Launcher:
     return launcher
 
 
-KNOWN_RESUME_BUG = (
-    "known bug in the trainer/stream (not in the readers or writers): a checkpoint written after "
-    "the last step of an epoch (checkpoint_every > 0) resumes with the stream at offset == "
-    "num_samples, and MidasDataset.begin_epoch rolls that over into a whole extra epoch; see "
-    "test_resume_from_a_checkpoint_after_an_epochs_last_step")
-
-
 def _check(rep, work: Path) -> None:
     REPORTS.append(rep)
     print("\n" + rep.line())
-    if (rep.bytes_lost or rep.final_mismatch_bytes) and rep.known_bug_states:
-        rep.notes.append("attributed to the known resume bug")
-        pytest.xfail(f"{KNOWN_RESUME_BUG} ({rep.known_bug_states} kills hit it): {rep.line()}")
     assert rep.bytes_lost == 0, rep.notes[:10]
     assert rep.final_mismatch_bytes == 0, rep.line()
     if exchange_supported(work):
@@ -95,10 +85,10 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_RESUME_BUG)
 def test_resume_from_a_checkpoint_after_an_epochs_last_step(small, tmp_path):
-    """Deterministic form of what random kills sometimes hit: stop right after the
-    checkpoint of an epoch's last step (70 samples, batches of 16: step 5), resume, and
+    """Regression: a checkpoint written right after an epoch's last step (stream offset ==
+    num_samples, epoch bookkeeping not yet done) once resumed into an extra epoch. Stop right
+    after the checkpoint of an epoch's last step (70 samples, batches of 16: step 5), resume, and
     compare with an uninterrupted run."""
     import torch
     from crash_harness import strip_times

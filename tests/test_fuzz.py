@@ -587,10 +587,6 @@ def pristine_pairs(pristine, tmp_path_factory) -> Pristine:
     return Pristine((root, {**pristine[1], "pairs": read_pairs(root, "train")}))
 
 
-@pytest.mark.skipif(not os.environ.get("MIDAS_FUZZ_PAIRS"),
-                    reason="known failure, opt-in: pairs.py/stream.py do not validate pairs values "
-                           "yet (a flipped anchor_row reaches np.bincount and allocates without "
-                           "bound); MIDAS_FUZZ_PAIRS=1 reproduces it")
 @settings(parent=fuzz(30), phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(data=st.data())
 def test_pairs_tables_corrupted(pristine_pairs, workdir, data):
