@@ -1,6 +1,7 @@
 """midas-data: MIDAS misaligned-sample augmentation against modality imbalance, as a data pipeline."""
 
 from .batch_loss import batch_alpha_stats, batch_misaligned_loss, misaligned_targets
+from .encoders import UnimodalModel, default_encoder_for, register_encoder
 from .errors import (
     CorruptShardError,
     MidasDataError,
@@ -8,6 +9,7 @@ from .errors import (
     StaleArtifactError,
     UnsafeInputError,
 )
+from .extract import extract_features
 from .loss import (
     AlphaStats,
     accumulate,
@@ -21,6 +23,9 @@ from .loss import (
     update_alpha,
     weak_modality,
 )
+from .mine_stage import mine_misaligned
+from .pairs import read_pairs
+from .probe import crossfit_confidences
 from .reader import Dataset, SplitReader, open_dataset
 from .shards import Sample, build_dataset
 from .stream import MidasDataset, MidasLoader, collate, materialize_misaligned
@@ -29,6 +34,13 @@ from .tables import Features, read_features, write_features
 __version__ = "0.1.0"
 
 __all__ = [
+    "UnimodalModel",
+    "crossfit_confidences",
+    "default_encoder_for",
+    "extract_features",
+    "mine_misaligned",
+    "read_pairs",
+    "register_encoder",
     "AlphaStats",
     "MidasDataset",
     "MidasLoader",
