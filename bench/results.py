@@ -48,6 +48,17 @@ METHODS = {
     "self": {"method": "midas", "policy": "mined", "graph_modalities": ["weak"], "mined_swap": ["weak"]},
     "cross-soft": {"method": "midas", "policy": "soft", "temperature": 0.05,
                    "graph_modalities": ["strong"], "mined_swap": ["weak"]},
+    # Second round: the weak view's partner drawn among all other-label rows of the batch by
+    # softmax(strong-view cosine / T) (from random at large T to nearest at small T); half
+    # the anchors on the cross graph; a curriculum from random to cross partners.
+    "cross-t0.1": {"method": "midas", "policy": "tempered", "temperature": 0.1,
+                   "graph_modalities": ["strong"], "mined_swap": ["weak"]},
+    "cross-t0.03": {"method": "midas", "policy": "tempered", "temperature": 0.03,
+                    "graph_modalities": ["strong"], "mined_swap": ["weak"]},
+    "cross-mixed": {"method": "midas", "policy": "mixed", "mined_fraction": 0.5,
+                    "graph_modalities": ["strong"], "mined_swap": ["weak"]},
+    "cross-ramp": {"method": "midas", "policy": "mixed", "mined_fraction": 1.0, "mined_ramp": [10, 60],
+                   "graph_modalities": ["strong"], "mined_swap": ["weak"]},
 }
 
 

@@ -24,7 +24,8 @@ from .errors import CorruptShardError, MidasDataError, SchemaError, where
 from .reader import open_dataset
 from .tables import read_features
 
-POLICIES = ("none", "random", "mined", "mixed", "soft")
+POLICIES = ("none", "random", "mined", "mixed", "soft", "tempered")
+_TEMPERED_TAG = 0x7E3D
 
 
 def dist_info() -> tuple[int, int]:
@@ -42,7 +43,12 @@ class MidasDataset(IterableDataset):
     that each anchor's partner is one of its mined neighbours, in the same batch), `mixed`
     (`mined_fraction` of the anchors matched on the graph, the rest random), `soft`
     (matching on the graph with neighbours drawn with probability softmax(s / temperature)),
-    `none` (aligned only).
+    `tempered` (each anchor draws its in-batch different-label partner with probability
+    softmax(cos / temperature) over the stored features of `graph_modalities`: uniform, the
+    paper's random partner, as temperature grows; the batch's nearest as it shrinks; no
+    mined pairs needed, only features), `none` (aligned only).
+    mined_ramp: (start, end) epochs: policy `mixed` ramps its fraction linearly from 0 at
+    `start` to `mined_fraction` at `end` (a curriculum from random to mined partners).
     graph_modalities: whose mined k-NN lists form the matching graph (default: all);
     mined_swap: which modalities take the mined partner (default: all; the others get a
     random in-batch partner, so a matched pair yields distinct misaligned samples). Both
@@ -57,13 +63,17 @@ class MidasDataset(IterableDataset):
                  modalities: list[str] | None = None, transform: Callable | None = None,
                  on_error: str = "raise", rank: int | None = None, world_size: int | None = None,
                  use_features: bool = True, graph_modalities: list[str] | None = None,
-                 mined_swap: list[str] | None = None):
+                 mined_swap: list[str] | None = None, mined_ramp: tuple[int, int] | None = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if mined_ramp is not None and (len(mined_ramp) != 2 or not 0 <= mined_ramp[0] <= mined_ramp[1]):
+            raise ValueError(f"mined_ramp must be (start, end) epochs with 0 <= start <= end, got {mined_ramp}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         if policy in ("mined", "mixed", "soft") and batch_size % 2:
             raise ValueError("mined partner policies pair anchors inside a batch: use an even batch_size")
         self.root, self.split = Path(root), split
@@ -75,6 +85,7 @@ class MidasDataset(IterableDataset):
             raise SchemaError(f"{where(self.root / 'manifest.json', field=unknown[0])}: no such modality")
         self.batch_size, self.policy, self.seed = batch_size, policy, seed
         self.mined_fraction, self.temperature = mined_fraction, temperature
+        self.mined_ramp = None if mined_ramp is None else (int(mined_ramp[0]), int(mined_ramp[1]))
         self.shuffle, self.drop_last, self.transform, self.on_error = shuffle, drop_last, transform, on_error
         self._rank, self._world = rank, world_size
         self.epoch, self.offset = 0, 0
@@ -91,6 +102,9 @@ class MidasDataset(IterableDataset):
         self.mined_swap = self._resolve(mined_swap)
         if policy in ("mined", "mixed", "soft"):
             self._load_neighbours()
+        if policy == "tempered" and self.features is None:
+            raise MidasDataError(f"{where(self.root / 'features' / f'{split}.arrow')}: policy "
+                                 "'tempered' needs stored features; run `midas-data extract`")
 
     def _resolve(self, names: list[str] | None) -> list[str]:
         """Modality names, with 'weak'/'strong' chosen by mean stored train confidence."""
@@ -182,12 +196,20 @@ class MidasDataset(IterableDataset):
             nb = self.neighbours
             if self.policy == "mixed":
                 rng = np.random.default_rng([self.seed, self.epoch, 0x313D])
-                nb = np.where((rng.random(n) < self.mined_fraction)[:, None], nb, -1)
+                nb = np.where((rng.random(n) < self.fraction_at(self.epoch))[:, None], nb, -1)
             order, partner_of = plan.matched_order(n, nb, self.seed, self.epoch, self._neighbour_probs())
             return order, partner_of
         if not self.shuffle:
             return np.arange(n, dtype=np.int64), None
         return plan.epoch_order(n, self.seed, self.epoch), None
+
+    def fraction_at(self, epoch: int) -> float:
+        """Policy `mixed`: the fraction of anchors paired on the mined graph in `epoch`."""
+        if self.mined_ramp is None:
+            return self.mined_fraction
+        start, end = self.mined_ramp
+        ramp = 1.0 if end == start else (epoch - start) / (end - start)
+        return self.mined_fraction * float(np.clip(ramp, 0.0, 1.0))
 
     def rank_world(self) -> tuple[int, int]:
         rank, world = dist_info()
@@ -305,6 +327,8 @@ class MidasDataset(IterableDataset):
                 j = pos.get(int(partner_of[r]), -1)
                 if j >= 0 and labels[j] != labels[i]:
                     partner[i, swap] = j
+        if self.policy == "tempered":
+            self._tempered_partners(partner, rows, labels, lo)
         batch["partner"] = torch.from_numpy(partner)
         valid = partner >= 0
         safe = np.where(valid, partner, 0)
@@ -328,6 +352,28 @@ class MidasDataset(IterableDataset):
         batch["hard_weight"] = torch.from_numpy(np.where(valid, hard, 0.0).astype(np.float32))
         batch["anchor_weight"] = torch.from_numpy(np.where(valid, w, 0.0).astype(np.float32))
         batch["partner_weight"] = torch.from_numpy(np.where(valid, 1.0 - w, 0.0).astype(np.float32))
+
+    def _tempered_partners(self, partner: np.ndarray, rows: np.ndarray, labels: np.ndarray,
+                           lo: int) -> None:
+        """Overwrite the `mined_swap` columns of `partner` with partners drawn by
+        softmax(mean cosine over `graph_modalities` / temperature) among the batch's rows of
+        another label (Gumbel-max sampling; the RNG depends on seed, epoch and the batch's
+        global position only, so any worker count or world size draws the same)."""
+        b = len(rows)
+        if b < 2:
+            return
+        sim = np.zeros((b, b))
+        for m in self.graph_modalities:
+            f = self.features.feats[m][rows].astype(np.float64)
+            f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+            sim += f @ f.T
+        logits = sim / (len(self.graph_modalities) * self.temperature)
+        logits[labels[:, None] == labels[None, :]] = -np.inf  # same label, and self
+        rng = np.random.default_rng([int(self.seed), int(self.epoch), int(lo), _TEMPERED_TAG])
+        choice = np.argmax(logits + rng.gumbel(size=(b, b)), axis=1)
+        has = np.flatnonzero(np.isfinite(logits).any(axis=1))
+        swap = [self.modalities.index(m) for m in self.mined_swap]
+        partner[np.ix_(has, swap)] = choice[has][:, None]
 
 
 def collate(samples: list[dict], modalities: list[str]) -> dict:

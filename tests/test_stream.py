@@ -286,3 +286,72 @@ def test_weak_and_strong_resolve_from_stored_confidences(mined):
     conf = {m: float(np.mean(ds.features.confs[m])) for m in ("a", "b")}
     assert ds.graph_modalities == [max(conf, key=conf.get)]
     assert ds.mined_swap == [min(conf, key=conf.get)]
+
+
+def _batch_cosines(ds: MidasDataset, rows: list[int], m: str) -> np.ndarray:
+    f = ds.features.feats[m][rows].astype(np.float64)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    return f @ f.T
+
+
+def test_tempered_partners_have_another_label_and_follow_the_temperature(mined):
+    """Cold: every anchor takes its most similar other-label row in the batch; hot: the
+    pick is spread out (close to the uniform random partner)."""
+    def mean_rank(temperature: float) -> tuple[float, int]:
+        ds = MidasDataset(mined, batch_size=16, policy="tempered", temperature=temperature,
+                          graph_modalities=["a"], mined_swap=["b"])
+        ranks, n = [], 0
+        for b in ds:
+            rows, labels = b["row"].tolist(), b["label"].numpy()
+            sim = _batch_cosines(ds, rows, "a")
+            for i in range(len(rows)):
+                j = int(b["partner"][i, 1])
+                assert j >= 0 and labels[j] != labels[i]
+                cand = np.flatnonzero(labels != labels[i])
+                ranks.append(int((sim[i, cand] > sim[i, j]).sum()))  # 0 = the nearest
+                n += 1
+        return float(np.mean(ranks)), n
+
+    cold, n = mean_rank(1e-4)
+    hot, _ = mean_rank(100.0)
+    assert n == 80
+    assert cold == 0.0, "at a tiny temperature every partner must be the batch's nearest"
+    assert hot > 3.0, f"at a high temperature partners should spread out, mean rank {hot}"
+
+
+def test_tempered_keeps_other_modalities_random_and_is_worker_invariant(mined):
+    def partners(workers: int) -> list[list[list[int]]]:
+        ds = MidasDataset(mined, batch_size=16, policy="tempered", temperature=0.05,
+                          graph_modalities=["a"], mined_swap=["b"])
+        return [b["partner"].tolist() for b in MidasLoader(ds, num_workers=workers)]
+
+    zero, two = partners(0), partners(2)
+    assert zero == two, "tempered partners must not depend on the worker count"
+    pairs = [row for batch in zero for row in batch]
+    assert any(a != b for a, b in pairs), "modality 'a' should keep its own random partner"
+
+
+def test_tempered_without_features_is_a_clear_error(uneven):
+    with pytest.raises(MidasDataError, match="tempered.*extract"):
+        MidasDataset(uneven, batch_size=8, policy="tempered")
+
+
+def test_mixed_ramp_grows_the_mined_fraction_from_zero(mined):
+    ds = MidasDataset(mined, batch_size=8, policy="mixed", mined_fraction=0.8, mined_ramp=(2, 6))
+    assert [ds.fraction_at(e) for e in (0, 2, 4, 6, 9)] == pytest.approx([0.0, 0.0, 0.4, 0.8, 0.8])
+    nbrs = _neighbour_sets(mined, ["a", "b"])
+
+    def matched(epoch: int) -> int:
+        ds.set_epoch(epoch)
+        _, partner_of = ds._order()
+        return sum(int(p) in nbrs.get(i, set()) or i in nbrs.get(int(p), set())
+                   for i, p in enumerate(partner_of) if p >= 0)
+
+    assert matched(0) == 0, "before the ramp no anchor is paired on the mined graph"
+    assert matched(6) > 0
+
+
+@pytest.mark.parametrize("bad", [(3, 1), (-1, 2), (1,)])
+def test_bad_mined_ramp_is_refused(mined, bad):
+    with pytest.raises(ValueError, match="mined_ramp"):
+        MidasDataset(mined, batch_size=8, policy="mixed", mined_ramp=bad)

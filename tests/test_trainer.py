@@ -199,6 +199,23 @@ def test_cli_options_build_the_config():
         config_from_options({"lamda": 1.0})
     with pytest.raises(ValueError, match="choose from"):
         TrainConfig(method="balanced")
+    assert config_from_options({"policy": "mixed", "mined_ramp": "10,60"}).mined_ramp == [10, 60]
+    with pytest.raises(ValueError, match="mined_ramp"):
+        TrainConfig(policy="mixed", mined_ramp=[60, 10])
+    with pytest.raises(ValueError, match="temperature"):
+        TrainConfig(policy="tempered", temperature=0.0)
+
+
+def test_on_epoch_hook_sees_the_model_after_every_epoch(dataset, baseline, tmp_path):
+    seen = []
+
+    def hook(epoch, model):
+        seen.append((epoch, [p.detach().clone() for p in model.parameters()]))
+
+    res = train(dataset, tmp_path, mfeat_config(), progress=False, plots=False, on_epoch=hook)
+    assert [e for e, _ in seen] == [0, 1, 2]
+    assert any(not torch.equal(a, b) for a, b in zip(seen[0][1], seen[2][1])), "model did not train"
+    assert strip_times(res) == strip_times(baseline[1]), "the hook must not change the run"
 
 
 @pytest.fixture(scope="module")

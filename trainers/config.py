@@ -32,9 +32,12 @@ class TrainConfig:
     method: str = _opt("midas", "midas (aligned CE + unimodal CE + lam * misaligned loss), "
                                 "joint (aligned CE only) or unimodal (unimodal heads only)")
     policy: str = _opt("random", "partner policy of the stream: random (the paper), mined, "
-                                 "mixed, soft")
+                                 "mixed, soft, tempered")
     mined_fraction: float = _opt(0.5, "policy mixed: fraction of anchors paired on the mined graph")
-    temperature: float = _opt(0.1, "policy soft: softmax temperature over mined similarities")
+    temperature: float = _opt(0.1, "policies soft and tempered: softmax temperature over "
+                                   "similarities")
+    mined_ramp: list[int] = _opt([], "policy mixed: [start, end] epochs over which the mined "
+                                     "fraction ramps up from 0 (empty: constant)")
     graph_modalities: list[str] = _opt([], "mined policies: modalities whose k-NN lists form the "
                                            "matching graph (names or weak/strong; empty: all)")
     mined_swap: list[str] = _opt([], "mined policies: modalities swapped with the mined partner "
@@ -72,6 +75,7 @@ class TrainConfig:
         self.modalities = [str(m) for m in self.modalities]
         self.graph_modalities = [str(m) for m in self.graph_modalities]
         self.mined_swap = [str(m) for m in self.mined_swap]
+        self.mined_ramp = [int(e) for e in self.mined_ramp]
         self.encoders = {str(k): str(v) for k, v in dict(self.encoders).items() if v is not None}
         self.validate()
 
@@ -89,6 +93,11 @@ class TrainConfig:
         for name in ("batch_size", "feature_dim", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mined_ramp and (len(self.mined_ramp) != 2 or not 0 <= self.mined_ramp[0] <= self.mined_ramp[1]):
+            raise ValueError(f"TrainConfig.mined_ramp must be [start, end] with 0 <= start <= end, "
+                             f"got {self.mined_ramp}")
+        if self.temperature <= 0:
+            raise ValueError(f"TrainConfig.temperature must be > 0, got {self.temperature}")
         if self.lr <= 0 or self.eta < 0 or self.lam < 0:
             raise ValueError("TrainConfig: lr must be > 0, eta and lam >= 0")
         if self.method == "midas" and self.epochs and self.warmup_epochs >= self.epochs:

@@ -56,27 +56,30 @@ def _select(config: TrainConfig, val: dict) -> float:
 
 def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
           config: TrainConfig | None = None, resume: bool = False, progress: bool = True, *,
-          plots: bool = True, on_step: Callable[[int], None] | None = None) -> dict:
+          plots: bool = True, on_step: Callable[[int], None] | None = None,
+          on_epoch: Callable[[int, torch.nn.Module], None] | None = None) -> dict:
     """Train on `dataset_dir`'s train split, select on val, report on test; return results.
 
     resume=True continues from OUT/last.pt (mid-epoch too) and, on CPU with the same config,
     ends with the same metrics as an uninterrupted run; without a last.pt it starts afresh,
     so a preemptible job can always be launched with the same command. `on_step(global_step)` is called
-    after every optimizer step (a hook for tests and for stopping early).
+    after every optimizer step (a hook for tests and for stopping early); `on_epoch(epoch, model)`
+    after every epoch's validation on rank 0 (a hook for analyses of the model over training).
     On ranks other than 0 the returned dict only names the rank.
     """
     config = config or TrainConfig()
     info = setup(config.device)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(Path(dataset_dir), Path(out_dir), config, resume, progress, plots, on_step, info)
+        return _train(Path(dataset_dir), Path(out_dir), config, resume, progress, plots, on_step,
+                      on_epoch, info)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)  # leave the caller's setting
         teardown(info)
 
 
 def _train(root: Path, out: Path, config: TrainConfig, resume: bool, progress: bool, plots: bool,
-           on_step, info: DistInfo) -> dict:
+           on_step, on_epoch, info: DistInfo) -> dict:
     t0 = time.perf_counter()
     device = info.device
     if config.deterministic:
@@ -97,6 +100,7 @@ def _train(root: Path, out: Path, config: TrainConfig, resume: bool, progress: b
     stream = MidasDataset(root, "train", batch_size=config.batch_size, policy=policy,
                           mined_fraction=config.mined_fraction, temperature=config.temperature,
                           graph_modalities=config.graph_modalities, mined_swap=config.mined_swap,
+                          mined_ramp=tuple(config.mined_ramp) if config.mined_ramp else None,
                           seed=config.seed, modalities=mods)
     loader = MidasLoader(stream, num_workers=config.num_workers)
     held_out = {s: MidasDataset(root, s, batch_size=config.eval_batch_size, policy="none",
@@ -168,6 +172,8 @@ def _train(root: Path, out: Path, config: TrainConfig, resume: bool, progress: b
                                                 "model": model.state_dict(), "val": val})
             art.write_metrics(out / "metrics.jsonl", history)
             save_last(epoch, True, None)
+            if on_epoch is not None:
+                on_epoch(epoch, model)
             if progress:
                 print(f"epoch {epoch}: loss {summary['loss']:.4f} train acc {summary['acc']:.4f} "
                       f"val acc {val['accuracy']:.4f} misaligned {val['misaligned_acc']['mean']:.4f} "
