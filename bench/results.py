@@ -159,8 +159,9 @@ def summarise(all_results: dict, seeds: list[int], methods: list[str]) -> tuple[
 
 
 def paired_table(summary: dict, base: str, methods: list[str]) -> str:
-    lines = [f"| set | method | Δ accuracy vs {base} (points) | p (sign-flip) | misaligned kept | weak-only gain kept |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| set | method | Δ val acc vs {base} | Δ accuracy vs {base} (points) | seeds better / tied / worse | "
+             "p (sign-flip) | misaligned kept | weak-only gain kept |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, by_method in summary.items():
         if base not in by_method or "joint" not in by_method:
             continue
@@ -174,7 +175,9 @@ def paired_table(summary: dict, base: str, methods: list[str]) -> str:
             gain_mis = (a["misaligned"][0] - j["misaligned"][0]) / max(b["misaligned"][0] - j["misaligned"][0], 1e-9)
             wk = [k for k in a if k.startswith("only_")][-1]
             gain_wk = (a[wk][0] - j[wk][0]) / max(b[wk][0] - j[wk][0], 1e-9)
-            lines.append(f"| {name} | {m} | {d.mean():+.2f} | {sign_flip_p(d):.3f} | "
+            dv = a["val_accuracy"][0] - b["val_accuracy"][0]
+            wins = f"{int((d > 1e-9).sum())} / {int((np.abs(d) <= 1e-9).sum())} / {int((d < -1e-9).sum())}"
+            lines.append(f"| {name} | {m} | {dv:+.2f} | {d.mean():+.2f} | {wins} | {sign_flip_p(d):.3f} | "
                          f"{100 * gain_mis:.0f}% | {100 * gain_wk:.0f}% |")
     return "\n".join(lines)
 
