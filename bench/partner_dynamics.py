@@ -106,9 +106,14 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), sharey=True)
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), sharey=True, squeeze=False)
+    axes = axes.reshape(-1)
+    for ax in axes[len(names):]:
+        ax.axis("off")
     colors = {"nearest": "tab:red", "cross": "tab:blue", "random": "tab:green"}
-    for ax, name in zip(np.atleast_1d(axes), names):
+    for ax, name in zip(axes, names):
         for policy, style in (("random", "-"), ("mined", "--")):
             hist = results[name][policy]
             ep = [h["epoch"] for h in hist]
@@ -117,8 +122,9 @@ def plot(results: dict, path: Path) -> None:
                         label=f"{kind} partners, trained {policy}")
         ax.set_title(name)
         ax.set_xlabel("epoch")
-    np.atleast_1d(axes)[0].set_ylabel("fused prediction = partner's label")
-    np.atleast_1d(axes)[-1].legend(fontsize=6, loc="lower right")
+    for ax in axes[::cols]:
+        ax.set_ylabel("fused pred. = partner's label")
+    axes[0].legend(fontsize=6, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -146,7 +152,12 @@ def main() -> None:
     ap.add_argument("--out", default="docs")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--sets", default="")
+    ap.add_argument("--replot", action="store_true", help="redraw OUT's plot from its json")
     a = ap.parse_args()
+    if a.replot:
+        plot(json.loads((Path(a.out) / "partner_dynamics.json").read_text()),
+             Path(a.out) / "partner_dynamics.png")
+        return
     torch.set_num_threads(1)
     roots = sorted(p for p in Path(a.data).iterdir() if (p / "pairs" / "train").exists())
     if a.sets:
