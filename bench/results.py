@@ -160,8 +160,9 @@ def summarise(all_results: dict, seeds: list[int], methods: list[str]) -> tuple[
 
 def paired_table(summary: dict, base: str, methods: list[str]) -> str:
     lines = [f"| set | method | Δ val acc vs {base} | Δ accuracy vs {base} (points) | seeds better / tied / worse | "
-             "p (sign-flip) | misaligned kept | weak-only gain kept |",
-             "|---|---|---|---|---|---|---|---|"]
+             "p (sign-flip) | Δ needed for p < 0.05 | misaligned kept | weak-only gain kept |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    pooled: dict[str, list[float]] = {}
     for name, by_method in summary.items():
         if base not in by_method or "joint" not in by_method:
             continue
@@ -177,8 +178,17 @@ def paired_table(summary: dict, base: str, methods: list[str]) -> str:
             gain_wk = (a[wk][0] - j[wk][0]) / max(b[wk][0] - j[wk][0], 1e-9)
             dv = a["val_accuracy"][0] - b["val_accuracy"][0]
             wins = f"{int((d > 1e-9).sum())} / {int((np.abs(d) <= 1e-9).sum())} / {int((d < -1e-9).sum())}"
+            # about the smallest mean difference this seed-to-seed spread lets a paired test detect
+            sd = d.std(ddof=1) if n > 1 else 0.0
+            need = f"{2.262 * sd / np.sqrt(n):.2f}" if sd > 0 else "n/a (no spread)"
+            pooled.setdefault(m, []).extend(d.tolist())
             lines.append(f"| {name} | {m} | {dv:+.2f} | {d.mean():+.2f} | {wins} | {sign_flip_p(d):.3f} | "
-                         f"{100 * gain_mis:.0f}% | {100 * gain_wk:.0f}% |")
+                         f"{need} | {100 * gain_mis:.0f}% | {100 * gain_wk:.0f}% |")
+    for m, d in pooled.items():  # every (set, seed) pair together: a weaker claim than per set
+        d = np.asarray(d)
+        lines.append(f"| all sets pooled | {m} | | {d.mean():+.2f} | {int((d > 1e-9).sum())} / "
+                     f"{int((np.abs(d) <= 1e-9).sum())} / {int((d < -1e-9).sum())} | "
+                     f"{sign_flip_p(d):.3f} | | | |")
     return "\n".join(lines)
 
 

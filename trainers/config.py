@@ -39,8 +39,9 @@ class TrainConfig:
     mined_ramp: list[int] = _opt([], "policy mixed: [start, end] epochs over which the mined "
                                      "fraction ramps up from 0 (empty: constant)")
     graph_modalities: list[str] = _opt([], "mined policies: modalities whose k-NN lists form the "
-                                           "matching graph (names or weak/strong; empty: all)")
-    mined_swap: list[str] = _opt([], "mined policies: modalities swapped with the mined partner "
+                                           "matching graph; tempered: whose feature cosines "
+                                           "weigh the draw (names or weak/strong; empty: all)")
+    mined_swap: list[str] = _opt([], "mined and tempered policies: modalities swapped with the chosen partner "
                                      "(others get a random in-batch partner; empty: all)")
     epochs: int = _opt(70, "training epochs (warm-up included)")
     warmup_epochs: int = _opt(10, "midas: first epochs train the unimodal heads only")
