@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -153,7 +154,12 @@ def _train(root: Path, out: Path, config: TrainConfig, resume: bool, progress: b
         weak = tracker.weak
         tracker = None
         lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+        with warnings.catch_warnings():
+            # A run resumed from a checkpoint taken after an epoch's last step makes no optimizer
+            # step before this one; the schedule was restored from the checkpoint, so it is right.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
+                                    category=UserWarning)
+            scheduler.step()
         if info.is_main:
             val = evaluate(model, held_out["val"], config.seed, device)
             summary["alpha_stats"] = dataclasses.asdict(summary["alpha_stats"])
