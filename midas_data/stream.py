@@ -72,6 +72,8 @@ class MidasDataset(IterableDataset):
             raise ValueError("batch_size must be >= 1")
         if mined_ramp is not None and (len(mined_ramp) != 2 or not 0 <= mined_ramp[0] <= mined_ramp[1]):
             raise ValueError(f"mined_ramp must be (start, end) epochs with 0 <= start <= end, got {mined_ramp}")
+        if mined_ramp is not None and policy != "mixed":
+            raise ValueError(f"mined_ramp ramps the mined fraction of policy 'mixed'; policy is {policy!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if policy in ("mined", "mixed", "soft") and batch_size % 2:

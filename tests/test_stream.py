@@ -355,3 +355,5 @@ def test_mixed_ramp_grows_the_mined_fraction_from_zero(mined):
 def test_bad_mined_ramp_is_refused(mined, bad):
     with pytest.raises(ValueError, match="mined_ramp"):
         MidasDataset(mined, batch_size=8, policy="mixed", mined_ramp=bad)
+    with pytest.raises(ValueError, match="mined_ramp.*'mixed'"):
+        MidasDataset(mined, batch_size=8, policy="mined", mined_ramp=(0, 5))

@@ -97,6 +97,8 @@ class TrainConfig:
         if self.mined_ramp and (len(self.mined_ramp) != 2 or not 0 <= self.mined_ramp[0] <= self.mined_ramp[1]):
             raise ValueError(f"TrainConfig.mined_ramp must be [start, end] with 0 <= start <= end, "
                              f"got {self.mined_ramp}")
+        if self.mined_ramp and self.policy != "mixed":
+            raise ValueError(f"TrainConfig.mined_ramp applies to policy 'mixed' only; policy is {self.policy!r}")
         if self.temperature <= 0:
             raise ValueError(f"TrainConfig.temperature must be > 0, got {self.temperature}")
         if self.lr <= 0 or self.eta < 0 or self.lam < 0:
