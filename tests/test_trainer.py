@@ -250,3 +250,31 @@ def test_ddp_two_ranks_see_equal_batches_and_write_results(odd_dataset, tmp_path
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2 and results["epochs_run"] == 2
     assert all(a >= 1.0 for a in results["alpha_trajectory"])
+
+
+@pytest.fixture(scope="module")
+def mined_dataset(tmp_path_factory, mfeat_source) -> Path:
+    from midas_data.extract import extract_features
+    from midas_data.mine_stage import mine_misaligned
+
+    out = tmp_path_factory.mktemp("trainer_mined") / "ds"
+    build_dataset(tiny_samples(mfeat_source, 30), out, classes=mfeat_source["classes"],
+                  modalities=["fac", "mor"], progress=False)
+    extract_features(out, warmup_epochs=1, splits=("train",), progress=False, num_threads=1)
+    mine_misaligned(out, splits=("train",), k=4, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("overrides", [
+    {"policy": "tempered", "temperature": 0.05, "graph_modalities": ["strong"], "mined_swap": ["weak"]},
+    {"policy": "mixed", "mined_fraction": 1.0, "mined_ramp": [1, 3], "graph_modalities": ["strong"],
+     "mined_swap": ["weak"]},
+])
+def test_similarity_policies_train_end_to_end(mined_dataset, tmp_path, overrides):
+    res = train(mined_dataset, tmp_path, mfeat_config(**overrides), progress=False, plots=False)
+    assert res["stream_policy"] == overrides["policy"]
+    assert res["config"]["mined_ramp"] == overrides.get("mined_ramp", [])
+    assert math.isfinite(res["test"]["accuracy"]) and res["test"]["misaligned_acc"]["mean"] >= 0
+    history = read_metrics(tmp_path)
+    assert all(math.isfinite(h["train"]["loss"]) for h in history)
+    assert history[-1]["train"]["loss_misaligned"] > 0, "after warm-up the misaligned loss must act"
