@@ -8,6 +8,9 @@
   70/10/20 per class, shards of at most 16 samples so every split has several shards).
 - `payload_files`: writes .npy/.png/.wav/.txt payload files under tmp_path/"payloads".
 - `assert_no_partial_output(out_dir)`: out_dir is absent and no temp sibling is left.
+- `one_torch_thread`, `one_faiss_thread`: one intra-op thread for a whole test module
+  (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): tiny models and searches
+  run faster so, and are immune to other processes on the box.
 """
 
 from __future__ import annotations
@@ -21,6 +24,26 @@ import numpy as np
 import pytest
 
 from midas_data import Sample, build_dataset
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

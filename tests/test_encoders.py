@@ -19,13 +19,7 @@ from midas_data.encoders import (
     train_unimodal,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _grads_reach_every_parameter(model: nn.Module, x: torch.Tensor, num_classes: int = 3) -> None:

@@ -26,12 +26,7 @@ from midas_data.tables import read_table, table_metadata
 FAST = {"warmup_epochs": 2, "batch_size": 16, "feature_dim": 8, "progress": False, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- probes

@@ -7,7 +7,6 @@ import logging
 import warnings
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
@@ -24,12 +23,7 @@ MFEAT = Path(__file__).resolve().parents[1] / "pipelines" / "data" / "mfeat.npz"
 TOL = 1e-5  # float32 inner products vs the float64 oracle
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    n = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
@@ -26,12 +25,7 @@ MFEAT = Path(__file__).resolve().parents[1] / "pipelines" / "data" / "mfeat.npz"
 SORT = [("modality", "ascending"), ("anchor_row", "ascending"), ("rank", "ascending")]
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    n = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def mfeat_features(tmp_path: Path, n_per_class: int = 30, views=("fac", "mor", "kar"),

@@ -11,7 +11,6 @@ import importlib
 import json
 
 import pytest
-import torch
 
 from midas_data import build_dataset, open_dataset
 from midas_data.extract import extract_features
@@ -33,12 +32,7 @@ E2E = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("name", sorted(E2E))

@@ -30,13 +30,7 @@ SMALL = {"epochs": 3, "warmup_epochs": 1, "batch_size": 32}
 TIME_KEYS = {"epoch_time_s", "wall_time_s", "mean_epoch_time_s"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one intra-op thread is faster and immune to other processes on the box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
