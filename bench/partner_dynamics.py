@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from midas_data.pairs import read_pairs
 from midas_data.stream import MidasDataset
-from midas_data.tables import read_features
+from midas_data.tables import Features
 from trainers.config import TrainConfig
 from trainers.metrics import encode_split
 from trainers.run import train
@@ -36,9 +36,9 @@ KINDS = ("nearest", "cross", "random")
 REPORT_EPOCHS = (10, 20, 40, 59)
 
 
-def partners(root: Path, weak: str, strong: str, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def partners(root: Path, f: Features, weak: str, strong: str, seed: int = 0
+             ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Row of the partner of every train anchor, per kind; and the labels."""
-    f = read_features(root / "features" / "train.arrow")
     t = read_pairs(root, "train", f.fingerprint)
     anchor, partner = t.column("anchor_row").to_numpy(), t.column("partner_row").to_numpy()
     mod, rank = np.asarray(t.column("modality").to_pylist()), t.column("rank").to_numpy()
@@ -59,6 +59,7 @@ def partners(root: Path, weak: str, strong: str, seed: int = 0) -> tuple[dict[st
 
 def epoch_stats(model, data: MidasDataset, weak_k: int, parts: dict[str, np.ndarray],
                 y: np.ndarray, w_partner: dict[str, np.ndarray]) -> dict:
+    was_training = model.training
     model.eval()
     with torch.no_grad():
         feats, _ = encode_split(model, data, torch.device("cpu"))
@@ -74,22 +75,21 @@ def epoch_stats(model, data: MidasDataset, weak_k: int, parts: dict[str, np.ndar
             out[kind] = {"follows_partner": float(np.mean(pred == yp)),
                          "anchor_label": float(np.mean(pred == ya)),
                          "soft_ce": float(ce.mean()), "partner_weight": float(w.mean())}
-    model.train()
+    model.train(was_training)
     return out
 
 
 def run_set(root: Path, policy: str, epochs: int) -> list[dict]:
-    f = read_features(root / "features" / "train.arrow")
-    conf = {m: float(np.mean(f.confs[m])) for m in f.modalities}
-    weak, strong = min(conf, key=conf.get), max(conf, key=conf.get)
-    parts, y = partners(root, weak, strong)
+    data = MidasDataset(root, "train", batch_size=256, policy="none", shuffle=False, rank=0, world_size=1)
+    f = data.features
+    weak, strong = data.resolve_modalities(["weak", "strong"])
+    parts, y = partners(root, f, weak, strong)
     # soft-label weight of the partner: c^weak_j / (c^strong_i + c^weak_j), as the stream gives it
     w_partner = {}
     for kind, p in parts.items():
         cj = f.confs[weak][np.maximum(p, 0)].astype(np.float64)
         ci = f.confs[strong].astype(np.float64)
         w_partner[kind] = cj / np.maximum(ci + cj, 1e-12)
-    data = MidasDataset(root, "train", batch_size=256, policy="none", shuffle=False, rank=0, world_size=1)
     cfg = TrainConfig.from_preset("mfeat", seed=0, epochs=epochs, method="midas", policy=policy)
     weak_k = data.modalities.index(weak)
     history: list[dict] = []

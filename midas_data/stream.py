@@ -100,15 +100,15 @@ class MidasDataset(IterableDataset):
                 raise SchemaError(f"{where(feat_path, field='key')}: rows do not match the split's "
                                   "index; rerun `midas-data extract`")
         self.neighbours = self.neighbour_sims = None
-        self.graph_modalities = self._resolve(graph_modalities)
-        self.mined_swap = self._resolve(mined_swap)
+        self.graph_modalities = self.resolve_modalities(graph_modalities)
+        self.mined_swap = self.resolve_modalities(mined_swap)
         if policy in ("mined", "mixed", "soft"):
             self._load_neighbours()
         if policy == "tempered" and self.features is None:
             raise MidasDataError(f"{where(self.root / 'features' / f'{split}.arrow')}: policy "
                                  "'tempered' needs stored features; run `midas-data extract`")
 
-    def _resolve(self, names: list[str] | None) -> list[str]:
+    def resolve_modalities(self, names: list[str] | None) -> list[str]:
         """Modality names, with 'weak'/'strong' chosen by mean stored train confidence."""
         if not names:
             return list(self.modalities)
