@@ -14,6 +14,17 @@ from torch import Tensor
 from .loss import AlphaStats, accumulate, misaligned_loss, modality_weights, weak_modality
 
 
+def _source_rows(batch: dict, mis: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch row [N, M] each modality of each misaligned row comes from; the modality
+    index [N, M]; and whether that modality is the swapped one [N, M]."""
+    anchor, swapped = mis["anchor"], mis["swapped"]
+    n, m_count = len(anchor), batch["partner"].shape[1]
+    cols = torch.arange(m_count).expand(n, m_count)
+    is_swapped = cols == swapped.unsqueeze(1)
+    src_rows = torch.where(is_swapped, batch["partner"][anchor, swapped].unsqueeze(1), anchor.unsqueeze(1))
+    return src_rows, cols, is_swapped
+
+
 def misaligned_targets(batch: dict, mis: dict) -> tuple[Tensor, Tensor]:
     """Source labels [N, M] and normalised confidences [N, M] of the misaligned rows.
 
@@ -22,11 +33,8 @@ def misaligned_targets(batch: dict, mis: dict) -> tuple[Tensor, Tensor]:
     confidence normalised over the modalities (appendix A.2); without them the stream's
     anchor/partner weights (0.5 each) are split over the anchor's kept modalities.
     """
-    anchor, swapped = mis["anchor"], mis["swapped"]
-    n, m_count = len(anchor), batch["partner"].shape[1]
-    cols = torch.arange(m_count).expand(n, m_count)
-    is_swapped = cols == swapped.unsqueeze(1)
-    src_rows = torch.where(is_swapped, batch["partner"][anchor, swapped].unsqueeze(1), anchor.unsqueeze(1))
+    src_rows, cols, is_swapped = _source_rows(batch, mis)
+    n = len(src_rows)
     src_labels = batch["label"][src_rows]
     conf = batch.get("conf")
     if conf is not None and n and torch.isfinite(conf).all():
@@ -60,11 +68,7 @@ def batch_misaligned_loss(logits: Tensor, batch: dict, mis: dict, alpha: float =
 def batch_alpha_stats(stats: AlphaStats, logits: Tensor, batch: dict, mis: dict, weak: int,
                       strong: int) -> AlphaStats:
     """Add a batch's misaligned rows to the statistics that `update_alpha` consumes."""
-    src_labels, _ = misaligned_targets(batch, mis)
-    anchor, swapped = mis["anchor"], mis["swapped"]
-    n, m_count = len(anchor), src_labels.shape[1]
-    cols = torch.arange(m_count).expand(n, m_count)
-    src_rows = torch.where(cols == swapped.unsqueeze(1), batch["partner"][anchor, swapped].unsqueeze(1),
-                           anchor.unsqueeze(1))
+    src_rows, cols, _ = _source_rows(batch, mis)
+    src_labels = batch["label"][src_rows]
     conf = batch["conf"][src_rows, cols]
     return accumulate(stats, logits, src_labels[:, strong], src_labels[:, weak], conf[:, strong], conf[:, weak])
