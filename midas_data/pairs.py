@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from .errors import MidasDataError, SchemaError, StaleArtifactError, where
+from .loss import hard_weight_from_similarity
 from .mining import MiningInputError, resolve_index, search_different_label
 from .tables import META_PREFIX, Features, read_table, table_metadata, write_table
 
@@ -100,7 +102,8 @@ def pairs_table(features: Features, results: dict[str, tuple[np.ndarray, np.ndar
         cols["partner_conf"].append(p_conf.astype(np.float32))
         cols["anchor_weight"].append(w.astype(np.float32))
         cols["partner_weight"].append((1.0 - w).astype(np.float32))
-        cols["hard_weight"].append((1.0 + (sim.astype(np.float64) + 1.0) / 2.0).astype(np.float32))
+        hard = hard_weight_from_similarity(torch.from_numpy(sim.astype(np.float64))).numpy()
+        cols["hard_weight"].append(hard.astype(np.float32))
     arrays = {name: np.concatenate(v) for name, v in cols.items() if v}
     anchor_row, partner_row = arrays["anchor_row"], arrays["partner_row"]
     # dictionary-decode instead of building millions of Python strings

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import epoch_plan as plan
 from .errors import CorruptShardError, MidasDataError, SchemaError, where
+from .loss import hard_weight_from_similarity
 from .reader import open_dataset
 from .tables import read_features
 
@@ -350,7 +351,7 @@ class MidasDataset(IterableDataset):
         w = np.where(np.isfinite(w), w, 0.5).astype(np.float32)
         batch["conf"] = torch.from_numpy(conf)
         batch["similarity"] = torch.from_numpy(np.where(valid, sim, np.nan).astype(np.float32))
-        hard = np.where(np.isfinite(sim), 1.0 + (sim + 1.0) / 2.0, 1.0)
+        hard = np.where(np.isfinite(sim), hard_weight_from_similarity(torch.from_numpy(sim)).numpy(), 1.0)
         batch["hard_weight"] = torch.from_numpy(np.where(valid, hard, 0.0).astype(np.float32))
         batch["anchor_weight"] = torch.from_numpy(np.where(valid, w, 0.0).astype(np.float32))
         batch["partner_weight"] = torch.from_numpy(np.where(valid, 1.0 - w, 0.0).astype(np.float32))
