@@ -38,6 +38,7 @@ from .encoders import (
     train_unimodal,
 )
 from .errors import MidasDataError, SchemaError, UnsafeInputError, where
+from .manifest import file_sha256
 from .probe import crossfit_probes, ensemble_confidences
 from .reader import Dataset, SplitReader, open_dataset
 from .tables import Features, write_features
@@ -339,11 +340,7 @@ def _user(ds: Dataset, todo: list[str], path: Path, folds: int, seed: int, epoch
         for sp in todo:
             confs[sp][m] = conf if sp == "train" else ensemble_confidences(
                 probes, feats[sp][m], ds.split(sp).labels)
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    config = {"source": "user", "features_file": str(path), "features_file_sha256": h.hexdigest(),
+    config = {"source": "user", "features_file": str(path), "features_file_sha256": file_sha256(path),
               "probe": {"kind": "multinomial logistic regression, L-BFGS, standardised",
                         "folds": folds, "seed": seed, "epochs": epochs, "l2": l2,
                         "train": "out-of-fold", "other splits": "mean of the fold probes"}}
