@@ -1,4 +1,4 @@
-"""Scale check for midas_data.epoch_plan: matched_order on n=1e6 anchors, k=16 neighbours.
+"""Scale check for midas_data.stream.epoch_plan: matched_order on n=1e6 anchors, k=16 neighbours.
 
 Run: .venv/bin/python bench/epoch_plan.py [n] [k]
 """
@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from midas_data.epoch_plan import assign_partners, epoch_order, matched_order, partner_rng
+from midas_data.stream.epoch_plan import assign_partners, epoch_order, matched_order, partner_rng
 
 
 def main(n: int = 1_000_000, k: int = 16) -> None:

@@ -224,7 +224,7 @@ def part_mine(a, rep: Report) -> None:
     import faiss
     import torch
 
-    from midas_data.mining import GPU_MAX_K, DifferentLabelIndex, resolve_index
+    from midas_data.mining.knn import GPU_MAX_K, DifferentLabelIndex, resolve_index
 
     kind = resolve_index(a.index)
     dev = torch.device(a.oracle_device or a.device)
@@ -335,7 +335,7 @@ def part_ivf(a, rep: Report) -> None:
     import faiss
     import torch
 
-    from midas_data.mining import DifferentLabelIndex, default_nlist, recall_at_k, resolve_index
+    from midas_data.mining.knn import DifferentLabelIndex, default_nlist, recall_at_k, resolve_index
 
     kind = resolve_index(a.index)
     dev = torch.device(a.oracle_device or a.device)
@@ -409,8 +409,9 @@ def build_fixture(a, root: Path, rep: Report) -> dict:
     """A CREMA-D-shaped dataset as arrays (no wav or jpg files): audio [1, n_mels, frames]
     float32 and visual [T, 3, S, S] uint8 per clip, 6 classes, split 70/10/20 like the
     cremad reader without split lists. A class-dependent band / colour keeps it learnable."""
+    from midas_data.pipelines.cremad import CLASSES
+
     from midas_data import Sample, build_dataset
-    from pipelines.cremad import CLASSES
 
     params = {"clips": a.clips, "frames": a.frames, "frame_size": a.frame_size,
               "n_mels": a.n_mels, "audio_frames": a.audio_frames, "seed": a.seed}
@@ -512,7 +513,7 @@ def epoch_batches(n: int, batch: int) -> list[int]:
 
 
 def stream_rate(root: Path, batch: int, workers: int, mods: list[str]) -> dict:
-    from midas_data.stream import MidasDataset, MidasLoader
+    from midas_data.stream.dataset import MidasDataset, MidasLoader
 
     ds = MidasDataset(root, "train", batch_size=batch, policy="random", seed=0, modalities=mods)
     loader = MidasLoader(ds, num_workers=workers)
@@ -536,13 +537,13 @@ def compute_rate(root: Path, a, device, methods: list[str], budget_s: float) -> 
     import copy
 
     import torch
+    from midas_data.trainers.distributed import DistInfo
+    from midas_data.trainers.loop import EpochTracker, RunState, set_weak, train_step
+    from midas_data.trainers.models import MultimodalModel
+    from midas_data.trainers.run import build_optimizer
 
-    from midas_data.reader import open_dataset
-    from midas_data.stream import MidasDataset, MidasLoader
-    from trainers.distributed import DistInfo
-    from trainers.loop import EpochTracker, RunState, set_weak, train_step
-    from trainers.models import MultimodalModel
-    from trainers.run import build_optimizer
+    from midas_data.dataset.reader import open_dataset
+    from midas_data.stream.dataset import MidasDataset, MidasLoader
 
     cfg0 = train_config(a, "joint", 0, device)
     ds = open_dataset(root)
@@ -585,7 +586,7 @@ def compute_rate(root: Path, a, device, methods: list[str], budget_s: float) -> 
 
 
 def train_config(a, method: str, workers: int, device):
-    from trainers.config import TrainConfig
+    from midas_data.trainers.config import TrainConfig
 
     return TrainConfig.from_preset(
         "cremad", method=method, epochs=a.epochs, warmup_epochs=a.warmup,
@@ -596,9 +597,9 @@ def train_config(a, method: str, workers: int, device):
 
 def part_train(a, rep: Report) -> None:
     import torch
+    from midas_data.trainers.run import train
 
-    from midas_data.reader import open_dataset
-    from trainers.run import train
+    from midas_data.dataset.reader import open_dataset
 
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():

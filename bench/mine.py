@@ -21,7 +21,7 @@ import time
 import faiss
 import numpy as np
 
-from midas_data.mining import DifferentLabelIndex, search_different_label
+from midas_data.mining.knn import DifferentLabelIndex, search_different_label
 
 
 def data(n: int, d: int, classes: int) -> tuple[np.ndarray, np.ndarray]:

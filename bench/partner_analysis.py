@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from midas_data.pairs import read_pairs
-from midas_data.tables import read_features
+from midas_data.features.tables import read_features
+from midas_data.mining.pairs import read_pairs
 
 
 def analyse(root: Path, seed: int = 0) -> list[dict]:

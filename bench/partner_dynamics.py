@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from midas_data.trainers.config import TrainConfig
+from midas_data.trainers.metrics import encode_split
+from midas_data.trainers.run import train
 from tqdm import tqdm
 
-from midas_data.pairs import read_pairs
-from midas_data.stream import MidasDataset
-from midas_data.tables import Features
-from trainers.config import TrainConfig
-from trainers.metrics import encode_split
-from trainers.run import train
+from midas_data.features.tables import Features
+from midas_data.mining.pairs import read_pairs
+from midas_data.stream.dataset import MidasDataset
 
 KINDS = ("nearest", "cross", "random")
 REPORT_EPOCHS = (10, 20, 40, 59)

@@ -69,11 +69,11 @@ def set_dir(out: Path, name: str) -> Path:
 def prepare_set(out: Path, name: str, k: int) -> Path:
     """Shards, warm-up features and mined pairs of one data set (cached)."""
     import torch
+    from midas_data.pipelines import get_pipeline
 
-    from midas_data.extract import extract_features
-    from midas_data.mine_stage import mine_misaligned
-    from midas_data.shards import build_dataset
-    from pipelines import get_pipeline
+    from midas_data.dataset.shards import build_dataset
+    from midas_data.features.extract import extract_features
+    from midas_data.mining.stage import mine_misaligned
 
     torch.set_num_threads(1)
     root = set_dir(out, name)
@@ -91,9 +91,8 @@ def prepare_set(out: Path, name: str, k: int) -> Path:
 def run_one(out: str, name: str, method: str, seed: int, epochs: int, overrides: dict) -> dict:
     """Train one (set, method, seed); return its results (cached on disk)."""
     import torch
-
-    from trainers.config import TrainConfig
-    from trainers.run import train
+    from midas_data.trainers.config import TrainConfig
+    from midas_data.trainers.run import train
 
     torch.set_num_threads(1)
     run_dir = Path(out) / "runs" / name.replace("/", "-") / method / f"seed{seed}"

@@ -16,7 +16,7 @@ import numpy as np
 import webdataset as wds
 
 from midas_data import Sample, build_dataset
-from midas_data.stream import MidasDataset
+from midas_data.stream.dataset import MidasDataset
 
 
 def make_dataset(root: Path, n: int) -> None:

@@ -20,13 +20,13 @@ import time
 
 import numpy as np
 import torch
+from midas_data.pipelines.mfeat import load_mfeat
+from midas_data.trainers.config import TrainConfig
+from midas_data.trainers.distributed import DistInfo
+from midas_data.trainers.loop import EpochTracker, RunState, set_weak, train_step
+from midas_data.trainers.models import MultimodalModel
 
-from midas_data.epoch_plan import assign_partners, partner_rng
-from pipelines.mfeat import load_mfeat
-from trainers.config import TrainConfig
-from trainers.distributed import DistInfo
-from trainers.loop import EpochTracker, RunState, set_weak, train_step
-from trainers.models import MultimodalModel
+from midas_data.stream.epoch_plan import assign_partners, partner_rng
 
 BATCH = 64
 

@@ -1,16 +1,19 @@
 """midas-data: MIDAS misaligned-sample augmentation against modality imbalance, as a data pipeline."""
 
-from .batch_loss import batch_alpha_stats, batch_misaligned_loss, misaligned_targets
-from .encoders import UnimodalModel, default_encoder_for, register_encoder
-from .errors import (
+from midas_data.dataset.reader import Dataset, SplitReader, open_dataset
+from midas_data.dataset.shards import Sample, build_dataset
+from midas_data.errors import (
     CorruptShardError,
     MidasDataError,
     SchemaError,
     StaleArtifactError,
     UnsafeInputError,
 )
-from .extract import extract_features
-from .loss import (
+from midas_data.features.encoders import UnimodalModel, default_encoder_for, register_encoder
+from midas_data.features.extract import extract_features
+from midas_data.features.probe import crossfit_confidences
+from midas_data.features.tables import Features, read_features, write_features
+from midas_data.loss import (
     AlphaStats,
     accumulate,
     hard_sample_weight,
@@ -23,13 +26,10 @@ from .loss import (
     update_alpha,
     weak_modality,
 )
-from .mine_stage import mine_misaligned
-from .pairs import read_pairs
-from .probe import crossfit_confidences
-from .reader import Dataset, SplitReader, open_dataset
-from .shards import Sample, build_dataset
-from .stream import MidasDataset, MidasLoader, collate, materialize_misaligned
-from .tables import Features, read_features, write_features
+from midas_data.loss.batch import batch_alpha_stats, batch_misaligned_loss, misaligned_targets
+from midas_data.mining.pairs import read_pairs
+from midas_data.mining.stage import mine_misaligned
+from midas_data.stream.dataset import MidasDataset, MidasLoader, collate, materialize_misaligned
 
 __version__ = "0.1.0"
 

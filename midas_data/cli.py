@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .errors import MidasDataError
+from midas_data.errors import MidasDataError
 
 
 def _fail(e: Exception) -> None:
@@ -34,7 +34,7 @@ class _LazyGroup(click.Group):
     """Resolves `train` (the reference trainer in trainers/) only when asked for, so that
     `midas-data --version` and the data commands do not pay for importing the trainer."""
 
-    lazy = {"train": "trainers.run:main"}
+    lazy = {"train": "midas_data.trainers.run:main"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.lazy])
@@ -43,7 +43,7 @@ class _LazyGroup(click.Group):
         if name in self.lazy:
             import importlib
 
-            import pipelines.text_encoder  # noqa: F401  registers the text encoder for training
+            import midas_data.pipelines.text_encoder  # noqa: F401  registers the text encoder for training
 
             module, attr = self.lazy[name].split(":")
             return getattr(importlib.import_module(module), attr)
@@ -79,9 +79,8 @@ def main() -> None:
 def build_shards_cmd(pipeline_name, manifest_file, root, options, skip_bad, modalities, classes, out_dir, shard_samples,
                      shard_mb, split_seed, overwrite, quiet) -> None:
     """Turn a dataset into WebDataset shards plus Arrow indexes."""
-    from pipelines import get_pipeline
-
-    from .shards import build_dataset
+    from midas_data.dataset.shards import build_dataset
+    from midas_data.pipelines import get_pipeline
 
     mods = modalities.split(",") if modalities else None
     class_list = classes.split(",") if classes else None
@@ -108,7 +107,7 @@ def build_shards_cmd(pipeline_name, manifest_file, root, options, skip_bad, moda
 @click.option("--verify", is_flag=True, help="Check every shard's size and sha256.")
 def inspect_cmd(dataset, verify) -> None:
     """Show schema, counts per split and class; --verify checks checksums."""
-    from .inspect_stage import describe
+    from midas_data.dataset.inspect import describe
 
     try:
         text, problems = describe(dataset, verify=verify)
@@ -138,9 +137,8 @@ def inspect_cmd(dataset, verify) -> None:
 def extract_cmd(dataset, features_file, splits, warmup_epochs, batch_size, lr, optimizer,
                 feature_dim, seed, device, threads, quiet) -> None:
     """Per-modality features and unimodal confidences for every sample."""
-    import pipelines.text_encoder  # noqa: F401  registers the text encoder
-
-    from .extract import extract_features
+    import midas_data.pipelines.text_encoder  # noqa: F401  registers the text encoder
+    from midas_data.features.extract import extract_features
 
     try:
         summary = extract_features(
@@ -170,7 +168,7 @@ def extract_cmd(dataset, features_file, splits, warmup_epochs, batch_size, lr, o
 @click.option("--quiet", is_flag=True)
 def mine_cmd(dataset, index, k, splits, approx, nlist, nprobe, report, quiet) -> None:
     """FAISS k-NN partners with a different label, per modality, into DATASET/pairs/."""
-    from .mine_stage import mine_misaligned
+    from midas_data.mining.stage import mine_misaligned
 
     try:
         summary = mine_misaligned(dataset, splits=tuple(splits.split(",")), k=k, index=index,
@@ -192,7 +190,7 @@ def demo_cmd(out, modalities, epochs, seed, quiet) -> None:
     """The whole pipeline on the bundled real dataset, then Joint vs MIDAS on test."""
     import torch
 
-    from trainers.demo import run_demo
+    from midas_data.trainers.demo import run_demo
 
     torch.set_num_threads(1)  # tiny MLPs: one thread is faster and reproducible
     try:

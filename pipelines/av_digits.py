@@ -12,11 +12,11 @@ from importlib import resources
 
 import numpy as np
 
-from midas_data.shards import Sample
+from midas_data.dataset.shards import Sample
 
 
 def load_av_digits(seed: int = 0, noise_std: float = 0.0) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    path = resources.files("pipelines") / "data" / "av_digits.npz"
+    path = resources.files(__package__) / "data" / "av_digits.npz"
     with resources.as_file(path) as p, np.load(p, allow_pickle=False) as z:
         img, yi, aud, ya = z["image"], z["image_label"], z["audio"], z["audio_label"]
     rng = np.random.default_rng([seed, 0xA7])

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from midas_data.dataset.shards import Sample
 from midas_data.errors import MidasDataError, SchemaError, where
-from midas_data.shards import Sample
 
 from .common import (
     BadInput,
@@ -177,7 +177,7 @@ def read_cmu_mosi(root: str | Path, modalities: list[str] | None = None, skip_ba
         samples += bad.run(range(len(keys)), one, key_of=lambda i, keys=keys: keys[i])
     if not samples and not bad.count and not dropped:
         raise MidasDataError(f"{where(file=root)}: no split found; expected train.npz/valid.npz/"
-                             "test.npz or train/labels.csv etc. (see pipelines.cmu_mosi)")
+                             "test.npz or train/labels.csv etc. (see midas_data.pipelines.cmu_mosi)")
     out = output(name, samples, CLASSES, mods, bad, options, root)
     out["source"]["zero_dropped"] = dropped
     return out

@@ -18,9 +18,9 @@ from typing import TypeVar
 
 import numpy as np
 
+from midas_data.dataset.formats import EXT_TO_KIND, UNSAFE_EXTS
+from midas_data.dataset.shards import Sample
 from midas_data.errors import MidasDataError, SchemaError, where
-from midas_data.formats import EXT_TO_KIND, UNSAFE_EXTS
-from midas_data.shards import Sample
 
 T = TypeVar("T")
 MAX_LISTED = 1000  # skipped items listed in the manifest; the count is always exact

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from midas_data.dataset.shards import Sample
 from midas_data.errors import SchemaError, where
-from midas_data.shards import Sample
 
 from .common import (
     BadInput,

@@ -15,7 +15,7 @@ Modalities: `image`, uint8 `[3, image_size, image_size]` (resized, channels firs
 a UTF-8 `.txt` payload (`text_format="txt"`), or uint8 UTF-8 bytes `[text_len]`, zero-padded
 (`text_format="bytes"`: a tensor that any tensor encoder, and `tiny_text_transformer`,
 consumes; the built-in warm-up does not train on `.txt` text).
-Text encoders: `pipelines.text_encoder` (`tiny_text_transformer`, or your pretrained model).
+Text encoders: `midas_data.pipelines.text_encoder` (`tiny_text_transformer`, or your pretrained model).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from midas_data.dataset.shards import Sample
 from midas_data.errors import MidasDataError, SchemaError, where
-from midas_data.shards import Sample
 
 from .common import (
     BadInput,

@@ -14,7 +14,7 @@ Labels come from the lists; a name outside `classes.txt` (or the `classes` optio
 error. Without `classes.txt` the classes are the sorted names found in the lists. When no
 list names a val split, a stratified `val_fraction` of train becomes val.
 
-Modalities as CREMA-D (pipelines.cremad): `audio` float32 `[1, n_mels, audio_frames]`
+Modalities as CREMA-D (midas_data.pipelines.cremad): `audio` float32 `[1, n_mels, audio_frames]`
 log-mel, `visual` uint8 `[num_frames, 3, frame_size, frame_size]`.
 """
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from midas_data.dataset.shards import Sample
 from midas_data.errors import MidasDataError, SchemaError, where
-from midas_data.shards import Sample
 
 from .common import (
     BadInput,

@@ -8,7 +8,7 @@
 - Frames: a per-clip folder of .jpg/.jpeg/.png files, sorted by name (numbers compared as
   numbers), `num_frames` of them picked at uniformly spaced positions, resized to
   `size x size` and returned as uint8 `[T, C, H, W]` (channels first, the layout of the
-  `midas_data.encoders` conv encoders) or `[T, H, W, C]` with `layout="thwc"`.
+  `midas_data.features.encoders` conv encoders) or `[T, H, W, C]` with `layout="thwc"`.
 - Images: one file resized to uint8 `[3, H, W]`.
 
 Every failure is a `SchemaError` that names the file, the sample key and the field.
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from midas_data.dataset.formats import MAX_IMAGE_PIXELS, decode
 from midas_data.errors import SchemaError, where
-from midas_data.formats import MAX_IMAGE_PIXELS, decode
 
 FRAME_EXTS = (".jpg", ".jpeg", ".png")
 LAYOUTS = ("tchw", "thwc")

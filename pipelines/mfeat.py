@@ -6,7 +6,7 @@ from importlib import resources
 
 import numpy as np
 
-from midas_data.shards import Sample
+from midas_data.dataset.shards import Sample
 
 VIEWS = {"fac": 216, "pix": 240, "kar": 64, "fou": 76, "zer": 47, "mor": 6}
 # One strong view and the weak 6-feature morphological view (CALIBRATION.md: fac/mor).
@@ -15,7 +15,7 @@ DEFAULT_MODALITIES = ("fac", "mor")
 
 def load_mfeat() -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The six views (float32 [2000, d]) and labels (int64 [2000])."""
-    path = resources.files("pipelines") / "data" / "mfeat.npz"
+    path = resources.files(__package__) / "data" / "mfeat.npz"
     with resources.as_file(path) as p, np.load(p, allow_pickle=False) as z:
         return {v: z[v] for v in VIEWS}, z["label"].astype(np.int64)
 

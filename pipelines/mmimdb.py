@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from midas_data.dataset.shards import Sample
 from midas_data.errors import MidasDataError, SchemaError, where
-from midas_data.shards import Sample
 
 from .common import (
     BadInput,

@@ -7,18 +7,18 @@ from collections.abc import Callable
 
 # name -> "module:function"; imported on first use so optional readers cost nothing.
 PIPELINES: dict[str, str] = {
-    "mfeat": "pipelines.mfeat:read_mfeat",
-    "av_digits": "pipelines.av_digits:read_av_digits",
-    "manifest": "pipelines.user_manifest:read_manifest_file",
+    "mfeat": "midas_data.pipelines.mfeat:read_mfeat",
+    "av_digits": "midas_data.pipelines.av_digits:read_av_digits",
+    "manifest": "midas_data.pipelines.user_manifest:read_manifest_file",
     # Real datasets from their standard on-disk layouts:
     # reader(root, modalities=None, skip_bad=False, **options); each module holds a RECIPE.
-    "cremad": "pipelines.cremad:read_cremad",
-    "kinetics_sounds": "pipelines.kinetics_sounds:read_kinetics_sounds",
-    "ucf101": "pipelines.ucf101:read_ucf101",
-    "food101": "pipelines.food101:read_food101",
-    "cmu_mosi": "pipelines.cmu_mosi:read_cmu_mosi",
-    "cmu_mosei": "pipelines.cmu_mosi:read_cmu_mosei",
-    "mmimdb": "pipelines.mmimdb:read_mmimdb",
+    "cremad": "midas_data.pipelines.cremad:read_cremad",
+    "kinetics_sounds": "midas_data.pipelines.kinetics_sounds:read_kinetics_sounds",
+    "ucf101": "midas_data.pipelines.ucf101:read_ucf101",
+    "food101": "midas_data.pipelines.food101:read_food101",
+    "cmu_mosi": "midas_data.pipelines.cmu_mosi:read_cmu_mosi",
+    "cmu_mosei": "midas_data.pipelines.cmu_mosi:read_cmu_mosei",
+    "mmimdb": "midas_data.pipelines.mmimdb:read_mmimdb",
 }
 
 

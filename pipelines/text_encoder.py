@@ -1,6 +1,6 @@
 """Text encoders for the image-text readers (Food-101, MM-IMDB): the plug point.
 
-Importing this module registers `tiny_text_transformer` in `midas_data.encoders`: a small,
+Importing this module registers `tiny_text_transformer` in `midas_data.features.encoders`: a small,
 randomly initialised transformer over UTF-8 byte tokens (for tests and smoke runs; the MIDAS
 authors use BERT on Food-101). Its `forward` takes a batch of strings (`list[str]`) or byte
 tokens (`[B, L]` integers, 0 = padding, e.g. the `text_format="bytes"` payload of the
@@ -8,7 +8,7 @@ readers) and returns features `[B, out_dim]`.
 
 Your own pretrained model, from a local path (nothing is downloaded):
 ```
-from pipelines.text_encoder import register_pretrained_text_encoder
+from midas_data.pipelines.text_encoder import register_pretrained_text_encoder
 register_pretrained_text_encoder("my_bert", "weights.pt", module_factory=make_model)  # state dict
 register_pretrained_text_encoder("my_ts", "model.ts")                                  # TorchScript
 # then: encoders={"text": "my_bert"}
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from midas_data.encoders import available_encoders, register_encoder
+from midas_data.features.encoders import available_encoders, register_encoder
 
 PAD = 0
 VOCAB = 256  # byte values; byte 0 doubles as padding (NUL does not occur in text)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from midas_data.dataset.shards import Sample
 from midas_data.errors import MidasDataError, SchemaError, where
-from midas_data.shards import Sample
 
 MAX_COLUMNS = 1024  # a manifest with millions of columns is refused before it is parsed
 MAX_HEADER_BYTES = 1 << 20

@@ -49,8 +49,8 @@ def one_faiss_thread():
 @pytest.fixture(scope="session")
 def mfeat_source() -> dict:
     """`get_pipeline("mfeat")` with all six views. Shared by the session: do not mutate."""
-    from pipelines import get_pipeline
-    from pipelines.mfeat import VIEWS
+    from midas_data.pipelines import get_pipeline
+    from midas_data.pipelines.mfeat import VIEWS
 
     return get_pipeline("mfeat")(modalities=list(VIEWS))
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from midas_data.manifest import dataset_fingerprint, file_sha256
+from midas_data.dataset.manifest import dataset_fingerprint, file_sha256
 
 BLOCK = 512
 

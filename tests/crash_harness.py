@@ -1,7 +1,7 @@
 """Kill a pipeline stage with SIGKILL at random moments, check what readers see, rerun, compare.
 
 A stage is a command line (`midas-data build-shards ...`, `midas-data extract ...`, mining,
-`python -m trainers ... --resume`). For each kill the harness
+`python -m midas_data.trainers ... --resume`). For each kill the harness
 
 1. starts the command, sleeps a seeded random fraction of the stage's uninterrupted run time,
    and SIGKILLs it if it is still running (a kill "survived" is one whose aftermath passes);
@@ -56,8 +56,8 @@ if _delay:
 
     os.fsync = fsync
 """
-PRELOAD = ["torch", "numpy", "pyarrow", "click", "midas_data.cli", "midas_data.extract",
-           "midas_data.stream", "midas_data.mine_stage", "trainers.run", "matplotlib.pyplot"]
+PRELOAD = ["torch", "numpy", "pyarrow", "click", "midas_data.cli", "midas_data.features.extract",
+           "midas_data.stream.dataset", "midas_data.mining.stage", "midas_data.trainers.run", "matplotlib.pyplot"]
 
 
 # ------------------------------------------------------------------------------ starting commands
@@ -93,7 +93,7 @@ def _run_in_child(program: str, argv: list[str], cwd: str, env: dict[str, str]) 
         if program == "midas-data":
             from midas_data.cli import main
         elif program == "trainers":
-            from trainers.run import main
+            from midas_data.trainers.run import main
         else:  # "mine": the library call, for as long as the CLI has no mine-misaligned
             main = _mine_main
         main(argv, prog_name=program, standalone_mode=True)
@@ -110,7 +110,7 @@ def _run_in_child(program: str, argv: list[str], cwd: str, env: dict[str, str]) 
 
 
 def _mine_main(argv: list[str], prog_name: str = "mine", standalone_mode: bool = True) -> None:
-    from midas_data.mine_stage import mine_misaligned
+    from midas_data.mining.stage import mine_misaligned
 
     root, k = argv[0], int(argv[1])
     mine_misaligned(root, splits=("train",), k=k, progress=False)
@@ -131,8 +131,8 @@ def command_line(program: str, argv: list[str]) -> list[str]:
     if program == "midas-data":
         return [str(Path(sys.executable).with_name("midas-data")), *argv]
     if program == "trainers":
-        return [sys.executable, "-m", "trainers", *argv]
-    code = ("import sys; from midas_data.mine_stage import mine_misaligned; "
+        return [sys.executable, "-m", "midas_data.trainers", *argv]
+    code = ("import sys; from midas_data.mining.stage import mine_misaligned; "
             "mine_misaligned(sys.argv[1], splits=('train',), k=int(sys.argv[2]), progress=False)")
     return [sys.executable, "-c", code, *argv]
 
@@ -444,7 +444,7 @@ def mine_stage(dataset: Path) -> Stage:
         return "mine", [str(dataset), k]
 
     def reader(name: str) -> None:
-        from midas_data.pairs import read_pairs
+        from midas_data.mining.pairs import read_pairs
 
         t = read_pairs(dataset, "train")
         assert t.num_rows > 0
@@ -460,7 +460,7 @@ def mine_stage(dataset: Path) -> Stage:
 
 
 def train_stage(dataset: Path, work: Path) -> Stage:
-    """`midas-data train DATASET OUT --resume` (or `python -m trainers` where the CLI has no
+    """`midas-data train DATASET OUT --resume` (or `python -m midas_data.trainers` where the CLI has no
     train command), checkpointing every step."""
     out = work / "run"
     use_cli = cli_has("train")
@@ -486,8 +486,7 @@ def train_stage(dataset: Path, work: Path) -> Stage:
 
     def check(baseline, previous):
         import torch
-
-        from trainers import artifacts
+        from midas_data.trainers import artifacts
 
         lost, notes = 0, []
         want = baseline["metrics"]
@@ -528,7 +527,7 @@ def train_stage(dataset: Path, work: Path) -> Stage:
         return mismatch
 
     def known() -> str | None:
-        from trainers import artifacts
+        from midas_data.trainers import artifacts
 
         if not (out / "last.pt").exists():
             return None
@@ -539,7 +538,7 @@ def train_stage(dataset: Path, work: Path) -> Stage:
                     "the resumed stream replays a whole epoch")
         return None
 
-    return Stage("train --resume" + ("" if use_cli else " (python -m trainers)"), run,
+    return Stage("train --resume" + ("" if use_cli else " (python -m midas_data.trainers)"), run,
                  lambda: shutil.rmtree(out, ignore_errors=True), capture, check, final,
                  has_previous=False, temps=lambda: _temps(out, ".*.tmp"), known=known)
 
@@ -561,9 +560,9 @@ def make_small_dataset(root: Path, per_class: int = 10) -> Path:
     """The tiny mfeat subset (fac + mor, 100 samples) the torch stages run on."""
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import tiny_samples
+    from midas_data.pipelines import get_pipeline
 
     from midas_data import build_dataset
-    from pipelines import get_pipeline
 
     src = get_pipeline("mfeat")(modalities=["fac", "mor"])
     build_dataset(tiny_samples(src, per_class), root, classes=src["classes"],

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from midas_data import Sample, build_dataset
-from midas_data.batch_loss import batch_alpha_stats, batch_misaligned_loss, misaligned_targets
-from midas_data.extract import extract_features
+from midas_data.features.extract import extract_features
 from midas_data.loss import AlphaStats, update_alpha
-from midas_data.stream import MidasDataset, materialize_misaligned
+from midas_data.loss.batch import batch_alpha_stats, batch_misaligned_loss, misaligned_targets
+from midas_data.stream.dataset import MidasDataset, materialize_misaligned
 
 
 @pytest.fixture(scope="module")

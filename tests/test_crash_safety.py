@@ -40,7 +40,7 @@ def work(tmp_path_factory) -> Path:
 def small(work) -> Path:
     """The tiny dataset of the torch stages, with features (so mining has an input)."""
     root = make_small_dataset(work / "small")
-    from midas_data.extract import extract_features
+    from midas_data.features.extract import extract_features
 
     extract_features(root, warmup_epochs=1, feature_dim=16, progress=False, num_threads=1,
                      device="cpu")
@@ -72,7 +72,7 @@ def test_kill_extract(small, forked, work):
 
 
 def test_kill_mine_misaligned(small, forked, work):
-    pytest.importorskip("midas_data.mine_stage")
+    pytest.importorskip("midas_data.mining.stage")
     pytest.importorskip("faiss")
     _check(torture(mine_stage(small), forked, kills=6, seed=3), work)
 
@@ -92,9 +92,8 @@ def test_resume_from_a_checkpoint_after_an_epochs_last_step(small, tmp_path):
     compare with an uninterrupted run."""
     import torch
     from crash_harness import strip_times
-
-    from trainers import TrainConfig
-    from trainers.run import train
+    from midas_data.trainers import TrainConfig
+    from midas_data.trainers.run import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -131,7 +130,7 @@ def test_summary():
 
 @pytest.mark.slow
 def test_soak_every_stage_as_real_processes(tmp_path, request):
-    """Every stage as a fresh `midas-data` / `python -m trainers` process, many kills
+    """Every stage as a fresh `midas-data` / `python -m midas_data.trainers` process, many kills
     (3 to 6 minutes on 2 cores). Runs when asked for: `pytest -m slow tests/test_crash_safety.py`,
     or with MIDAS_SOAK=1."""
     if "slow" not in (request.config.getoption("-m") or "").replace("not slow", "") \

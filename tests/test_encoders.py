@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from midas_data.encoders import (
+from midas_data.features.encoders import (
     BasicBlock,
     ResNet18,
     UnimodalModel,

@@ -1,4 +1,4 @@
-"""Property tests for midas_data.epoch_plan: exactly-once delivery, resume, partners."""
+"""Property tests for midas_data.stream.epoch_plan: exactly-once delivery, resume, partners."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from midas_data.epoch_plan import (
+from midas_data.stream.epoch_plan import (
     assign_partners,
     batch_spans,
     epoch_order,

@@ -12,16 +12,22 @@ import pytest
 import torch
 
 from midas_data import Sample, build_dataset, open_dataset, read_features
-from midas_data.encoders import Standardize, UnimodalModel, build_encoder, embed, state_fingerprint
 from midas_data.errors import MidasDataError, SchemaError, StaleArtifactError, UnsafeInputError
-from midas_data.extract import MODELS_FILE, extract_features
-from midas_data.probe import (
+from midas_data.features.encoders import (
+    Standardize,
+    UnimodalModel,
+    build_encoder,
+    embed,
+    state_fingerprint,
+)
+from midas_data.features.extract import MODELS_FILE, extract_features
+from midas_data.features.probe import (
     crossfit_confidences,
     crossfit_probes,
     fit_linear_probe,
     stratified_folds,
 )
-from midas_data.tables import read_table, table_metadata
+from midas_data.features.tables import read_table, table_metadata
 
 FAST = {"warmup_epochs": 2, "batch_size": 16, "feature_dim": 8, "progress": False, "device": "cpu"}
 

@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from midas_data import MidasDataError, Sample, build_dataset, open_dataset, read_features
-from midas_data.tables import Features, write_features
+from midas_data.features.tables import Features, write_features
 
 COUNTS: Counter = Counter()
 # CI: a fixed, small, derandomized run. MIDAS_FUZZ_EXAMPLES=N gives N random examples per test
@@ -223,7 +223,7 @@ def _exercise_features(case: Case, ds) -> None:
 def _exercise_stream(case: Case, ds, labels_trusted: bool) -> None:
     if "train" not in ds.splits:
         return
-    from midas_data.stream import MidasDataset
+    from midas_data.stream.dataset import MidasDataset
 
     try:
         for batch in MidasDataset(case.root, "train", batch_size=2, policy="random", seed=1):
@@ -513,7 +513,7 @@ def _write_user(path: Path, rows: list[dict]) -> list[bytes]:
 @fuzz(60)
 @given(data=st.data())
 def test_user_manifests_cells_and_bytes(workdir, data):
-    from pipelines.user_manifest import read_manifest_file
+    from midas_data.pipelines.user_manifest import read_manifest_file
 
     COUNTS["n"] += 1
     proj = workdir / f"u{COUNTS['n']}"
@@ -577,12 +577,12 @@ def test_user_manifests_cells_and_bytes(workdir, data):
 @pytest.fixture(scope="module")
 def pristine_pairs(pristine, tmp_path_factory) -> Pristine:
     pytest.importorskip("faiss")
-    from midas_data.mine_stage import mine_misaligned
+    from midas_data.mining.stage import mine_misaligned
 
     root = tmp_path_factory.mktemp("fuzz-pairs") / "ds"
     shutil.copytree(pristine[0], root)
     mine_misaligned(root, splits=("train",), k=2, progress=False)
-    from midas_data.pairs import read_pairs
+    from midas_data.mining.pairs import read_pairs
 
     return Pristine((root, {**pristine[1], "pairs": read_pairs(root, "train")}))
 
@@ -590,8 +590,8 @@ def pristine_pairs(pristine, tmp_path_factory) -> Pristine:
 @settings(parent=fuzz(30), phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(data=st.data())
 def test_pairs_tables_corrupted(pristine_pairs, workdir, data):
-    from midas_data.pairs import read_pairs
-    from midas_data.stream import MidasDataset
+    from midas_data.mining.pairs import read_pairs
+    from midas_data.stream.dataset import MidasDataset
 
     target = "pairs/train/part-00000-of-00001.arrow"
     case = Case(pristine_pairs, workdir, target)

@@ -1,4 +1,4 @@
-"""Tests for midas_data.loss against float64 references written from DESIGN.md section 1."""
+"""Tests for midas_data.loss.terms against float64 references written from DESIGN.md section 1."""
 
 from __future__ import annotations
 

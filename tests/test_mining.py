@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from midas_data.errors import MidasDataError
-from midas_data.mining import (
+from midas_data.mining.knn import (
     DifferentLabelIndex,
     MiningInputError,
     gpu_available,
@@ -138,7 +138,7 @@ def test_ivf_recall_and_guarantee(mfeat):
 
 def test_ivf_short_lists_fall_back_to_exact(caplog):
     x, y = random_data(n=800, d=8, classes=2)
-    with caplog.at_level(logging.INFO, logger="midas_data.mining"):
+    with caplog.at_level(logging.INFO, logger="midas_data.mining.knn"):
         D, I = search_different_label(x, y, 40, approx="ivf", nlist=50, nprobe=1)
     assert "searched exactly" in caplog.text  # ~8 vectors per list < k=40
     assert (I >= 0).all() and (y[I] != y[:, None]).all()

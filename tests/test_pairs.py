@@ -8,18 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from midas_data.dataset.reader import open_dataset
 from midas_data.errors import MidasDataError, StaleArtifactError
-from midas_data.mine_stage import mine_misaligned
-from midas_data.mining import MiningInputError
-from midas_data.pairs import (
+from midas_data.features.tables import Features, read_features, table_metadata, write_features
+from midas_data.mining.knn import MiningInputError
+from midas_data.mining.pairs import (
     PAIRS_SCHEMA,
     build_pairs,
     part_path,
     read_pairs,
     write_pairs,
 )
-from midas_data.reader import open_dataset
-from midas_data.tables import Features, read_features, table_metadata, write_features
+from midas_data.mining.stage import mine_misaligned
 
 MFEAT = Path(__file__).resolve().parents[1] / "pipelines" / "data" / "mfeat.npz"
 SORT = [("modality", "ascending"), ("anchor_row", "ascending"), ("rank", "ascending")]

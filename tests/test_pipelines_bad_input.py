@@ -7,9 +7,9 @@ import shutil
 
 import numpy as np
 import pytest
+from midas_data.pipelines import fixtures, get_pipeline
 
 from midas_data import MidasDataError, SchemaError, build_dataset, open_dataset
-from pipelines import fixtures, get_pipeline
 
 AV = {"n_mels": 8, "audio_frames": 10, "num_frames": 2, "frame_size": 4}
 CLIP = "1001_DFA_HAP_XX"

@@ -11,11 +11,11 @@ import importlib
 import json
 
 import pytest
+from midas_data.pipelines import fixtures, get_pipeline
 
 from midas_data import build_dataset, open_dataset
-from midas_data.extract import extract_features
-from midas_data.mine_stage import mine_misaligned
-from pipelines import fixtures, get_pipeline
+from midas_data.features.extract import extract_features
+from midas_data.mining.stage import mine_misaligned
 
 AV = {"n_mels": 16, "audio_frames": 16, "num_frames": 2, "frame_size": 8, "val_fraction": 0.34}
 # pipeline -> (module holding RECIPE, fixture generator and its arguments, reader options)
@@ -37,8 +37,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.mark.parametrize("name", sorted(E2E))
 def test_recipe_runs_end_to_end(name, tmp_path):
-    from trainers.config import TrainConfig
-    from trainers.run import train
+    from midas_data.trainers.config import TrainConfig
+    from midas_data.trainers.run import train
 
     module, make, opts = E2E[name]
     recipe = importlib.import_module(f"pipelines.{module}").RECIPE

@@ -1,14 +1,14 @@
-"""pipelines.media: the torch log-mel filterbank against a float64 numpy reference, frames."""
+"""midas_data.pipelines.media: the torch log-mel filterbank against a float64 numpy reference, frames."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from midas_data.pipelines import media
+from midas_data.pipelines.fixtures import write_jpg, write_wav
 
 from midas_data.errors import SchemaError
-from pipelines import media
-from pipelines.fixtures import write_jpg, write_wav
 
 
 def reference_log_mel(x: np.ndarray, sr: int, n_mels: int, win: int, hop: int,

@@ -7,9 +7,9 @@ import shutil
 
 import numpy as np
 import pytest
+from midas_data.pipelines import PIPELINES, fixtures, get_pipeline
 
 from midas_data import build_dataset, open_dataset
-from pipelines import PIPELINES, fixtures, get_pipeline
 
 # name -> (fixture generator, reader options for tiny payloads, expected modality shapes)
 CASES = {
@@ -62,7 +62,7 @@ def test_registry_lists_every_reader():
 
 
 def test_recipes_carry_the_authors_settings():
-    from pipelines import cremad, food101, kinetics_sounds, ucf101
+    from midas_data.pipelines import cremad, food101, kinetics_sounds, ucf101
 
     design = {cremad: (1e-3, 70, 50, 10, 1.0), kinetics_sounds: (1e-3, 70, 50, 10, 5.0),
               ucf101: (1e-2, 70, 50, 0, 1.0), food101: (1e-3, 30, 15, 2, 1.0)}
@@ -72,7 +72,7 @@ def test_recipes_carry_the_authors_settings():
         assert (r["optimizer"], r["momentum"], r["weight_decay"], r["batch_size"], r["gamma"]) == \
             ("sgd", 0.9, 1e-4, 64, 0.1)
     try:
-        from trainers.config import PAPER_PRESETS, TrainConfig
+        from midas_data.trainers.config import PAPER_PRESETS, TrainConfig
     except ImportError:
         return
     for mod, preset in ((cremad, "cremad"), (kinetics_sounds, "kinetics_sounds"), (ucf101, "ucf101"),
@@ -165,7 +165,7 @@ def test_cmu_mosi_formats_zero_policy_and_padding(tmp_path):
     assert np.all(kept["samples"][0].payloads["audio"][4:] == 0)
     # mean skips the all-zero padding rows
     x = np.array([[0, 0], [1, 3], [3, 5]], np.float32)
-    from pipelines.cmu_mosi import summarize
+    from midas_data.pipelines.cmu_mosi import summarize
     assert summarize(x, "mean", 0, None, "k", "text").tolist() == [2, 4]
 
 

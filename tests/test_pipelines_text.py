@@ -1,4 +1,4 @@
-"""pipelines.text_encoder: the tiny byte transformer and the pretrained-model plug point."""
+"""midas_data.pipelines.text_encoder: the tiny byte transformer and the pretrained-model plug point."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
+from midas_data.pipelines import text_encoder as te
 
-from midas_data.encoders import available_encoders, build_encoder
-from pipelines import text_encoder as te
+from midas_data.features.encoders import available_encoders, build_encoder
 
 
 def test_tiny_text_transformer_is_registered_and_takes_strings():

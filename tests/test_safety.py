@@ -60,8 +60,8 @@ from midas_data import (
     build_dataset,
     open_dataset,
 )
-from midas_data.formats import decode
-from midas_data.reader import walk_tar
+from midas_data.dataset.formats import decode
+from midas_data.dataset.reader import walk_tar
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b"]
@@ -125,7 +125,7 @@ READERS = ["get", "get_key", "get_many", "iter", "stream"]
 def _read(root: Path, how: str, split: str = "train") -> list[dict]:
     """All samples of `split` through one reading path, as dicts of numpy values."""
     if how == "stream":
-        from midas_data.stream import MidasDataset
+        from midas_data.stream.dataset import MidasDataset
 
         out = []
         for batch in MidasDataset(root, split, batch_size=4, policy="random", seed=0):
@@ -244,7 +244,7 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
 @pytest.mark.parametrize("ext", ["pkl", "pyd", "pickle", "pth"])
 def test_user_manifest_naming_a_pickle_file_is_refused(tmp_path, marker, no_pickle, ext,
                                                        assert_no_partial_output):
-    from pipelines.user_manifest import read_manifest_file
+    from midas_data.pipelines.user_manifest import read_manifest_file
 
     proj = tmp_path / "proj"
     rows = _user_rows(proj)
@@ -260,7 +260,7 @@ def test_user_manifest_naming_a_pickle_file_is_refused(tmp_path, marker, no_pick
 
 def test_user_manifest_naming_a_pickled_npy_is_refused(tmp_path, marker, no_pickle,
                                                        assert_no_partial_output):
-    from pipelines.user_manifest import read_manifest_file
+    from midas_data.pipelines.user_manifest import read_manifest_file
 
     proj = tmp_path / "proj"
     rows = _user_rows(proj)
@@ -291,7 +291,7 @@ def test_cli_build_shards_refuses_a_pickle_payload(tmp_path, marker):
 
 @pytest.mark.parametrize("how", ["object-array", "pickle-file"])
 def test_user_features_npz_with_pickles_is_refused(pristine, tmp_path, marker, no_pickle, how):
-    from midas_data.extract import extract_features, load_user_features
+    from midas_data.features.extract import extract_features, load_user_features
 
     keys = open_dataset(pristine).split("train").keys + open_dataset(pristine).split("test").keys
     path = tmp_path / "feats.npz"
@@ -313,7 +313,7 @@ def test_user_features_npz_with_pickles_is_refused(pristine, tmp_path, marker, n
 
 
 def test_a_pickle_bomb_checkpoint_is_refused(tmp_path, marker):
-    from trainers import artifacts
+    from midas_data.trainers import artifacts
 
     path = tmp_path / "last.pt"
     torch.save({"format_version": 1, "model": Bomb(marker)}, path)
@@ -402,7 +402,7 @@ def test_source_tree_has_no_unsafe_loader_calls():
 
 
 def test_readers_never_import_webdataset(pristine):
-    code = ("import sys; from midas_data import open_dataset; from midas_data.stream import "
+    code = ("import sys; from midas_data import open_dataset; from midas_data.stream.dataset import "
             "MidasDataset; ds = open_dataset(sys.argv[1]); sr = ds.split('train'); list(sr); "
             "sr.get_many([0, 1]); ds.verify(); list(MidasDataset(sys.argv[1], 'train', batch_size=4)); "
             "print('webdataset' in sys.modules)")
@@ -522,7 +522,7 @@ def test_member_whose_header_names_another_key_is_refused(ds):
 
 
 def test_damaged_index_and_unknown_splits_in_verify_and_extract(ds, tmp_path):
-    from midas_data.extract import extract_features
+    from midas_data.features.extract import extract_features
 
     before = sorted(p.name for p in tmp_path.rglob("*"))
     with pytest.raises(MidasDataError, match="none of"):
@@ -537,7 +537,7 @@ def test_damaged_index_and_unknown_splits_in_verify_and_extract(ds, tmp_path):
 
 
 def test_mining_refuses_unknown_split_names(ds):
-    mine_stage = pytest.importorskip("midas_data.mine_stage")
+    mine_stage = pytest.importorskip("midas_data.mining.stage")
     with pytest.raises(MidasDataError, match="no split"):
         mine_stage.mine_misaligned(ds, splits=["../../evil"], progress=False)
     assert not (ds / "pairs").exists()
@@ -610,7 +610,7 @@ def test_huge_manifest_sizes_never_allocate(ds, pristine):
     sizes[rows[0]] = 1 << 49
     write_index(ds, "train", t.set_column(i, t.schema.field(i), pa.array(sizes)))
     resign_keep = manifest(ds)
-    from midas_data.manifest import file_sha256
+    from midas_data.dataset.manifest import file_sha256
     resign_keep["splits"]["train"]["index_sha256"] = file_sha256(ds / "index" / "train.arrow")
     write_manifest(ds, resign_keep)
     t0 = time.perf_counter()
@@ -621,7 +621,7 @@ def test_huge_manifest_sizes_never_allocate(ds, pristine):
 
 
 def test_huge_user_manifests_fail_fast(tmp_path):
-    from pipelines.user_manifest import read_manifest_file
+    from midas_data.pipelines.user_manifest import read_manifest_file
 
     cases = {}
     cases["wide.csv"] = "key,label," + ",".join(f"c{i}" for i in range(1_000_000)) + "\nk,a\n"
@@ -670,10 +670,10 @@ import json, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (1536 << 20, 1536 << 20))
 sys.path.insert(0, sys.argv[1])
 import crafting
-from midas_data.formats import decode
-from midas_data.reader import walk_tar
+from midas_data.dataset.formats import decode
+from midas_data.dataset.reader import walk_tar
 from midas_data import open_dataset
-from pipelines.user_manifest import read_manifest_file
+from midas_data.pipelines.user_manifest import read_manifest_file
 out = []
 def run(name, fn):
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import midas_data.shards as shards_mod
+import midas_data.dataset.shards as shards_mod
 from midas_data import (
     CorruptShardError,
     MidasDataError,
@@ -27,7 +27,7 @@ from midas_data import (
     build_dataset,
     open_dataset,
 )
-from midas_data.split import stratified_split
+from midas_data.dataset.split import stratified_split
 
 CLASSES = ["cat", "dog", "eel"]
 MODS = ["vec", "mat", "img", "snd", "txt"]
@@ -187,7 +187,7 @@ def test_builds_in_separate_processes_are_byte_identical(tmp_path, make_tiny_dat
     script = (
         "import sys; sys.path.insert(0, sys.argv[2])\n"
         "from conftest import tiny_samples\n"
-        "from pipelines import get_pipeline\n"
+        "from midas_data.pipelines import get_pipeline\n"
         "from midas_data import build_dataset\n"
         "src = get_pipeline('mfeat')(modalities=['fac', 'mor'])\n"
         "build_dataset(tiny_samples(src, 10, ('fac', 'mor')), sys.argv[1], classes=src['classes'],\n"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from midas_data import CorruptShardError, MidasDataError, Sample, build_dataset
-from midas_data.stream import MidasDataset, MidasLoader, collate, materialize_misaligned
+from midas_data.stream.dataset import MidasDataset, MidasLoader, collate, materialize_misaligned
 
 
 def _dataset(root: Path, n: int = 61, shard: int = 7, classes: int = 5) -> Path:
@@ -199,7 +199,7 @@ def test_collate_stacks_inputs():
 DDP_SCRIPT = """
 import json, os, sys
 import torch.distributed as dist
-from midas_data.stream import MidasDataset, MidasLoader
+from midas_data.stream.dataset import MidasDataset, MidasLoader
 dist.init_process_group("gloo")
 ds = MidasDataset(sys.argv[1], batch_size=4)
 keys = [b["key"] for b in MidasLoader(ds, num_workers=1)]
@@ -228,8 +228,8 @@ def test_two_process_torchrun_delivers_each_item_once(uneven, tmp_path):
 @pytest.fixture(scope="module")
 def mined(tmp_path_factory) -> Path:
     """A dataset with warm-up features and k=3 mined partners."""
-    from midas_data.extract import extract_features
-    from midas_data.mine_stage import mine_misaligned
+    from midas_data.features.extract import extract_features
+    from midas_data.mining.stage import mine_misaligned
 
     root = _dataset(tmp_path_factory.mktemp("mined") / "ds", n=80, shard=16, classes=4)
     extract_features(root, warmup_epochs=1, splits=("train",), progress=False, num_threads=1)
@@ -238,7 +238,7 @@ def mined(tmp_path_factory) -> Path:
 
 
 def _neighbour_sets(root: Path, modalities: list[str]) -> dict[int, set[int]]:
-    from midas_data.pairs import read_pairs
+    from midas_data.mining.pairs import read_pairs
 
     t = read_pairs(root, "train")
     out: dict[int, set[int]] = {}

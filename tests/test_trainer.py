@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_samples
-
-from midas_data import Sample, build_dataset
-from trainers import (
+from midas_data.trainers import (
     TrainConfig,
     config_from_options,
     macro_f1,
     misaligned_metrics,
     misaligned_pairs,
 )
-from trainers.run import train
+from midas_data.trainers.run import train
+
+from midas_data import Sample, build_dataset
 
 # 30 per class: 210 train / 30 val / 60 test samples; 7 batches of 32 per epoch.
 SMALL = {"epochs": 3, "warmup_epochs": 1, "batch_size": 32}
@@ -231,7 +231,7 @@ def odd_dataset(tmp_path_factory, mfeat_source) -> Path:
 @pytest.mark.ddp
 def test_ddp_two_ranks_see_equal_batches_and_write_results(odd_dataset, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "trainers.run", str(odd_dataset), str(tmp_path), "--preset", "mfeat",
+           "-m", "midas_data.trainers.run", str(odd_dataset), str(tmp_path), "--preset", "mfeat",
            "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "32", "--quiet",
            "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -248,8 +248,8 @@ def test_ddp_two_ranks_see_equal_batches_and_write_results(odd_dataset, tmp_path
 
 @pytest.fixture(scope="module")
 def mined_dataset(tmp_path_factory, mfeat_source) -> Path:
-    from midas_data.extract import extract_features
-    from midas_data.mine_stage import mine_misaligned
+    from midas_data.features.extract import extract_features
+    from midas_data.mining.stage import mine_misaligned
 
     out = tmp_path_factory.mktemp("trainer_mined") / "ds"
     build_dataset(tiny_samples(mfeat_source, 30), out, classes=mfeat_source["classes"],

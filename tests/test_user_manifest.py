@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from midas_data.pipelines import get_pipeline
 
 from midas_data import MidasDataError, SchemaError, UnsafeInputError, build_dataset, open_dataset
-from pipelines import get_pipeline
 
 CLASSES = ["cat", "dog", "eel"]
 SPLITS = ["train", "train", "val", "test"]

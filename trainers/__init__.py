@@ -1,9 +1,9 @@
 """The reference trainer: MIDAS, Joint and unimodal training on a midas-data dataset.
 
-    from trainers import TrainConfig, train
+    from midas_data.trainers import TrainConfig, train
     results = train("DATASET", "RUN", TrainConfig.from_preset("mfeat", method="midas"))
 
-The MIDAS math lives once in `midas_data.loss`; this package wires it into a model
+The MIDAS math lives once in `midas_data.loss.terms`; this package wires it into a model
 (`MultimodalModel`), an epoch loop (`trainers.loop`), held-out metrics (`trainers.metrics`)
 and run artifacts (`trainers.artifacts`).
 """
@@ -32,9 +32,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # Imported lazily so that `python -m trainers.run` does not import trainers.run twice.
+    # Imported lazily so that `python -m midas_data.trainers.run` does not import trainers.run twice.
     if name in ("train", "main"):
         from . import run
 
         return getattr(run, name)
-    raise AttributeError(f"module 'trainers' has no attribute {name!r}")
+    raise AttributeError(f"module 'midas_data.trainers' has no attribute {name!r}")

@@ -1,6 +1,6 @@
-"""`python -m trainers DATASET OUT [options]` (also works under torchrun)."""
+"""`python -m midas_data.trainers DATASET OUT [options]` (also works under torchrun)."""
 
-from trainers.run import main
+from midas_data.trainers.run import main
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from midas_data.stream import POLICIES
+from midas_data.stream.dataset import POLICIES
 
 METHODS = ("midas", "joint", "unimodal")
 ALPHA_UPDATES = ("epoch", "batch")
@@ -59,7 +59,7 @@ class TrainConfig:
     gamma: float = _opt(0.1, "StepLR decay factor")
     feature_dim: int = _opt(64, "encoder output (shared feature) dimension")
     hidden: list[int] = _opt([128], "hidden layer sizes of mlp encoders")
-    encoders: dict[str, str] = _opt({}, "encoder per modality (name in the midas_data.encoders "
+    encoders: dict[str, str] = _opt({}, "encoder per modality (name in the midas_data.features.encoders "
                                         "registry); a modality left out is chosen automatically")
     modalities: list[str] = _opt([], "modalities to train on, in order (empty: all of the dataset)")
     seed: int = _opt(0, "seed of the model init, the stream order and the misaligned evaluation")

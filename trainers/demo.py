@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import click
+from midas_data.pipelines import get_pipeline
 
 from midas_data.atomic import write_text_atomic
-from midas_data.extract import extract_features
-from midas_data.mine_stage import mine_misaligned
-from pipelines import get_pipeline
+from midas_data.features.extract import extract_features
+from midas_data.mining.stage import mine_misaligned
 
 from .config import TrainConfig
 from .run import train
@@ -44,7 +44,7 @@ def run_demo(out: str | Path, modalities: tuple[str, ...] = ("fac", "mor"), epoc
     say = (lambda *_: None) if quiet else click.echo
     say(f"[1/4] build-shards: UCI Multiple Features, views {'+'.join(modalities)} -> {data}")
     src = get_pipeline("mfeat")(modalities=list(modalities))
-    from midas_data.shards import build_dataset
+    from midas_data.dataset.shards import build_dataset
 
     build_dataset(src["samples"], data, classes=src["classes"], modalities=src["modalities"],
                   overwrite=True, source=src["source"], progress=not quiet)

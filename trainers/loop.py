@@ -4,7 +4,7 @@ Per batch: encode every modality once; aligned fused CE and unimodal CEs; for MI
 warm-up, the misaligned rows (b, m) whose modality m comes from row partner[b, m] (features
 swapped inside the batch, so the only extra cost is the fused head on those rows). All the
 MIDAS math (confidences, soft labels, modality and hard weights, the alpha step) is
-`midas_data.loss`; this file only wires it up.
+`midas_data.loss.terms`; this file only wires it up.
 
 - midas:    L = CE + L_uni + lam * L_mis; warm-up epochs L = L_uni.
 - joint:    the encoders and fused head train on CE alone. The unimodal heads train as linear
@@ -39,7 +39,7 @@ from midas_data.loss import (
     update_alpha,
     weak_modality,
 )
-from midas_data.stream import MidasLoader
+from midas_data.stream.dataset import MidasLoader
 
 from .config import TrainConfig
 from .distributed import DistInfo, all_sum

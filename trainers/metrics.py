@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from midas_data.loss import misaligned_top2_correct, unimodal_confidence
-from midas_data.stream import MidasDataset
+from midas_data.stream.dataset import MidasDataset
 
 from .models import MultimodalModel, source_rows, swap_features
 

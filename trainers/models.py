@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from midas_data.encoders import Standardize, build_encoder, default_encoder_for
+from midas_data.dataset.reader import Dataset
 from midas_data.errors import MidasDataError, where
-from midas_data.reader import Dataset
-from midas_data.stream import collate
+from midas_data.features.encoders import Standardize, build_encoder, default_encoder_for
+from midas_data.stream.dataset import collate
 
 from .config import TrainConfig
 

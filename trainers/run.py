@@ -1,7 +1,7 @@
 """`train(dataset_dir, out_dir, config)`: the reference trainer's entry point.
 
-    python -m trainers.run DATASET OUT --preset mfeat --method midas
-    torchrun --nproc_per_node 2 -m trainers.run DATASET OUT --preset mfeat
+    python -m midas_data.trainers.run DATASET OUT --preset mfeat --method midas
+    torchrun --nproc_per_node 2 -m midas_data.trainers.run DATASET OUT --preset mfeat
 
 Under torchrun every rank trains on its own slice of the stream (MidasDataset partitions
 by rank by itself, with equal batch counts), gradients are averaged by DDP, the epoch's
@@ -24,9 +24,9 @@ import click
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from midas_data.dataset.reader import open_dataset
 from midas_data.errors import MidasDataError, where
-from midas_data.reader import open_dataset
-from midas_data.stream import MidasDataset, MidasLoader
+from midas_data.stream.dataset import MidasDataset, MidasLoader
 
 from . import artifacts as art
 from .cli_options import config_from_options, train_options

@@ -27,8 +27,11 @@ import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_file
-from .encoders import (
+from midas_data.atomic import atomic_file
+from midas_data.dataset.manifest import file_sha256
+from midas_data.dataset.reader import Dataset, SplitReader, open_dataset
+from midas_data.errors import MidasDataError, SchemaError, UnsafeInputError, where
+from midas_data.features.encoders import (
     Standardize,
     UnimodalModel,
     build_encoder,
@@ -37,11 +40,8 @@ from .encoders import (
     state_fingerprint,
     train_unimodal,
 )
-from .errors import MidasDataError, SchemaError, UnsafeInputError, where
-from .manifest import file_sha256
-from .probe import crossfit_probes, ensemble_confidences
-from .reader import Dataset, SplitReader, open_dataset
-from .tables import Features, write_features
+from midas_data.features.probe import crossfit_probes, ensemble_confidences
+from midas_data.features.tables import Features, write_features
 
 MODELS_FILE = "warmup_models.pt"
 

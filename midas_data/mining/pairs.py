@@ -16,10 +16,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .errors import MidasDataError, SchemaError, StaleArtifactError, where
-from .loss import hard_weight_from_similarity
-from .mining import MiningInputError, resolve_index, search_different_label
-from .tables import META_PREFIX, Features, read_table, table_metadata, write_table
+from midas_data.errors import MidasDataError, SchemaError, StaleArtifactError, where
+from midas_data.features.tables import (
+    META_PREFIX,
+    Features,
+    read_table,
+    table_metadata,
+    write_table,
+)
+from midas_data.loss import hard_weight_from_similarity
+from midas_data.mining.knn import MiningInputError, resolve_index, search_different_label
 
 PAIRS_DIR = "pairs"
 PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.arrow$")

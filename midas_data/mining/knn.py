@@ -38,7 +38,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import MidasDataError
+from midas_data.errors import MidasDataError
 
 log = logging.getLogger(__name__)
 

@@ -23,18 +23,18 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from .atomic import atomic_dir
-from .errors import MidasDataError, SchemaError, where
-from .formats import Encoded, encode_value
-from .manifest import (
+from midas_data.atomic import atomic_dir
+from midas_data.dataset.formats import Encoded, encode_value
+from midas_data.dataset.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     dataset_fingerprint,
     file_sha256,
     write_manifest,
 )
-from .split import SPLITS, stratified_split
-from .tables import write_table
+from midas_data.dataset.split import SPLITS, stratified_split
+from midas_data.errors import MidasDataError, SchemaError, where
+from midas_data.features.tables import write_table
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 MODALITY_RE = re.compile(r"^[a-z][a-z0-9_]*$")

@@ -17,11 +17,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .atomic import write_bytes_atomic, write_text_atomic
-from .errors import MidasDataError, SchemaError, where
-from .manifest import read_manifest
-from .mining import MiningInputError, recall_at_k, resolve_index, search_different_label
-from .pairs import (
+from midas_data.atomic import write_bytes_atomic, write_text_atomic
+from midas_data.dataset.manifest import read_manifest
+from midas_data.errors import MidasDataError, SchemaError, where
+from midas_data.features.tables import Features, read_features, read_table, table_metadata
+from midas_data.mining.knn import (
+    MiningInputError,
+    recall_at_k,
+    resolve_index,
+    search_different_label,
+)
+from midas_data.mining.pairs import (
     check_features,
     mine_modalities,
     pairs_dir,
@@ -30,7 +36,6 @@ from .pairs import (
     with_metadata,
     write_pairs,
 )
-from .tables import Features, read_features, read_table, table_metadata
 
 HIST_BINS = 100  # over [-1, 1]: mined partners crowd near 1, so keep the bins fine
 

@@ -26,10 +26,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import CorruptShardError, MidasDataError, SchemaError, UnsafeInputError, where
-from .formats import MAX_PAYLOAD_BYTES, decode, npy_header
-from .manifest import file_sha256, read_manifest
-from .tables import read_table
+from midas_data.dataset.formats import MAX_PAYLOAD_BYTES, decode, npy_header
+from midas_data.dataset.manifest import file_sha256, read_manifest
+from midas_data.errors import (
+    CorruptShardError,
+    MidasDataError,
+    SchemaError,
+    UnsafeInputError,
+    where,
+)
+from midas_data.features.tables import read_table
 
 BLOCK = 512
 KEY_PATTERN = r"^[A-Za-z0-9_\-]+$"

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .atomic import atomic_file
-from .errors import MidasDataError, SchemaError, StaleArtifactError, where
+from midas_data.atomic import atomic_file
+from midas_data.errors import MidasDataError, SchemaError, StaleArtifactError, where
 
 META_PREFIX = "midas."
 

@@ -7,10 +7,10 @@ import json
 import re
 from pathlib import Path
 
-from .atomic import write_text_atomic
-from .errors import MidasDataError, SchemaError, UnsafeInputError, where
-from .formats import KINDS, UNSAFE_EXTS
-from .split import SPLITS
+from midas_data.atomic import write_text_atomic
+from midas_data.dataset.formats import KINDS, UNSAFE_EXTS
+from midas_data.dataset.split import SPLITS
+from midas_data.errors import MidasDataError, SchemaError, UnsafeInputError, where
 
 FORMAT_NAME = "midas-data"
 FORMAT_VERSION = 1

@@ -3,7 +3,7 @@
 It yields whole batches (use it with `DataLoader(ds, batch_size=None, num_workers=...)` or
 `MidasLoader`), because exactly-once delivery with equal batch counts per rank is decided
 per batch: every rank and worker recomputes the epoch plan from (seed, epoch) and keeps
-its own batches (midas_data.epoch_plan). Misaligned samples are expressed by an in-batch
+its own batches (midas_data.stream.epoch_plan). Misaligned samples are expressed by an in-batch
 partner index per swapped modality (`partner[b, m]`), the paper's in-batch construction,
 so a trainer can swap encoder features at no extra cost; `materialize_misaligned` turns
 them into ready-made inputs for model-agnostic users. See docs/CONTRACTS.md for the layout.
@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from midas_data.dataset.reader import open_dataset
+from midas_data.errors import CorruptShardError, MidasDataError, SchemaError, where
+from midas_data.features.tables import read_features
+from midas_data.loss import hard_weight_from_similarity
+
 from . import epoch_plan as plan
-from .errors import CorruptShardError, MidasDataError, SchemaError, where
-from .loss import hard_weight_from_similarity
-from .reader import open_dataset
-from .tables import read_features
 
 POLICIES = ("none", "random", "mined", "mixed", "soft", "tempered")
 _TEMPERED_TAG = 0x7E3D
@@ -128,7 +129,7 @@ class MidasDataset(IterableDataset):
 
     # -- mined graph ---------------------------------------------------------------------
     def _load_neighbours(self) -> None:
-        from .pairs import read_pairs
+        from midas_data.mining.pairs import read_pairs
 
         if self.features is None:
             raise MidasDataError(f"{where(self.root / 'features')}: policy {self.policy!r} needs "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .reader import open_dataset
+from midas_data.dataset.reader import open_dataset
 
 
 def describe(path: str | Path, verify: bool = False) -> tuple[str, list[str]]:

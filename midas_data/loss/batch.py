@@ -3,7 +3,7 @@
 The stream gives each misaligned sample (b, m) its sources (row b for every modality but
 m, row partner[b, m] for m) and the sources' stored unimodal confidences. These helpers
 turn that into the targets of DESIGN.md section 1 and call the pure functions of
-`midas_data.loss`; nothing about the model is assumed beyond "logits for inputs".
+`midas_data.loss.terms`; nothing about the model is assumed beyond "logits for inputs".
 """
 
 from __future__ import annotations
@@ -11,7 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .loss import AlphaStats, accumulate, misaligned_loss, modality_weights, weak_modality
+from midas_data.loss.terms import (
+    AlphaStats,
+    accumulate,
+    misaligned_loss,
+    modality_weights,
+    weak_modality,
+)
 
 
 def _source_rows(batch: dict, mis: dict) -> tuple[Tensor, Tensor, Tensor]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SchemaError, UnsafeInputError, where
+from midas_data.errors import SchemaError, UnsafeInputError, where
 
 KINDS = {"tensor": ("npy",), "image": ("png", "jpg", "jpeg"), "audio": ("wav",), "text": ("txt",)}
 EXT_TO_KIND = {ext: kind for kind, exts in KINDS.items() for ext in exts}

@@ -49,7 +49,7 @@ def build_encoder(name: str, input_shape: Sequence[int], out_dim: int, **kwargs)
     """Instantiate registered encoder `name` for inputs `[B, *input_shape]` -> `[B, out_dim]`."""
     if name not in _REGISTRY:
         raise KeyError(f"unknown encoder {name!r}; registered: {available_encoders()} "
-                       "(add yours with midas_data.encoders.register_encoder)")
+                       "(add yours with midas_data.features.encoders.register_encoder)")
     return _REGISTRY[name](tuple(int(s) for s in input_shape), int(out_dim), **kwargs)
 
 
