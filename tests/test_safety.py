@@ -61,7 +61,7 @@ from midas_data import (
     open_dataset,
 )
 from midas_data.dataset.formats import decode
-from midas_data.dataset.reader import walk_tar
+from midas_data.dataset.verify import walk_tar
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b"]
@@ -671,7 +671,7 @@ resource.setrlimit(resource.RLIMIT_AS, (1536 << 20, 1536 << 20))
 sys.path.insert(0, sys.argv[1])
 import crafting
 from midas_data.dataset.formats import decode
-from midas_data.dataset.reader import walk_tar
+from midas_data.dataset.verify import walk_tar
 from midas_data import open_dataset
 from midas_data.pipelines.user_manifest import read_manifest_file
 out = []
