@@ -42,7 +42,7 @@ from midas_data.loss import (
 from midas_data.stream.dataset import MidasLoader
 
 from .config import TrainConfig
-from .distributed import DistInfo, all_sum
+from .distributed import DistInfo, all_sum, all_sum_named
 
 ALPHA_CHUNK = 16  # batches of misaligned rows per `accumulate` call (epoch-mode alpha)
 
@@ -220,21 +220,24 @@ def train_epoch(model: nn.Module, loader: MidasLoader, optimizer: torch.optim.Op
 def finish_epoch(tracker: EpochTracker, info: DistInfo) -> dict:
     """Epoch summary summed over ranks: losses, train accuracies, mean confidences, alpha
     statistics and each rank's batch count (equal on every rank, or DDP would hang)."""
-    M = tracker.num_modalities
     tracker.flush_alpha_rows()
-    local = [tracker.n, tracker.loss, tracker.fused, tracker.uni, tracker.mis, tracker.correct_fused,
-             *tracker.correct_uni, *tracker.conf, *_stats_list(tracker.alpha_stats), tracker.n_fused]
     batches = [0.0] * info.world_size
     batches[info.rank] = float(tracker.steps)
-    s = all_sum(local + batches, info)
-    n, n_fused = max(s[0], 1.0), s[11 + 2 * M]
-    stats = AlphaStats(*s[6 + 2 * M: 10 + 2 * M], int(s[10 + 2 * M]))
-    return {"samples": int(s[0]), "loss": s[1] / n, "loss_fused": s[2] / n,
-            "loss_unimodal": s[3] / n, "loss_misaligned": s[4] / n,
-            "acc": s[5] / n_fused if n_fused else math.nan,  # NaN: the fused head did not train
-            "unimodal_acc": [c / n for c in s[6:6 + M]],
-            "mean_conf": [c / n for c in s[6 + M:6 + 2 * M]],
-            "alpha_stats": stats, "batches_per_rank": [int(b) for b in s[12 + 2 * M:]]}
+    alpha_fields = [f.name for f in dataclasses.fields(AlphaStats)]
+    s = all_sum_named({
+        "n": tracker.n, "loss": tracker.loss, "fused": tracker.fused, "uni": tracker.uni,
+        "mis": tracker.mis, "n_fused": tracker.n_fused, "correct_fused": tracker.correct_fused,
+        "correct_uni": tracker.correct_uni, "conf": tracker.conf, "batches": batches,
+        **{f"alpha.{f}": getattr(tracker.alpha_stats, f) for f in alpha_fields}}, info)
+    n, n_fused = max(s["n"], 1.0), s["n_fused"]
+    stats = AlphaStats(**{f: s[f"alpha.{f}"] for f in alpha_fields})
+    stats = dataclasses.replace(stats, count=int(stats.count))
+    return {"samples": int(s["n"]), "loss": s["loss"] / n, "loss_fused": s["fused"] / n,
+            "loss_unimodal": s["uni"] / n, "loss_misaligned": s["mis"] / n,
+            "acc": s["correct_fused"] / n_fused if n_fused else math.nan,  # NaN: the fused head did not train
+            "unimodal_acc": [c / n for c in s["correct_uni"]],
+            "mean_conf": [c / n for c in s["conf"]],
+            "alpha_stats": stats, "batches_per_rank": [int(b) for b in s["batches"]]}
 
 
 def end_of_epoch_alpha(run: RunState, summary: dict, config: TrainConfig, epoch: int) -> None:
