@@ -40,7 +40,7 @@ from .media import load_frames, wav_log_mel
 
 CLASSES = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
 MODALITIES = ("audio", "visual")
-# The MIDAS authors' settings (DESIGN.md section 1), as TrainConfig fields.
+# The MIDAS authors' settings (docs/METHOD.md, "Authors' settings"), as TrainConfig fields.
 RECIPE = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64,
           "epochs": 70, "step_size": 50, "gamma": 0.1, "warmup_epochs": 10, "lam": 1.0}
 

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from midas_data.pipelines.registry import recipes
+
 from midas_data.stream.dataset import POLICIES
 
 METHODS = ("midas", "joint", "unimodal")
@@ -27,7 +29,8 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Settings of one training run. Defaults are the MIDAS authors' (DESIGN.md section 1)."""
+    """Settings of one training run. Defaults are the MIDAS authors' (docs/METHOD.md,
+    "Authors' settings")."""
 
     method: str = _opt("midas", "midas (aligned CE + unimodal CE + lam * misaligned loss), "
                                 "joint (aligned CE only) or unimodal (unimodal heads only)")
@@ -132,21 +135,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# The authors' settings (DESIGN.md section 1): SGD, momentum 0.9, weight decay 1e-4, batch 64,
-# StepLR gamma 0.1. `mfeat` is the independent prototype's protocol (CALIBRATION.md): Adam
-# without weight decay, constant lr, MLP in -> 128 -> 64 encoders.
-_AUTHORS = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64,
-            "gamma": 0.1}
-PAPER_PRESETS: dict[str, dict[str, Any]] = {
-    "cremad": {**_AUTHORS, "lr": 1e-3, "epochs": 70, "step_size": 50, "warmup_epochs": 10,
-               "lam": 1.0},
-    "kinetics_sounds": {**_AUTHORS, "lr": 1e-3, "epochs": 70, "step_size": 50,
-                        "warmup_epochs": 10, "lam": 5.0},
-    "ucf101": {**_AUTHORS, "lr": 1e-2, "epochs": 70, "step_size": 50, "warmup_epochs": 0,
-               "lam": 1.0},
-    "food101": {**_AUTHORS, "lr": 1e-3, "epochs": 30, "step_size": 15, "warmup_epochs": 2,
-                "lam": 1.0},
-    "mfeat": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 64,
-              "epochs": 60, "step_size": 0, "warmup_epochs": 10, "lam": 1.0, "eta": 0.05,
-              "feature_dim": 64, "hidden": [128], "encoders": {}},
-}
+# Each pipeline's RECIPE, keyed by pipeline name (the authors' settings for the paper's data
+# sets, docs/METHOD.md "Authors' settings"; the independent prototype's protocol for mfeat,
+# docs/REFERENCE_RESULTS.md). The recipes live beside their readers, so there is one copy.
+PAPER_PRESETS: dict[str, dict[str, Any]] = recipes()
