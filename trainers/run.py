@@ -28,6 +28,12 @@ from midas_data.dataset.reader import open_dataset
 from midas_data.errors import MidasDataError, where
 from midas_data.stream.dataset import MidasDataset, MidasLoader
 
+# `..pipelines.text_encoder` registers `tiny_text_transformer` (and the hook for pretrained
+# text models) in the encoder registry. The trainer builds encoders by name for the text
+# modalities the image-text readers produce, so it depends on their encoder; the library's
+# registry stays free of reader names, and `train()` from Python resolves the same names as
+# `midas-data train`.
+from ..pipelines import text_encoder  # noqa: F401
 from . import artifacts as art
 from .cli_options import config_from_options, train_options
 from .config import TrainConfig
