@@ -106,3 +106,15 @@ def test_importing_the_library_loads_no_reader_or_trainer():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_public_api_is_exported_from_the_package():
+    import midas_data
+
+    missing = [n for n in midas_data.__all__ if not hasattr(midas_data, n)]
+    assert missing == []
+    assert len(set(midas_data.__all__)) == len(midas_data.__all__)
+    for name in ("build_dataset", "open_dataset", "verify_dataset", "extract_features",
+                 "ExtractConfig", "mine_misaligned", "MineConfig", "read_pairs", "MidasDataset",
+                 "MidasLoader", "misaligned_loss", "register_encoder", "search_different_label"):
+        assert name in midas_data.__all__, name
