@@ -455,3 +455,14 @@ def test_rank_and_world_size_come_from_the_torchrun_environment(uneven, monkeypa
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     assert rank_and_world_size() == (0, 1)
+
+
+def test_use_features_false_reads_no_features_and_splits_weights_evenly(mined):
+    ds = MidasDataset(mined, batch_size=8, use_features=False)
+    assert ds.features is None
+    b = next(iter(ds))
+    valid = b["partner"] >= 0
+    assert valid.any() and torch.isnan(b["conf"]).all()
+    assert torch.all(b["anchor_weight"][valid] == 0.5) and torch.all(b["partner_weight"][valid] == 0.5)
+    with pytest.raises(MidasDataError, match="extract"):
+        MidasDataset(mined, batch_size=8, policy="mined", use_features=False)
