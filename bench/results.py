@@ -5,9 +5,9 @@ Data sets: UCI Multiple Features view pairs (strong view + weak view) and AV dig
 image). Per set: build shards (stratified 70/10/20, split seed 0), extract warm-up
 features, mine k-NN partners; then train every (method, seed) with the mfeat preset (the
 independent prototype's protocol, docs/REFERENCE_RESULTS.md: Adam 1e-3, batch 64, 60
-epochs, warm-up 10, lambda 1, best epoch on validation) and report test metrics. Runs are cached (results.json per run), so
-an interrupted protocol resumes. Paired comparisons use an exact sign-flip permutation
-test over seeds.
+epochs, warm-up 10, lambda 1, best epoch on validation) and report test metrics. Runs are
+cached (results.json per run), so an interrupted protocol resumes. Paired comparisons use
+an exact sign-flip permutation test over seeds.
 
     python bench/results.py --out out/results              # the default protocol: 3 seeds
     python bench/results.py --seeds 0-9 --methods random,soft --out out/policies
