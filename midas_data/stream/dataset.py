@@ -57,9 +57,11 @@ class MidasDataset(IterableDataset):
                  knn_temperature: float = 0.1, similarity_modalities: Sequence[str] = (),
                  similarity_temperature: float = 0.1, mined_fraction: float = 0.5,
                  mined_ramp: Sequence[int] | None = None):
-        options = PartnerOptions(policy, swap_modalities, knn_modalities, knn_temperature,
-                                 similarity_modalities, similarity_temperature, mined_fraction,
-                                 mined_ramp)
+        options = PartnerOptions(
+            policy=policy, swap_modalities=swap_modalities, knn_modalities=knn_modalities,
+            knn_temperature=knn_temperature, similarity_modalities=similarity_modalities,
+            similarity_temperature=similarity_temperature, mined_fraction=mined_fraction,
+            mined_ramp=mined_ramp)
         options.validate(batch_size)
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
