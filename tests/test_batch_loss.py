@@ -1,4 +1,4 @@
-"""The batch-level loss helper against a float64 reference written from DESIGN.md section 1."""
+"""The batch-level loss helper against a float64 reference written from docs/METHOD.md."""
 
 from __future__ import annotations
 

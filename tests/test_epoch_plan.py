@@ -13,12 +13,10 @@ from midas_data.stream.epoch_plan import (
     assign_partners,
     batch_spans,
     epoch_order,
-    global_batches,
     matched_order,
     num_batches,
+    offset_after_step,
     partner_rng,
-    rank_batches,
-    remaining_items,
     worker_batches,
 )
 
@@ -27,6 +25,31 @@ BATCH_SIZES = (1, 4, 7)
 WORLD_SIZES = (1, 2, 3)
 WORKER_COUNTS = (0, 1, 2, 3)
 FAST = settings(max_examples=60, deadline=None)
+
+
+# The layouts the stream builds from `batch_spans` (its rank's batches) and `worker_batches`
+# (its worker's share), written out for the properties below.
+def rank_batches(order: np.ndarray, offset: int, batch_size: int, world_size: int, rank: int,
+                 drop_last: bool = False, *, pair_aligned: bool = False) -> list[np.ndarray]:
+    """``rank``'s batches of ``order[offset:]`` (K arrays; the last may be short or empty)."""
+    spans = batch_spans(len(order), offset, batch_size, world_size, rank, drop_last,
+                        pair_aligned=pair_aligned)
+    return [order[lo:hi] for lo, hi in spans]
+
+
+def global_batches(order: np.ndarray, offset: int, batch_size: int, world_size: int,
+                   drop_last: bool = False, *, pair_aligned: bool = False) -> list[np.ndarray]:
+    """All ranks' batches in global order, step-major and rank-minor (K * world_size)."""
+    per_rank = [rank_batches(order, offset, batch_size, world_size, r, drop_last,
+                             pair_aligned=pair_aligned) for r in range(world_size)]
+    return [batches[k] for k in range(len(per_rank[0])) for batches in per_rank]
+
+
+def remaining_items(order: np.ndarray, offset: int, batch_size: int, world_size: int,
+                    drop_last: bool = False, *, pair_aligned: bool = False) -> np.ndarray:
+    """Concatenation of :func:`global_batches`: equals ``order[offset:]`` unless drop_last."""
+    batches = global_batches(order, offset, batch_size, world_size, drop_last, pair_aligned=pair_aligned)
+    return np.concatenate(batches).astype(np.int64) if batches else np.empty(0, np.int64)
 
 
 def assert_exactly_once(items: np.ndarray, expected: np.ndarray, what: str) -> None:
@@ -79,10 +102,7 @@ def test_epoch_order_differs_across_epochs_and_seeds() -> None:
     assert np.mean(orders[0, 0] == orders[0, 1]) < 0.1
 
 
-def test_epoch_order_checks_shard_sizes() -> None:
-    assert np.array_equal(epoch_order(10, 1, 2, shard_sizes=[4, 6]), epoch_order(10, 1, 2))
-    with pytest.raises(ValueError):
-        epoch_order(10, 1, 2, shard_sizes=[4, 5])
+def test_epoch_order_rejects_negative_arguments() -> None:
     with pytest.raises(ValueError):
         epoch_order(10, -1, 0)
 
@@ -194,6 +214,22 @@ def test_resume_with_same_world_size_gives_the_same_batches() -> None:
         assert len(resumed) == len(full) - 3 * steps, "Missing samples: wrong batch count"
         for x, y in zip(resumed, full[3 * steps :]):
             assert np.array_equal(x, y), "Incorrect sample order after resume"
+
+
+def test_offset_after_step_counts_the_items_of_every_rank_up_to_that_step() -> None:
+    """The resume offset saved with step k's batches: offset + all ranks' items of steps
+    0..k (so a resume from it continues with step k + 1), ``n`` after the final step."""
+    for n, b, world in itertools.product(N_VALUES, BATCH_SIZES, WORLD_SIZES):
+        order = epoch_order(n, 2, 1)
+        for offset in sorted({0, min(b * world, n), n}):
+            batches = global_batches(order, offset, b, world)
+            steps = len(batches) // world
+            for k in range(steps):
+                consumed = sum(len(x) for x in batches[: (k + 1) * world])
+                assert offset_after_step(n, offset, b, world, k) == offset + consumed, (
+                    f"n={n} B={b} W={world} offset={offset} step={k}")
+            if steps:
+                assert offset_after_step(n, offset, b, world, steps - 1) == n
 
 
 # ---------------------------------------------------------------- partners

@@ -8,13 +8,22 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from midas_data import CorruptShardError, MidasDataError, Sample, build_dataset
-from midas_data.stream.dataset import MidasDataset, MidasLoader, collate, materialize_misaligned
+from midas_data.distributed import rank_and_world_size
+from midas_data.stream.dataset import (
+    MidasDataset,
+    MidasLoader,
+    collate,
+    materialize_misaligned,
+    partner_fields,
+)
+from midas_data.stream.partners import POLICIES, RESEARCH_POLICIES, resolve_modalities
 
 
 def _dataset(root: Path, n: int = 61, shard: int = 7, classes: int = 5) -> Path:
@@ -265,9 +274,9 @@ def test_mined_policy_pairs_mined_neighbours_in_the_same_batch_once(mined, worke
     assert matched >= len(keys) // 2, f"only {matched} of {len(keys)} anchors got a mined partner"
 
 
-def test_mined_swap_limits_mined_partners_to_chosen_modality(mined):
+def test_swap_modalities_limit_mined_partners_to_chosen_modality(mined):
     nbrs = _neighbour_sets(mined, ["b"])
-    ds = MidasDataset(mined, batch_size=8, policy="mined", graph_modalities=["b"], mined_swap=["b"])
+    ds = MidasDataset(mined, batch_size=8, policy="mined", knn_modalities=["b"], swap_modalities=["b"])
     same = total = 0
     for b in ds:
         rows = b["row"].tolist()
@@ -282,10 +291,11 @@ def test_mined_swap_limits_mined_partners_to_chosen_modality(mined):
 
 
 def test_weak_and_strong_resolve_from_stored_confidences(mined):
-    ds = MidasDataset(mined, batch_size=8, policy="mined", graph_modalities=["strong"], mined_swap=["weak"])
+    ds = MidasDataset(mined, batch_size=8, policy="mined", knn_modalities=["strong"],
+                      swap_modalities=["weak"])
     conf = {m: float(np.mean(ds.features.confs[m])) for m in ("a", "b")}
-    assert ds.graph_modalities == [max(conf, key=conf.get)]
-    assert ds.mined_swap == [min(conf, key=conf.get)]
+    assert list(ds.options.knn_modalities) == [max(conf, key=conf.get)]
+    assert list(ds.options.swap_modalities) == [min(conf, key=conf.get)]
 
 
 def _batch_cosines(ds: MidasDataset, rows: list[int], m: str) -> np.ndarray:
@@ -298,8 +308,8 @@ def test_tempered_partners_have_another_label_and_follow_the_temperature(mined):
     """Cold: every anchor takes its most similar other-label row in the batch; hot: the
     pick is spread out (close to the uniform random partner)."""
     def mean_rank(temperature: float) -> tuple[float, int]:
-        ds = MidasDataset(mined, batch_size=16, policy="tempered", temperature=temperature,
-                          graph_modalities=["a"], mined_swap=["b"])
+        ds = MidasDataset(mined, batch_size=16, policy="tempered", similarity_temperature=temperature,
+                          similarity_modalities=["a"], swap_modalities=["b"])
         ranks, n = [], 0
         for b in ds:
             rows, labels = b["row"].tolist(), b["label"].numpy()
@@ -321,8 +331,8 @@ def test_tempered_partners_have_another_label_and_follow_the_temperature(mined):
 
 def test_tempered_keeps_other_modalities_random_and_is_worker_invariant(mined):
     def partners(workers: int) -> list[list[list[int]]]:
-        ds = MidasDataset(mined, batch_size=16, policy="tempered", temperature=0.05,
-                          graph_modalities=["a"], mined_swap=["b"])
+        ds = MidasDataset(mined, batch_size=16, policy="tempered", similarity_temperature=0.05,
+                          similarity_modalities=["a"], swap_modalities=["b"])
         return [b["partner"].tolist() for b in MidasLoader(ds, num_workers=workers)]
 
     zero, two = partners(0), partners(2)
@@ -338,12 +348,11 @@ def test_tempered_without_features_is_a_clear_error(uneven):
 
 def test_mixed_ramp_grows_the_mined_fraction_from_zero(mined):
     ds = MidasDataset(mined, batch_size=8, policy="mixed", mined_fraction=0.8, mined_ramp=(2, 6))
-    assert [ds.fraction_at(e) for e in (0, 2, 4, 6, 9)] == pytest.approx([0.0, 0.0, 0.4, 0.8, 0.8])
+    assert [ds.partners.fraction_at(e) for e in (0, 2, 4, 6, 9)] == pytest.approx([0.0, 0.0, 0.4, 0.8, 0.8])
     nbrs = _neighbour_sets(mined, ["a", "b"])
 
     def matched(epoch: int) -> int:
-        ds.set_epoch(epoch)
-        _, partner_of = ds._order()
+        _, partner_of = ds.partners.order(ds.seed, epoch)
         return sum(int(p) in nbrs.get(i, set()) or i in nbrs.get(int(p), set())
                    for i, p in enumerate(partner_of) if p >= 0)
 
@@ -357,3 +366,103 @@ def test_bad_mined_ramp_is_refused(mined, bad):
         MidasDataset(mined, batch_size=8, policy="mixed", mined_ramp=bad)
     with pytest.raises(ValueError, match="mined_ramp.*'mixed'"):
         MidasDataset(mined, batch_size=8, policy="mined", mined_ramp=(0, 5))
+
+
+def test_soft_partners_follow_the_knn_temperature(mined):
+    """Cold: every matched pair is an anchor's most similar mined neighbour (the others'
+    weights vanish); hot: the matching spreads over the k-NN list like `mined`."""
+    def top_edge_share(temperature: float) -> float:
+        ds = MidasDataset(mined, batch_size=8, policy="soft", knn_temperature=temperature,
+                          knn_modalities=["a"])
+        nb, sims = ds.partners.neighbours, ds.partners.similarities
+        top = nb[np.arange(len(nb)), np.argmax(sims, axis=1)]
+        shares = []
+        for epoch in range(5):
+            _, partner_of = ds.partners.order(ds.seed, epoch)
+            pairs = [(i, int(j)) for i, j in enumerate(partner_of) if j > i]
+            assert pairs and all(j in nb[i] or i in nb[j] for i, j in pairs), "pair off the graph"
+            shares.append(np.mean([top[i] == j or top[j] == i for i, j in pairs]))
+        return float(np.mean(shares))
+
+    assert top_edge_share(1e-8) == 1.0, "at a vanishing temperature only top neighbours pair"
+    assert top_edge_share(100.0) < 0.7, "at a high temperature the other neighbours pair too"
+
+
+def test_partner_fields_weights_are_normalised_source_confidences():
+    labels = np.array([0, 1, 2], np.int64)
+    partner = np.array([[1, 2, -1], [0, 0, 0], [0, 1, 1]], np.int64)  # [b=3, M=3]
+    conf = np.array([[0.2, 0.4, 0.6], [0.1, 0.3, 0.0], [0.0, 0.0, 0.0]], np.float32)
+    f = partner_fields(partner, labels, conf, None)
+    for b in range(3):
+        for m in range(3):
+            j = partner[b, m]
+            if j < 0:
+                assert f["anchor_weight"][b, m] == 0 and f["partner_weight"][b, m] == 0
+                continue
+            src = [conf[j, k] if k == m else conf[b, k] for k in range(3)]
+            want = src[m] / sum(src) if sum(src) > 0 else 1 / 3  # zero row: uniform
+            assert f["partner_weight"][b, m].item() == pytest.approx(want, abs=1e-7)
+            assert f["anchor_weight"][b, m].item() == pytest.approx(1 - want, abs=1e-7)
+    assert f["partner_label"].tolist() == [[1, 2, -1], [0, 0, 0], [0, 1, 1]]
+    # without stored confidences anchor and partner split the label evenly
+    f = partner_fields(partner, labels, None, None)
+    valid = torch.from_numpy(partner >= 0)
+    assert torch.all(f["anchor_weight"][valid] == 0.5) and torch.all(f["partner_weight"][valid] == 0.5)
+    assert torch.isnan(f["conf"]).all() and torch.all(f["hard_weight"][valid] == 1.0)
+
+
+def test_weak_and_strong_use_the_trainers_tie_rule(tmp_path):
+    """Equal mean confidences: 'weak' is the first modality, 'strong' the next (never the same)."""
+    feats = SimpleNamespace(confs={"a": np.full(4, 0.5, np.float32), "b": np.full(4, 0.5, np.float32)})
+    assert resolve_modalities(["weak", "strong"], ["a", "b"], feats, tmp_path) == ("a", "b")
+    assert resolve_modalities([], ["a", "b"], None, tmp_path) == ("a", "b")
+    with pytest.raises(MidasDataError, match="extract"):
+        resolve_modalities(["weak"], ["a", "b"], None, tmp_path)
+
+
+def test_policy_registry_names_public_and_research_policies():
+    assert set(POLICIES) == {"none", "random", *RESEARCH_POLICIES}
+    assert set(POLICIES) - RESEARCH_POLICIES == {"none", "random"}
+    assert all(cls.name == name for name, cls in POLICIES.items())
+    assert {n for n, cls in POLICIES.items() if cls.paired} == {"mined", "mixed", "soft"}
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"policy": "tempered", "knn_modalities": ["a"]}, "knn_modalities applies to"),
+    ({"policy": "mined", "similarity_modalities": ["a"]}, "similarity_modalities applies to"),
+    ({"policy": "random", "swap_modalities": ["a"]}, "swap_modalities applies to"),
+    ({"policy": "soft", "knn_temperature": 0.0}, "knn_temperature must be > 0"),
+    ({"policy": "mixed", "mined_fraction": 1.5}, "mined_fraction must be in"),
+    ({"policy": "mined", "batch_size": 7}, "even batch_size"),
+])
+def test_partner_options_are_checked_in_one_place_for_stream_and_trainer(uneven, bad, match):
+    from midas_data.trainers.config import TrainConfig
+
+    kwargs = {"batch_size": 8, **bad}
+    with pytest.raises(ValueError, match=match) as stream_error:
+        MidasDataset(uneven, **kwargs)
+    with pytest.raises(ValueError, match=match) as config_error:
+        TrainConfig(**kwargs)
+    assert str(config_error.value) == f"TrainConfig.{stream_error.value}"
+
+
+def test_rank_and_world_size_come_from_the_torchrun_environment(uneven, monkeypatch):
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert rank_and_world_size() == (2, 4)
+    ds = MidasDataset(uneven, batch_size=4)
+    assert ds.rank_world() == (2, 4)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert rank_and_world_size() == (0, 1)
+
+
+def test_use_features_false_reads_no_features_and_splits_weights_evenly(mined):
+    ds = MidasDataset(mined, batch_size=8, use_features=False)
+    assert ds.features is None
+    b = next(iter(ds))
+    valid = b["partner"] >= 0
+    assert valid.any() and torch.isnan(b["conf"]).all()
+    assert torch.all(b["anchor_weight"][valid] == 0.5) and torch.all(b["partner_weight"][valid] == 0.5)
+    with pytest.raises(MidasDataError, match="extract"):
+        MidasDataset(mined, batch_size=8, policy="mined", use_features=False)

@@ -197,7 +197,7 @@ def test_cli_options_build_the_config():
     with pytest.raises(ValueError, match="mined_ramp"):
         TrainConfig(policy="mixed", mined_ramp=[60, 10])
     with pytest.raises(ValueError, match="temperature"):
-        TrainConfig(policy="tempered", temperature=0.0)
+        TrainConfig(policy="tempered", similarity_temperature=0.0)
 
 
 def test_on_epoch_hook_sees_the_model_after_every_epoch(dataset, baseline, tmp_path):
@@ -260,9 +260,10 @@ def mined_dataset(tmp_path_factory, mfeat_source) -> Path:
 
 
 @pytest.mark.parametrize("overrides", [
-    {"policy": "tempered", "temperature": 0.05, "graph_modalities": ["strong"], "mined_swap": ["weak"]},
-    {"policy": "mixed", "mined_fraction": 1.0, "mined_ramp": [1, 3], "graph_modalities": ["strong"],
-     "mined_swap": ["weak"]},
+    {"policy": "tempered", "similarity_temperature": 0.05, "similarity_modalities": ["strong"],
+     "swap_modalities": ["weak"]},
+    {"policy": "mixed", "mined_fraction": 1.0, "mined_ramp": [1, 3], "knn_modalities": ["strong"],
+     "swap_modalities": ["weak"]},
 ])
 def test_similarity_policies_train_end_to_end(mined_dataset, tmp_path, overrides):
     res = train(mined_dataset, tmp_path, mfeat_config(**overrides), progress=False, plots=False)

@@ -34,10 +34,9 @@ from midas_data.loss import (
     misaligned_loss,
     modality_weights,
     normalised_confidences,
-    strong_modality,
     unimodal_confidence,
     update_alpha,
-    weak_modality,
+    weak_and_strong,
 )
 from midas_data.stream.dataset import MidasLoader
 
@@ -109,9 +108,7 @@ def is_warmup(config: TrainConfig, epoch: int) -> bool:
 
 def set_weak(tracker: EpochTracker, mean_conf: list[float]) -> None:
     """The weak modality has the lowest mean confidence; the strong one the highest other."""
-    tracker.weak = weak_modality(mean_conf)
-    strong = strong_modality(mean_conf)
-    tracker.strong = strong if strong != tracker.weak else (tracker.weak + 1) % len(mean_conf)
+    tracker.weak, tracker.strong = weak_and_strong(mean_conf)
 
 
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,

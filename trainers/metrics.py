@@ -21,10 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from midas_data.loss import misaligned_top2_correct, unimodal_confidence
+from midas_data.loss import (
+    misaligned_top2_correct,
+    normalised_confidences,
+    source_rows,
+    unimodal_confidence,
+)
 from midas_data.stream.dataset import MidasDataset
 
-from .models import MultimodalModel, source_rows, swap_features
+from .models import MultimodalModel, swap_features
 
 _PERM_TAG = 0x3A11
 
@@ -71,8 +76,7 @@ def misaligned_metrics(fuse: Callable[[list[Tensor]], Tensor], feats: Sequence[T
         p = torch.softmax(logits.double(), dim=1)
         # modality k's source is j for the swapped modality, i for the others
         src_labels = torch.stack([y[j] if k == m else y[i] for k in range(M)], dim=1)
-        pk = p.gather(1, src_labels)
-        prob += (pk / pk.sum(1, keepdim=True).clamp_min(1e-300)).sum(0).cpu() if len(i) else 0.0
+        prob += normalised_confidences(p.gather(1, src_labels)).sum(0).cpu() if len(i) else 0.0
     rows = max(len(i) * M, 1)
     acc["mean"] = float(np.mean([acc[m] for m in modalities]))
     return {"misaligned_acc": acc, "misaligned_pairs": int(len(i)),
@@ -107,8 +111,7 @@ def evaluate(model: MultimodalModel, data: MidasDataset, seed: int, device: torc
         logits = model.fuse(feats)
         pred = logits.argmax(1)
         uni = model.unimodal_logits(feats)
-        conf = torch.stack([unimodal_confidence(z, y).double() for z in uni], 1)
-        conf = conf / conf.sum(1, keepdim=True).clamp_min(1e-300)
+        conf = normalised_confidences(torch.stack([unimodal_confidence(z, y).double() for z in uni], 1))
         only = {}
         for k, m in enumerate(mods):  # fused head with every other modality zeroed
             kept = [f if i == k else torch.zeros_like(f) for i, f in enumerate(feats)]

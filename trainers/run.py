@@ -103,12 +103,9 @@ def _train(root: Path, out: Path, config: TrainConfig, resume: bool, progress: b
     model = MultimodalModel.from_dataset(ds, config).to(device)
     mods = model.modalities
     optimizer, scheduler = build_optimizer(model, config)
-    policy = config.policy if config.method == "midas" else "none"
-    stream = MidasDataset(root, "train", batch_size=config.batch_size, policy=policy,
-                          mined_fraction=config.mined_fraction, temperature=config.temperature,
-                          graph_modalities=config.graph_modalities, mined_swap=config.mined_swap,
-                          mined_ramp=tuple(config.mined_ramp) if config.mined_ramp else None,
-                          seed=config.seed, modalities=mods)
+    stream = MidasDataset(root, "train", batch_size=config.batch_size, seed=config.seed,
+                          modalities=mods, **config.partner_options())
+    policy = stream.policy  # none unless method is midas
     loader = MidasLoader(stream, num_workers=config.num_workers)
     held_out = {s: MidasDataset(root, s, batch_size=config.eval_batch_size, policy="none",
                                 shuffle=False, modalities=mods, rank=0, world_size=1)

@@ -2,8 +2,9 @@
 
 The stream gives each misaligned sample (b, m) its sources (row b for every modality but
 m, row partner[b, m] for m) and the sources' stored unimodal confidences. These helpers
-turn that into the targets of DESIGN.md section 1 and call the pure functions of
-`midas_data.loss.terms`; nothing about the model is assumed beyond "logits for inputs".
+turn that into the soft-label targets of docs/METHOD.md ("Confidences and soft labels")
+and call the pure functions of `midas_data.loss.terms`; nothing about the model is
+assumed beyond "logits for inputs".
 """
 
 from __future__ import annotations
@@ -16,19 +17,20 @@ from midas_data.loss.terms import (
     accumulate,
     misaligned_loss,
     modality_weights,
+    normalised_confidences,
+    source_rows,
     weak_modality,
 )
 
 
 def _source_rows(batch: dict, mis: dict) -> tuple[Tensor, Tensor, Tensor]:
-    """Batch row [N, M] each modality of each misaligned row comes from; the modality
-    index [N, M]; and whether that modality is the swapped one [N, M]."""
+    """`source_rows` of the misaligned rows [N, M]; the modality index [N, M]; and whether
+    that modality is the swapped one [N, M]."""
     anchor, swapped = mis["anchor"], mis["swapped"]
-    n, m_count = len(anchor), batch["partner"].shape[1]
-    cols = torch.arange(m_count).expand(n, m_count)
-    is_swapped = cols == swapped.unsqueeze(1)
-    src_rows = torch.where(is_swapped, batch["partner"][anchor, swapped].unsqueeze(1), anchor.unsqueeze(1))
-    return src_rows, cols, is_swapped
+    m_count = batch["partner"].shape[1]
+    src_rows = source_rows(anchor, swapped, batch["partner"][anchor, swapped], m_count)
+    cols = torch.arange(m_count).expand(len(anchor), m_count)
+    return src_rows, cols, cols == swapped.unsqueeze(1)
 
 
 def misaligned_targets(batch: dict, mis: dict) -> tuple[Tensor, Tensor]:
@@ -36,7 +38,7 @@ def misaligned_targets(batch: dict, mis: dict) -> tuple[Tensor, Tensor]:
 
     `mis` is `materialize_misaligned(batch)`. With stored per-modality confidences
     (`batch["conf"]`, from `midas-data extract`) each modality's weight is its source's
-    confidence normalised over the modalities (appendix A.2); without them the stream's
+    confidence normalised over the modalities (`normalised_confidences`); without them the stream's
     anchor/partner weights (0.5 each) are split over the anchor's kept modalities.
     """
     src_rows, cols, is_swapped = _source_rows(batch, mis)
@@ -44,8 +46,7 @@ def misaligned_targets(batch: dict, mis: dict) -> tuple[Tensor, Tensor]:
     src_labels = batch["label"][src_rows]
     conf = batch.get("conf")
     if conf is not None and n and torch.isfinite(conf).all():
-        c = conf[src_rows, cols].double()
-        weights = c / c.sum(1, keepdim=True).clamp_min(1e-12)
+        weights = normalised_confidences(conf[src_rows, cols].double())
     else:
         kept = (~is_swapped).sum(1, keepdim=True).double()
         weights = torch.where(is_swapped, mis["weights"][:, 1:2].double(),

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from midas_data.atomic import write_bytes_atomic, write_text_atomic
 from midas_data.dataset.manifest import read_manifest
+from midas_data.distributed import rank_and_world_size
 from midas_data.errors import MidasDataError, SchemaError, where
 from midas_data.features.tables import Features, read_features, read_table, table_metadata
 from midas_data.mining.config import MineConfig
@@ -41,15 +42,6 @@ from midas_data.mining.pairs import (
 from midas_data.options import resolve_settings
 
 HIST_BINS = 100  # over [-1, 1]: mined partners crowd near 1, so keep the bins fine
-
-
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed if initialised, else torchrun's env, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _barrier() -> bool:
@@ -75,7 +67,7 @@ def mine_misaligned(dataset_dir: str | os.PathLike, config: MineConfig | None = 
     root = Path(dataset_dir)
     manifest = read_manifest(root)
     device = resolve_index(cfg.index)  # resolve once: 'auto' warns once, every split agrees
-    rank, world = dist_rank_world()
+    rank, world = rank_and_world_size()
     summary: dict = {"dataset": str(root), "rank": rank, "world_size": world, "index": device,
                      "approx": cfg.approx, "k": cfg.k, "splits": {}}
     for split in cfg.splits:

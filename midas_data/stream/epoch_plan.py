@@ -18,6 +18,12 @@ worker count continues with ``order[offset:]``, re-split into steps from ``offse
 Partner randomness of a batch comes from :func:`partner_rng` seeded by the global position
 of the batch's first item, so the same global batch gets the same partners on any world
 size or worker count.
+
+What the stream (`midas_data.stream.dataset`) calls on every pass: its partner policy's
+order (:func:`epoch_order`, or :func:`matched_order` for the paired policies), then
+:func:`batch_spans` for its rank, :func:`worker_batches` for its DataLoader worker,
+:func:`offset_after_step` for the resume state saved with each batch, and per batch
+:func:`partner_rng` and :func:`assign_partners`. :func:`num_batches` is its ``len``.
 """
 
 from __future__ import annotations
@@ -40,20 +46,14 @@ def _check_nonneg(**values: int) -> None:
             raise ValueError(f"{name} must be >= 0, got {value}")
 
 
-def epoch_order(
-    n: int, seed: int, epoch: int, shard_sizes: Sequence[int] | None = None
-) -> np.ndarray:
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """Global order of the epoch: a uniform random permutation of ``0..n-1``, int64 [n].
 
     Deterministic for ``(seed, epoch)``; a different permutation per epoch and per seed.
     A plain global permutation is used because readers have random access by byte offset,
-    so shuffle quality does not degrade when the split lives in few shards. ``shard_sizes``
-    (samples per shard, in row order) is only checked against ``n``; it does not change
-    the order (reserved for a future locality-aware shuffle).
+    so shuffle quality does not degrade when the split lives in few shards.
     """
     _check_nonneg(n=n, seed=seed, epoch=epoch)
-    if shard_sizes is not None and int(np.sum(shard_sizes)) != n:
-        raise ValueError(f"shard_sizes sum to {int(np.sum(shard_sizes))}, expected n={n}")
     rng = np.random.default_rng([int(seed), int(epoch), _ORDER_TAG])
     return rng.permutation(int(n)).astype(np.int64)
 
@@ -105,60 +105,19 @@ def batch_spans(
     return spans
 
 
-def rank_batches(
-    order: np.ndarray,
-    offset: int,
-    batch_size: int,
-    world_size: int,
-    rank: int,
-    drop_last: bool = False,
-    *,
-    pair_aligned: bool = False,
-) -> list[np.ndarray]:
-    """``rank``'s batches of ``order[offset:]`` (K int64 arrays; the last may be shorter or
-    empty). See :func:`batch_spans` for the layout and ``pair_aligned``."""
-    spans = batch_spans(
-        len(order), offset, batch_size, world_size, rank, drop_last, pair_aligned=pair_aligned
-    )
-    return [order[lo:hi] for lo, hi in spans]
-
-
-def global_batches(
-    order: np.ndarray,
-    offset: int,
-    batch_size: int,
-    world_size: int,
-    drop_last: bool = False,
-    *,
-    pair_aligned: bool = False,
-) -> list[np.ndarray]:
-    """All ranks' batches in global order, step-major and rank-minor (K * world_size)."""
-    per_rank = [
-        rank_batches(order, offset, batch_size, world_size, r, drop_last, pair_aligned=pair_aligned)
-        for r in range(world_size)
-    ]
-    return [batches[k] for k in range(len(per_rank[0])) for batches in per_rank]
-
-
-def remaining_items(
-    order: np.ndarray,
-    offset: int,
-    batch_size: int,
-    world_size: int,
-    drop_last: bool = False,
-    *,
-    pair_aligned: bool = False,
-) -> np.ndarray:
-    """Concatenation of :func:`global_batches`: equals ``order[offset:]`` unless drop_last."""
-    batches = global_batches(
-        order, offset, batch_size, world_size, drop_last, pair_aligned=pair_aligned
-    )
-    return np.concatenate(batches).astype(np.int64) if batches else np.empty(0, np.int64)
+def offset_after_step(n: int, offset: int, batch_size: int, world_size: int, step: int) -> int:
+    """Items of the order consumed once every rank has finished global step ``step``
+    (0-based) of a pass that started at ``offset``: the resume offset saved with that
+    step's batches (DDP runs the ranks in lockstep). The final step ends at ``n``."""
+    _check_nonneg(n=n, offset=offset, step=step)
+    return min(int(offset) + (int(step) + 1) * int(batch_size) * int(world_size), int(n))
 
 
 def worker_batches(batches: Sequence[T], worker_id: int, num_workers: int) -> list[T]:
     """Batches of one DataLoader worker: batch k goes to worker ``k % num_workers``.
 
+    The stream passes ``range(K)`` (the indices of its rank's :func:`batch_spans`) and
+    builds batch k from ``spans[k]``.
     ``num_workers=0`` (in-process loading) counts as one worker. torch's DataLoader polls
     workers round-robin, so the rank's output order equals ``batches`` for any count.
     """
@@ -246,7 +205,7 @@ def matched_order(
     Layout: pairs and leftover anchors (grouped two by two) form units of two items, the
     units are shuffled, and an odd leftover goes last. So every pair starts at an even
     position and never straddles a batch boundary when the batch size and resume offset
-    are even (use ``pair_aligned=True`` in :func:`rank_batches` for the final step).
+    are even (use ``pair_aligned=True`` in :func:`batch_spans` for the final step).
     """
     _check_nonneg(n=n, seed=seed, epoch=epoch)
     nb = np.asarray(neighbours, dtype=np.int64)
