@@ -3,13 +3,13 @@
 Data sets: UCI Multiple Features view pairs (strong view + weak view) and AV digits
 (8x8 digit images paired by class with spoken-digit MFCCs; "av-noisy" adds noise to the
 image). Per set: build shards (stratified 70/10/20, split seed 0), extract warm-up
-features, mine k-NN partners; then train every (method, seed) with the mfeat preset
-(CALIBRATION.md's protocol: Adam 1e-3, batch 64, 60 epochs, warm-up 10, lambda 1, best
-epoch on validation) and report test metrics. Runs are cached (results.json per run), so
-an interrupted protocol resumes. Paired comparisons use an exact sign-flip permutation
-test over seeds.
+features, mine k-NN partners; then train every (method, seed) with the mfeat preset (the
+independent prototype's protocol, docs/REFERENCE_RESULTS.md: Adam 1e-3, batch 64, 60
+epochs, warm-up 10, lambda 1, best epoch on validation) and report test metrics. Runs are
+cached (results.json per run), so an interrupted protocol resumes. Paired comparisons use
+an exact sign-flip permutation test over seeds.
 
-    python bench/results.py --out out/results              # issue protocol: 3 seeds
+    python bench/results.py --out out/results              # the README's protocol: 3 seeds
     python bench/results.py --seeds 0-9 --methods random,soft --out out/policies
 """
 
@@ -40,7 +40,7 @@ METHODS = {
     "mined": {"method": "midas", "policy": "mined"},
     "mixed": {"method": "midas", "policy": "mixed", "mined_fraction": 0.5},
     "soft": {"method": "midas", "policy": "soft"},
-    # Issue 10 candidates: a matched pair swaps only the weak modality (the other swap gets a
+    # Partner-study candidates: a matched pair swaps only the weak modality (the other swap gets a
     # random partner, so no misaligned sample is repeated). "cross" pairs anchors that are
     # near in the strong view, so the strong view is ambiguous and the weak one decides;
     # "self" pairs anchors that are near in the weak view (the swapped view itself).
