@@ -8,6 +8,7 @@ import sys
 import click
 
 from midas_data.errors import MidasDataError
+from midas_data.mining.knn import INDEX_CHOICES
 
 
 def _fail(e: Exception) -> None:
@@ -156,8 +157,9 @@ def extract_cmd(dataset, features_file, splits, warmup_epochs, batch_size, lr, o
 
 @main.command("mine-misaligned")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False))
-@click.option("--index", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True,
-              help="FAISS on the CPU, on the GPU (the `gpu` extra), or GPU when visible.")
+@click.option("--index", type=click.Choice(INDEX_CHOICES), default="cpu", show_default=True,
+              help="FAISS on the CPU; on the GPU (faiss-gpu, else torch on CUDA); the torch "
+                   "backend (its GPU, else the CPU); or the fastest available.")
 @click.option("--k", default=16, show_default=True, help="Partners per anchor and modality.")
 @click.option("--splits", default="train", show_default=True)
 @click.option("--approx", type=click.Choice(["ivf"]), default=None,
