@@ -371,11 +371,10 @@ def test_gpu_without_faiss_gpu_uses_torch_on_cuda_and_says_so(monkeypatch, caplo
     assert knn.resolve_index("auto") == "torch"  # torch on CUDA beats FAISS on the CPU
 
 
-def test_auto_without_faiss_or_gpu_uses_torch_on_cpu(monkeypatch):
-    monkeypatch.setattr(knn, "faiss_installed", lambda: False)
+def test_auto_without_gpu_uses_torch_on_cpu(monkeypatch):
     monkeypatch.setattr(knn, "gpu_available", lambda: False)
     monkeypatch.setattr(knn, "cuda_available", lambda: False)
-    with pytest.warns(RuntimeWarning, match="FAISS is not installed"):
+    with pytest.warns(RuntimeWarning, match="no GPU visible.*torch backend"):
         assert knn.resolve_index("auto") == "torch"
     assert knn.resolve_index("torch") == "torch" and knn.resolve_index("cpu") == "cpu"
 
@@ -463,3 +462,20 @@ def test_torch_ranks_mine_their_slices_of_the_anchors(mined_dataset, monkeypatch
     parts = read_pairs(mined_dataset, "train").sort_by(sort)
     assert parts.select(["modality", "anchor_row", "partner_row"]).equals(
         whole.sort_by(sort).select(["modality", "anchor_row", "partner_row"]))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_torch_unconstrained_baseline_matches_oracle(precision):
+    from midas_data.mining.torch_knn import TorchKNN
+
+    x, _ = random_data(n=500)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    knn_all = TorchKNN(xn, np.array([0, len(x)]), "cpu", precision, chunk_size=97)
+    q = np.arange(0, 500, 3)
+    D, I = knn_all.search_unconstrained(q, 5)
+    S = oracle(x, np.zeros(len(x), np.int64) + np.arange(len(x)), q)  # no row shares a label
+    S[np.arange(len(q)), q] = 1.0  # ... but each query is its own nearest row
+    best = -np.sort(-S, axis=1)[:, :5]
+    np.testing.assert_allclose(D, best, atol=TOL)
+    assert (I[:, 0] == q).all()
+    np.testing.assert_allclose(D, np.take_along_axis(S, I, 1), atol=TOL)

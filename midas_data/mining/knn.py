@@ -30,7 +30,8 @@ Backends (``index``, one of INDEX_CHOICES): ``cpu`` FAISS on the CPU; ``gpu`` FA
 GPU when faiss-gpu is installed and sees a GPU, else the torch backend on CUDA (logged),
 else an error; ``torch`` the torch backend (`torch_knn`: chunked matmul + top-k, exact,
 on this rank's GPU if torch sees one, else the CPU; needs no FAISS); ``auto`` the fastest
-available: FAISS GPU, torch on CUDA, FAISS CPU, torch on the CPU, in that order.
+available: FAISS GPU, else torch on CUDA, else torch on the CPU (bench/mine.py, 30k x 256,
+k=16, 2 cores: the torch backend took 0.33x the time of the FAISS one, 0.35x with 1 thread).
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def resolve_index(index: str) -> str:
     """An INDEX_CHOICES value -> the backend that runs: 'cpu' | 'gpu' (FAISS) | 'torch'.
 
     'gpu' without faiss-gpu falls back to torch on CUDA (logged), and without CUDA is an
-    error; 'auto' picks the fastest available and warns when that is a CPU. Resolving a
-    resolved value gives it back.
+    error; 'auto' picks the fastest available (module docstring) and warns when that is
+    the CPU. Resolving a resolved value gives it back.
     """
     if index not in INDEX_CHOICES:
         raise MidasDataError(f"index must be one of {INDEX_CHOICES}, got {index!r}")
@@ -127,12 +128,10 @@ def resolve_index(index: str) -> str:
                              "on a CUDA machine install the `gpu` extra (pip install "
                              "'midas-data[gpu]', not together with [cpu]) or use --index torch; "
                              "here use --index cpu")
-    backend = "cpu" if faiss_installed() else "torch"
-    msg = (f"index 'auto': no GPU visible to FAISS or torch, mining on CPU "
-           f"({'FAISS' if backend == 'cpu' else 'torch: FAISS is not installed'})")
+    msg = "index 'auto': no GPU visible to FAISS or torch, mining on CPU with the torch backend"
     log.warning(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
-    return backend
+    return "torch"
 
 
 def _check_data(x, labels, name) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
