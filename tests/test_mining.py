@@ -342,13 +342,15 @@ def test_torch_low_precision_candidates_are_reranked_to_the_exact_answer():
         assert index.torch.stats["reranked"] == len(queries)
 
 
-def test_torch_uncertified_queries_are_searched_again_in_fp32():
+def test_torch_uncertified_queries_are_searched_again_in_fp32(caplog):
     x, y = near_ties()
     k, queries = 8, np.arange(6)
     index = DifferentLabelIndex(x, y, index="torch", precision="bf16")
     index.torch.candidates = k  # no margin: the bf16 candidates cannot be certified
-    D, I = index.search(k, queries)
+    with caplog.at_level(logging.INFO, logger="midas_data.mining.knn"):
+        D, I = index.search(k, queries)
     assert index.torch.stats["fallback_fp32"] == len(queries)
+    assert "6 of 6 queries so far could not be certified" in caplog.text
     assert_exact(D, I, x, y, k, queries)
 
 
@@ -479,3 +481,19 @@ def test_torch_unconstrained_baseline_matches_oracle(precision):
     np.testing.assert_allclose(D, best, atol=TOL)
     assert (I[:, 0] == q).all()
     np.testing.assert_allclose(D, np.take_along_axis(S, I, 1), atol=TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU (torch)")
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_torch_on_cuda_matches_oracle(mfeat, precision):
+    x, y = mfeat["fac"], mfeat["label"]
+    index = DifferentLabelIndex(x, y, index="torch", torch_device="cuda", precision=precision,
+                                chunk_size=333)
+    D, I = index.search(10, block_size=257)
+    assert index.torch.device.type == "cuda"
+    assert_exact(D, I, x, y, 10)
+    xt, yt = near_ties()
+    D, I = search_different_label(xt, yt, 8, index="torch", torch_device="cuda",
+                                  precision=precision, queries=np.arange(6))
+    assert_exact(D, I, xt, yt, 8, np.arange(6))

@@ -354,6 +354,11 @@ class DifferentLabelIndex:
             i = self.order[i]  # back to input rows, then similarity descending, ties by row
             srt = np.lexsort((i, -d), axis=1)
             D[sel], I[sel] = np.take_along_axis(d, srt, 1), np.take_along_axis(i, srt, 1)
+        if self.torch is not None and self.torch.stats["fallback_fp32"]:
+            log.info("%s: %d of %d queries so far could not be certified from the %s candidates "
+                     "and were searched again in float32", _at(self.name),
+                     self.torch.stats["fallback_fp32"], self.torch.stats["queries"],
+                     self.torch.precision)
         return D, I
 
 

@@ -227,10 +227,3 @@ class TorchKNN:
                 s[bad], ids[bad] = fd, fi
         return s, ids
 
-
-def fallback_note(stats: dict) -> str:
-    """A short line on how many queries the low-precision pass could not certify."""
-    q = stats.get("queries", 0)
-    f = stats.get("fallback_fp32", 0)
-    share = f"{100 * f / q:.2f}%" if q else "n/a"
-    return f"{f} of {q} queries searched again in float32 ({share})"
