@@ -44,8 +44,8 @@ FULL = {"n": 1_000_000, "d": 512, "classes": 10, "k": 16, "sample": 10_000, "chu
         "variant_queries": 100_000, "big_n": 10_000_000, "big_d": 128, "big_sample": 1000,
         "clips": 7442, "frames": 3, "frame_size": 112, "n_mels": 128, "audio_frames": 300,
         "batch_size": 64, "epochs": 2, "warmup": 1, "workers": "0,8", "methods": "joint,midas",
-        "extract_epochs": 2, "encoder": "resnet18", "device": "cuda", "mine_budget": 120.0, "mine_big_budget": 90.0,
-        "train_budget": 180.0, "extract_budget": 60.0, "time_limit": 470.0}
+        "extract_epochs": 2, "encoder": "resnet18", "device": "cuda", "mine_budget": 120.0, "mine_big_budget": 80.0,
+        "train_budget": 180.0, "extract_budget": 70.0, "time_limit": 470.0}
 SMOKE = {**FULL, "n": 3000, "d": 64, "sample": 300, "chunks": 4, "variants": "bf16",
          "variant_queries": 500, "big_n": 10_000, "big_d": 32, "big_sample": 200, "clips": 96,
          "frames": 1, "frame_size": 32, "n_mels": 32, "audio_frames": 48, "batch_size": 16,

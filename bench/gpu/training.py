@@ -209,8 +209,10 @@ def part_train(a, rep: Report) -> None:
             f"{m} {v['samples_per_s']:.0f} samples/s" for m, v in comp.items()))
 
         last_run_s = 0.0
-        for method in methods:
-            for w in workers:
+        # the most workers first, both methods back to back: if time runs short, what is
+        # left out is the least informative run
+        for w in sorted(workers, reverse=True):
+            for method in methods:
                 name = f"{method}_w{w}"
                 # a run's time: the last run's, else epochs at the slower of stream and step
                 slow = min(streams[str(w)]["samples_per_s"] or 1.0, comp[method]["samples_per_s"])
