@@ -1,6 +1,6 @@
 """Cosine k-NN restricted to partners with a different label: FAISS (CPU, GPU) or torch.
 
-Method: one searcher per class. Rows are L2-normalised into a copy sorted by label, so
+Method (FAISS): one searcher per class. Rows are L2-normalised into a copy sorted by label, so
 class c is the contiguous slice ``xs[bounds[c]:bounds[c+1]]`` and each class gets its own
 inner-product searcher over its own rows. Queries are taken in blocks sorted by label;
 the rows of a block that belong to class c form one contiguous run, so class c's searcher
@@ -30,8 +30,9 @@ Backends (``index``, one of INDEX_CHOICES): ``cpu`` FAISS on the CPU; ``gpu`` FA
 GPU when faiss-gpu is installed and sees a GPU, else the torch backend on CUDA (logged),
 else an error; ``torch`` the torch backend (`torch_knn`: chunked matmul + top-k, exact,
 on this rank's GPU if torch sees one, else the CPU; needs no FAISS); ``auto`` the fastest
-available: FAISS GPU, else torch on CUDA, else torch on the CPU (bench/mine.py, 30k x 256,
-k=16, 2 cores: the torch backend took 0.33x the time of the FAISS one, 0.35x with 1 thread).
+available: FAISS GPU, else torch on CUDA, else torch on the CPU (bench/mine.py, k=16, 10
+classes: the torch backend took 0.33x the FAISS backend's time at 30k x 256 on 2 cores,
+0.35x at 20k x 128 on 1 thread).
 """
 
 from __future__ import annotations
