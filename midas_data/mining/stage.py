@@ -59,7 +59,7 @@ def mine_misaligned(dataset_dir: str | os.PathLike, config: MineConfig | None = 
 
     `config` holds the settings (`MineConfig`, whose field help says what each does); any of
     its fields may instead, or in addition, be given by name (`k=8, index="auto"`).
-    index: one of `INDEX_KINDS`; approx: None | 'ivf' (then recall@k against exact search on
+    index: one of `INDEX_CHOICES`; approx: None | 'ivf' (then recall@k against exact search on
     `recall_queries` sampled anchors is measured and reported). report=True writes
     pairs/{split}/report.json, similarity_hist.png and class_matrix.png (rank 0).
     """
