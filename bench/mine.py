@@ -4,6 +4,7 @@ self-search, same data, same run.
 Run: .venv/bin/python bench/mine.py [--n 100000] [--d 256] [--classes 10] [--k 16]
                                     [--backends faiss,torch] [--precision fp32]
      .venv/bin/python bench/mine.py --big        # 1M x 256: time and peak RSS only
+     .venv/bin/python bench/mine.py --big-approx [--n 1000000] [--exact] [--data clustered]
 
 Random float32 data (seeded), labels uniform over the classes, k=16, all FAISS threads.
 Both sides count their setup once (baseline: normalised copy + IndexFlatIP.add; mining:
@@ -13,24 +14,82 @@ so that load from other processes on a shared machine hits both sides alike (wit
 backends, three sides rotate). torch uses its own threads (torch.get_num_threads()). `--full`
 N adds N end-to-end runs each (`search_different_label` vs normalise + add + search).
 CPU seconds (all threads) are printed too.
+
+`--big-approx` runs what `mine-misaligned --approx auto` runs for one modality
+(`midas_data.mining.plan.mine_modality`: timed exact probe and estimate, IVF with nprobe
+calibrated to recall@16 >= 0.95, held-out recall) and prints wall and CPU time, the
+estimate of the exact search, recall and peak RSS; `--exact` also runs the full exact search
+on the same data in the same process, for the ratio. Its data (`--data clustered`, the
+default) imitate classifier features: per class a mean, 16 sub-cluster centres and a
+within-cluster spread with a power-law spectrum (variance ~ 1/i along random directions)
+-- the structure IVF relies on. `--data random` (isotropic Gaussian, no structure) is the
+worst case: there no index beats exhaustive search at high recall, and the calibration
+ends up probing (nearly) every list.
+
+OMP_WAIT_POLICY defaults to PASSIVE here: on a machine shared with other processes,
+OpenMP threads that spin-wait at barriers made small products up to 50x slower.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch / FAISS start OpenMP
 
 import faiss
 import numpy as np
 import torch
 
 from midas_data.mining.knn import DifferentLabelIndex, search_different_label
+from midas_data.mining.plan import mine_modality
 
 
 def data(n: int, d: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     return rng.standard_normal((n, d), dtype=np.float32), rng.integers(0, classes, n)
+
+
+def clustered_data(n: int, d: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class means + 16 sub-cluster centres per class + power-law within-cluster spread."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, classes, n)
+    means = rng.standard_normal((classes, d)).astype(np.float32)
+    subs = rng.standard_normal((classes, 16, d)).astype(np.float32) * 0.6
+    scale = (np.arange(1, d + 1) ** -0.5).astype(np.float32)
+    rot = np.linalg.qr(rng.standard_normal((d, d)))[0].astype(np.float32)
+    x = np.empty((n, d), np.float32)
+    for i in range(0, n, 1 << 16):  # in slices: bounded temporaries
+        j = slice(i, min(n, i + (1 << 16)))
+        z = rng.standard_normal((j.stop - i, d), dtype=np.float32) * scale
+        x[j] = means[y[j]] + subs[y[j], rng.integers(0, 16, j.stop - i)] + z @ rot
+    return x, y
+
+
+def big_approx(a) -> None:
+    x, y = (clustered_data if a.data == "clustered" else data)(a.n, a.d, a.classes)
+    print(f"big-approx: n={a.n} d={a.d} C={a.classes} k={a.k} data={a.data}, "
+          f"{x.nbytes / 2**30:.2f} GiB; load average {os.getloadavg()}", flush=True)
+    clock = Clock()
+    _, I, info = clock(lambda: mine_modality(
+        x, y, a.k, "cpu", np.arange(a.n), approx="auto", approx_above=0, nlist=None, nprobe=None,
+        recall_target=0.95, recall_queries=1000, rng=np.random.default_rng(0), progress=True))
+    print(f"approx: {clock.wall:.1f} s wall, {clock.cpu:.1f} CPU s (IVF search {info['search_s']:.1f} s); "
+          f"exact estimated {info['estimate_exact_s']:.1f} s; recall@{a.k} {info['recall_at_k']:.4f} "
+          f"on {info['recall_anchors']} held-out anchors; nlist {max(info['nlist'])}, nprobe "
+          f"{max(info['nprobe'])}; peak RSS {peak_rss_gib():.2f} GiB; load average "
+          f"{os.getloadavg()}", flush=True)
+    if a.exact:
+        exact = Clock()
+        _, I_exact = exact(search_different_label, x, y, a.k)
+        from midas_data.mining.knn import recall_at_k
+        print(f"exact: {exact.wall:.1f} s wall, {exact.cpu:.1f} CPU s; ratio approx / exact "
+              f"{clock.wall / exact.wall:.3f} wall, {clock.cpu / exact.cpu:.3f} CPU; recall@{a.k} "
+              f"over all anchors {recall_at_k(I, I_exact):.4f}; estimate / exact "
+              f"{info['estimate_exact_s'] / exact.wall:.2f}; peak RSS {peak_rss_gib():.2f} GiB; "
+              f"load average {os.getloadavg()}")
 
 
 def build_baseline(x: np.ndarray):
@@ -120,7 +179,19 @@ def main() -> None:
     ap.add_argument("--full", type=int, default=0, metavar="REPS",
                     help="also time REPS end-to-end calls each (ABBA order)")
     ap.add_argument("--big", action="store_true", help="mine 1M x d once; print time and peak RSS")
+    ap.add_argument("--big-approx", action="store_true",
+                    help="--n rows (default 1M here) through the --approx auto path, IVF")
+    ap.add_argument("--exact", action="store_true", help="--big-approx: also the exact search")
+    ap.add_argument("--data", choices=("clustered", "random"), default="clustered",
+                    help="--big-approx data (module docstring)")
     a = ap.parse_args()
+    if a.big_approx:
+        if a.n == ap.get_default("n"):
+            a.n = 1_000_000
+        print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; torch "
+              f"{torch.__version__}, {torch.get_num_threads()} threads")
+        big_approx(a)
+        return
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads")
     if a.big:

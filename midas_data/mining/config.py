@@ -14,7 +14,7 @@ from typing import Any
 from midas_data.mining.knn import INDEX_CHOICES
 from midas_data.options import check_settings, setting, settings_dict
 
-APPROX_KINDS = ("ivf",)
+APPROX_KINDS = ("ivf", "auto")
 
 
 @dataclass
@@ -26,10 +26,18 @@ class MineConfig:
     index: str = setting("cpu", "cpu: FAISS on the CPU; gpu: faiss-gpu, else the torch backend on CUDA; "
                         "torch: the torch backend (its GPU, else the CPU); auto: the fastest "
                         "available.", choices=INDEX_CHOICES)
-    approx: str | None = setting(None, "Approximate IVF index for very large datasets (recall "
-                                       "is reported).", choices=APPROX_KINDS)
-    nlist: int | None = setting(None, "IVF lists (default ~4 sqrt(n)).", min=1)
-    nprobe: int | None = setting(None, "IVF lists probed per query.", min=1)
+    approx: str | None = setting(None, "ivf: approximate IVF search (recall@k against exact search "
+                                       "is measured and stored); auto: IVF above --approx-above "
+                                       "rows with --index cpu, else exact.", choices=APPROX_KINDS)
+    approx_above: int = setting(200_000, "approx auto: rows above which IVF is used (the exact "
+                                         "search grows as rows^2: ~2 min at 200k x 256 on 2 "
+                                         "cores).", min=0)
+    nlist: int | None = setting(None, "IVF lists per class (default ~sqrt(n_class)/4).", min=1)
+    nprobe: int | None = setting(None, "IVF lists probed per query (default: raised from 5% of "
+                                       "the lists until the sample recall reaches "
+                                       "--recall-target).", min=1)
+    recall_target: float = setting(0.95, "IVF: recall@k wanted on the sample; a lower held-out "
+                                         "recall is warned about", min=0, max=1)
     report: bool = setting(False, "Similarity histograms, class matrix (PNG + JSON).")
     block_size: int = setting(16384, "anchors searched per block (bounds memory)", min=1)
     recall_queries: int = setting(1000, "approx: anchors sampled to measure recall@k against "

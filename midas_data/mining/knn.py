@@ -23,8 +23,11 @@ Memory: the caller's array, one normalised copy, and per block q_block x C x k
 candidates (block rows shrink when C*k is large). On CPU the exact searcher reads the
 class slice in place (``faiss.knn``), so no index copies the data again.
 
-IVF (``approx="ivf"``): one IndexIVFFlat per class with the same merge, so the guarantee
-holds; rows left with fewer than k hits (short inverted lists) are redone exactly.
+IVF (``approx="ivf"``): one IVF searcher per class with the same merge, so the guarantee
+holds; rows left with fewer than k hits (short inverted lists) are redone exactly. On the
+CPU it is `ivf.BatchedIVF` (list-major matrix products; FAISS's IndexIVFFlat scans lists
+query by query and is bound by memory bandwidth at a million rows), on the GPU FAISS's
+IndexIVFFlat.
 
 Backends (``index``, one of INDEX_CHOICES): ``cpu`` FAISS on the CPU; ``gpu`` FAISS on the
 GPU when faiss-gpu is installed and sees a GPU, else the torch backend on CUDA (logged),
@@ -38,7 +41,6 @@ classes: the torch backend took 0.33x the FAISS backend's time at 30k x 256 on 2
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from collections.abc import Callable
@@ -47,6 +49,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from midas_data.errors import MidasDataError
+from midas_data.mining.ivf import BatchedIVF, default_nlist, default_nprobe
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +211,8 @@ def _normalised_by_class(x: np.ndarray, cls: np.ndarray, name: str | None, block
     return xs, order, bounds
 
 
-def default_nlist(n_c: int) -> int:
-    """~4 sqrt(n_c) inverted lists, but at least 39 training points per centroid."""
-    return int(max(1, min(round(4 * math.sqrt(n_c)), n_c // 39)))
-
-
-def _ivf(faiss, xb: np.ndarray, nlist: int | None, nprobe: int | None, seed: int = 0):
+def _faiss_ivf(faiss, xb: np.ndarray, nlist: int | None, nprobe: int | None, seed: int = 0):
+    """FAISS IndexIVFFlat for a class (the GPU path; the CPU uses `ivf.BatchedIVF`)."""
     nl = max(1, min(nlist or default_nlist(len(xb)), len(xb)))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(xb.shape[1]), xb.shape[1], nl,
                                faiss.METRIC_INNER_PRODUCT)
@@ -221,8 +220,24 @@ def _ivf(faiss, xb: np.ndarray, nlist: int | None, nprobe: int | None, seed: int
     sample = xb if len(xb) <= 100 * nl else xb[np.sort(rng.choice(len(xb), 100 * nl, replace=False))]
     index.train(sample)
     index.add(xb)
-    index.nprobe = min(nl, nprobe or max(8, nl // 16))
+    index.nprobe = min(nl, nprobe or default_nprobe(nl))
     return index
+
+
+class _GpuSearcher:
+    """A FAISS GPU index as a searcher; holds the GPU resources as long as it lives."""
+
+    def __init__(self, index, res):
+        self.index, self.res = index, res
+
+    def __call__(self, xq: np.ndarray, k: int):
+        return self.index.search(xq, k)
+
+
+def set_nprobe(searcher, nprobe: int) -> None:
+    """Set the lists probed by an IVF searcher (BatchedIVF or a FAISS IVF index)."""
+    target = getattr(searcher, "index", searcher)
+    target.nprobe = int(min(nprobe, target.nlist))
 
 
 def _make_searchers(xs, bounds, device: str, approx: str | None, nlist, nprobe) -> list[Searcher]:
@@ -236,10 +251,12 @@ def _make_searchers(xs, bounds, device: str, approx: str | None, nlist, nprobe) 
         # faiss.knn reads the slice in place: no per-class copy of the data
         return [lambda xq, kk, xb=xb: faiss.knn(xq, xb, kk, faiss.METRIC_INNER_PRODUCT)
                 for xb in slices]
+    if device == "cpu" and approx == "ivf":
+        return [BatchedIVF(xb, nlist, nprobe) for xb in slices]
     cpu_indexes = []
     for xb in slices:
         if approx == "ivf":
-            cpu_indexes.append(_ivf(faiss, xb, nlist, nprobe))
+            cpu_indexes.append(_faiss_ivf(faiss, xb, nlist, nprobe))
         else:
             flat = faiss.IndexFlatIP(xs.shape[1])
             flat.add(xb)
@@ -250,8 +267,7 @@ def _make_searchers(xs, bounds, device: str, approx: str | None, nlist, nprobe) 
     dev = int(os.environ.get("LOCAL_RANK", 0)) % faiss.get_num_gpus()  # one GPU per torchrun rank
     gpu_indexes = [faiss.index_cpu_to_gpu(res, dev, ix) for ix in cpu_indexes]
     del cpu_indexes
-    # the default arguments keep the GPU resources alive as long as the searchers
-    return [lambda xq, kk, ix=ix, res=res: ix.search(xq, kk) for ix in gpu_indexes]
+    return [_GpuSearcher(ix, res) for ix in gpu_indexes]
 
 
 def _search_block(searchers, xq, cq, bounds, k) -> tuple[np.ndarray, np.ndarray]:
@@ -309,6 +325,7 @@ class DifferentLabelIndex:
         self.pos = np.empty_like(self.order)
         self.pos[self.order] = np.arange(len(self.order))  # input row -> row of xs
         self.torch = None
+        self._exact_searchers: list[Searcher] | None = None
         if self.device == "torch":
             from midas_data.mining.torch_knn import TorchKNN
 
@@ -319,14 +336,48 @@ class DifferentLabelIndex:
             self._searchers = _make_searchers(self.xs, self.bounds, self.device, approx, nlist,
                                               nprobe)
 
+    def use_approx(self, approx: str | None, nlist: int | None = None,
+                   nprobe: int | None = None) -> None:
+        """Switch to another search (None: exact; 'ivf') over the same normalised rows."""
+        if approx not in APPROX_KINDS:
+            raise MidasDataError(f"approx must be one of {APPROX_KINDS}, got {approx!r}")
+        if self.device == "torch" and approx is not None:
+            raise MidasDataError(f"approx={approx!r} needs FAISS (--index cpu or gpu); the torch "
+                                 "backend searches exactly")
+        if self.approx is None and self.torch is None:
+            self._exact_searchers = self._searchers
+        self.approx = approx
+        if self.torch is None:
+            self._searchers = (self._exact() if approx is None else
+                               _make_searchers(self.xs, self.bounds, self.device, approx, nlist,
+                                               nprobe))
+
+    def ivf_lists(self) -> tuple[list[int], list[int]]:
+        """(nlist, nprobe) of each class's IVF searcher."""
+        targets = [getattr(s, "index", s) for s in self._searchers]
+        return [int(t.nlist) for t in targets], [int(t.nprobe) for t in targets]
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Lists probed per class (capped at each class's nlist, where IVF is exhaustive)."""
+        for s in self._searchers:
+            set_nprobe(s, nprobe)
+
+    def _exact(self) -> list[Searcher]:
+        if self.approx is None:
+            return self._searchers
+        if self._exact_searchers is None:
+            self._exact_searchers = _make_searchers(self.xs, self.bounds, "cpu", None, None, None)
+        return self._exact_searchers
+
     def search(self, k: int, queries: np.ndarray | None = None, block_size: int = 16384,
-               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               progress: bool = False, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """D float32 [q, k] cosine, descending, and I int64 [q, k] rows with another label.
 
         queries: int64 [q] rows of x (default all). Equal similarities are listed by
         ascending row (which of several rows tied for the k-th place is kept is unspecified).
         block_size: query rows per block (memory ~ block x C x k candidates; the torch
         backend splits it further to keep each product within its chunk budget).
+        exact: search exactly even when the index is approximate (for measuring recall).
         """
         if self.device == "gpu" and k > GPU_MAX_K:
             raise MiningInputError(f"{_at(self.name)}: k={k}: FAISS on GPU allows at most {GPU_MAX_K}")
@@ -344,11 +395,11 @@ class DifferentLabelIndex:
                 d, i = self.torch.search_block(rows, cls[queries[sel]], k)
                 missing = ()
             else:
-                d, i = _search_block(self._searchers, xs[rows], cls[queries[sel]], self.bounds, k)
+                searchers = self._exact() if exact else self._searchers
+                d, i = _search_block(searchers, xs[rows], cls[queries[sel]], self.bounds, k)
                 missing = np.flatnonzero((i < 0).any(axis=1))
             if len(missing):  # IVF probed too few vectors for these rows: redo them exactly
-                flat = _make_searchers(xs, self.bounds, "cpu", None, None, None)
-                d[missing], i[missing] = _search_block(flat, xs[rows[missing]],
+                d[missing], i[missing] = _search_block(self._exact(), xs[rows[missing]],
                                                        cls[queries[sel[missing]]], self.bounds, k)
                 log.info("%s: %d queries had < k IVF hits and were searched exactly",
                          _at(self.name), missing.size)

@@ -24,21 +24,16 @@ from midas_data.distributed import rank_and_world_size
 from midas_data.errors import MidasDataError, SchemaError, where
 from midas_data.features.tables import Features, read_features, read_table, table_metadata
 from midas_data.mining.config import MineConfig
-from midas_data.mining.knn import (
-    MiningInputError,
-    recall_at_k,
-    resolve_index,
-    search_different_label,
-)
+from midas_data.mining.knn import MiningInputError, resolve_index
 from midas_data.mining.pairs import (
     check_features,
-    mine_modalities,
     pairs_dir,
     pairs_table,
     read_pairs,
     with_metadata,
     write_pairs,
 )
+from midas_data.mining.plan import mine_modality
 from midas_data.options import resolve_settings
 
 HIST_BINS = 100  # over [-1, 1]: mined partners crowd near 1, so keep the bins fine
@@ -59,8 +54,10 @@ def mine_misaligned(dataset_dir: str | os.PathLike, config: MineConfig | None = 
 
     `config` holds the settings (`MineConfig`, whose field help says what each does); any of
     its fields may instead, or in addition, be given by name (`k=8, index="auto"`).
-    index: one of `INDEX_CHOICES`; approx: None | 'ivf' (then recall@k against exact search on
-    `recall_queries` sampled anchors is measured and reported). report=True writes
+    index: one of `INDEX_CHOICES`; approx: None | 'ivf' | 'auto' (`midas_data.mining.plan`:
+    the exact search's time is estimated and printed first; with IVF, recall@k against exact
+    search on `recall_queries` held-out anchors is measured, reported and stored in the
+    pairs' metadata under config.recall_at_k and config.search). report=True writes
     pairs/{split}/report.json, similarity_hist.png and class_matrix.png (rank 0).
     """
     cfg = resolve_settings(MineConfig, config, settings)
@@ -118,26 +115,30 @@ def _mine_split(root, manifest, split, cfg: MineConfig, device, progress, rank, 
     queries = np.arange(lo, hi, dtype=np.int64)
     try:
         check_features(f)
-        results = mine_modalities(f, k, device, approx, nlist, nprobe, block_size, queries, progress)
-        recall = None
-        if approx is not None and hi > lo:
-            rng = np.random.default_rng([cfg.seed, rank])
-            sample = np.sort(rng.choice(queries, min(cfg.recall_queries, hi - lo), replace=False))
-            recall = {m: recall_at_k(results[m][1][sample - lo],
-                                     search_different_label(f.feats[m], f.labels, k, index=device,
-                                                            queries=sample, name=m)[1])
-                      for m in f.modalities}
+        results, search = {}, {}
+        for mi, m in enumerate(f.modalities):
+            D, I, search[m] = mine_modality(  # noqa: E741 (FAISS naming)
+                f.feats[m], f.labels, k, device, queries, approx=approx,
+                approx_above=cfg.approx_above, nlist=nlist, nprobe=nprobe,
+                recall_target=cfg.recall_target, recall_queries=cfg.recall_queries,
+                rng=np.random.default_rng([cfg.seed, rank, mi]), block_size=block_size,
+                progress=progress, name=m)
+            results[m] = (D, I)
     except MiningInputError as e:
         key = f.keys[e.row] if e.row is not None else None
         raise type(e)(f"{where(file=path, key=key)}: {e}", e.row) from e
-    table = with_metadata(pairs_table(f, results, queries), f, k, device, approx, nlist, nprobe,
+    used = next((s["approx"] for s in search.values() if s["approx"]), None)
+    recall = ({m: s["recall_at_k"] for m, s in search.items() if "recall_at_k" in s} or None)
+    table = with_metadata(pairs_table(f, results, queries), f, k, device, used, nlist, nprobe,
                           block_size, {"split": split, "anchors": [lo, hi],
-                                       "settings": cfg.to_dict()})
+                                       "settings": cfg.to_dict(), "recall_at_k": recall,
+                                       "search": search})
     part = write_pairs(root, split, table, rank, world)
     synced = _barrier()  # every part exists before rank 0 reads them all for the report
     out = {"path": str(part), "anchors": [lo, hi], "rows": table.num_rows, "k": k,
            "modalities": f.modalities, "features_fingerprint": f.fingerprint,
-           "recall_at_k": recall}
+           "recall_at_k": recall, "approx": used,
+           "estimate_exact_s": {m: s.get("estimate_exact_s") for m, s in search.items()}}
     if cfg.report and rank == 0:
         full = read_pairs(root, split, f.fingerprint) if world > 1 and synced else table
         scope = "all parts" if full is not table or world == 1 else f"rank 0 part (anchors {lo}..{hi})"

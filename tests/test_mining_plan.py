@@ -1,0 +1,145 @@
+"""The mine stage's search plan: the exact-time estimate, --approx auto, IVF recall in the metadata."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from midas_data.features.tables import table_metadata
+from midas_data.mining.config import MineConfig
+from midas_data.mining.ivf import BatchedIVF
+from midas_data.mining.knn import search_different_label
+from midas_data.mining.pairs import read_pairs
+from midas_data.mining.plan import choose_approx, mine_modality
+from midas_data.mining.stage import mine_misaligned
+from tests.test_pairs import SORT, dataset  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_faiss_thread", "one_torch_thread")
+
+
+def clustered(n=1200, d=16, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    centres = rng.standard_normal((classes * 6, d)).astype(np.float32) * 3
+    x = centres[y * 6 + rng.integers(0, 6, n)] + rng.standard_normal((n, d)).astype(np.float32)
+    return x.astype(np.float32), y
+
+
+def config_of(dataset):  # noqa: F811
+    return json.loads(table_metadata(read_pairs(dataset, "train"))["config"])
+
+
+def test_auto_is_exact_at_or_below_the_threshold(dataset):  # noqa: F811
+    s = mine_misaligned(dataset, k=3, approx="auto", approx_above=10**6, progress=False)
+    info = s["splits"]["train"]
+    assert info["approx"] is None and info["recall_at_k"] is None
+    cfg = config_of(dataset)
+    assert cfg["settings"]["approx"] == "auto" and cfg["search"]["fac"]["approx"] is None
+    auto = read_pairs(dataset, "train").sort_by(SORT)
+    exact = mine_misaligned(dataset, k=3, progress=False)
+    assert exact["splits"]["train"]["approx"] is None
+    assert read_pairs(dataset, "train").sort_by(SORT).equals(auto)
+
+
+def test_auto_picks_ivf_above_the_threshold_and_stores_recall(dataset):  # noqa: F811
+    s = mine_misaligned(dataset, k=3, approx="auto", approx_above=10, progress=False)
+    info = s["splits"]["train"]
+    assert info["approx"] == "ivf"
+    meta = table_metadata(read_pairs(dataset, "train"))
+    cfg = json.loads(meta["config"])
+    assert meta["index"] == "cpu-ivf" and cfg["settings"]["approx"] == "auto"
+    assert set(cfg["recall_at_k"]) == {"fac", "mor"} and cfg["recall_at_k"] == info["recall_at_k"]
+    for m in ("fac", "mor"):
+        srch = cfg["search"][m]
+        assert srch["approx"] == "ivf" and 0 <= srch["recall_at_k"] <= 1
+        assert srch["recall_anchors"] > 0 and srch["nprobe"] and srch["nlist"]
+        assert srch["recall_target_met"] == (srch["recall_at_k"] >= 0.95)
+
+
+def test_choose_approx():
+    assert choose_approx("auto", 100, 100, "cpu", True) is None
+    assert choose_approx("auto", 101, 100, "cpu", True) == "ivf"
+    assert choose_approx("auto", 101, 100, "gpu", False) is None  # exact is fast on a GPU
+    assert choose_approx("auto", 101, 100, "torch", True) is None  # IVF needs FAISS
+    assert choose_approx(None, 10**9, 100, "cpu", True) is None
+    assert choose_approx("ivf", 5, 100, "cpu", True) == "ivf"
+    with pytest.raises(ValueError, match="approx"):
+        MineConfig(approx="hnsw")
+
+
+def test_estimate_printed_before_the_search_and_suggestion(dataset, capsys):  # noqa: F811
+    s = mine_misaligned(dataset, k=3, approx_above=10, progress=True)
+    err = capsys.readouterr().err
+    est = err.index("modality 'fac': exact search of")
+    assert "estimated at" in err[est:est + 200]
+    assert "--approx ivf (or --approx auto)" in err  # above the threshold without --approx
+    assert s["splits"]["train"]["estimate_exact_s"]["fac"] > 0
+    assert config_of(dataset)["search"]["mor"]["probe_anchors"] > 0
+
+
+def test_estimate_scales_the_probe_by_inner_products():
+    x, y = clustered(n=900)
+    q = np.arange(900)
+    _, _, info = mine_modality(x, y, 5, "cpu", q, approx=None, approx_above=10**6, nlist=None,
+                               nprobe=None, recall_target=0.95, recall_queries=90,
+                               rng=np.random.default_rng(0))
+    counts = np.bincount(y)
+    sample_share = 90 * (900 - counts.mean())  # ~ uniform classes
+    ratio = info["estimate_exact_s"] / info["probe_s"]
+    assert ratio == pytest.approx((900 * 900 - (counts ** 2).sum()) / sample_share, rel=0.15)
+
+
+def test_exact_plan_equals_direct_search():
+    x, y = clustered()
+    q = np.arange(100, 1100, dtype=np.int64)
+    D, I, info = mine_modality(x, y, 7, "cpu", q, approx="auto", approx_above=10**6, nlist=None,
+                               nprobe=None, recall_target=0.95, recall_queries=123,
+                               rng=np.random.default_rng(3))
+    D0, I0 = search_different_label(x, y, 7, queries=q)
+    assert info["approx"] is None
+    np.testing.assert_array_equal(I, I0)
+    np.testing.assert_array_equal(D, D0)
+
+
+def test_low_recall_raises_nprobe_until_the_target():
+    x, y = clustered()
+    q = np.arange(1200, dtype=np.int64)
+    D, I, info = mine_modality(x, y, 10, "cpu", q, approx="ivf", approx_above=0, nlist=16,
+                               nprobe=None, recall_target=1.0, recall_queries=200,
+                               rng=np.random.default_rng(0))
+    tried = [t["nprobe"] for t in info["calibration"]]
+    assert tried == sorted(tried) and len(tried) > 1  # started below the target, then doubled
+    assert info["calibration"][0]["recall_at_k"] < 1.0
+    assert info["calibration"][-1]["recall_at_k"] == 1.0 or max(info["nprobe"]) == 16
+    assert info["recall_at_k"] == 1.0 and info["recall_target_met"]
+
+
+def test_recall_below_target_with_a_fixed_nprobe_warns_and_is_recorded():
+    x, y = clustered()
+    q = np.arange(1200, dtype=np.int64)
+    with pytest.warns(RuntimeWarning, match="below the target 1.0"):
+        _, I, info = mine_modality(x, y, 10, "cpu", q, approx="ivf", approx_above=0, nlist=32,
+                                   nprobe=1, recall_target=1.0, recall_queries=200,
+                                   rng=np.random.default_rng(0))
+    assert [t["nprobe"] for t in info["calibration"]] == [1]  # an explicit nprobe is kept
+    assert info["recall_at_k"] < 1.0 and not info["recall_target_met"]
+    assert (y[I] != y[q][:, None]).all()  # the different-label guarantee holds anyway
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a reachable target: no warning
+        mine_modality(x, y, 10, "cpu", q, approx="ivf", approx_above=0, nlist=32, nprobe=32,
+                      recall_target=0.9, recall_queries=200, rng=np.random.default_rng(0))
+
+
+def test_batched_ivf_probing_every_list_is_exact():
+    x, y = clustered()
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    xb, xq = xn[y == 0], xn[y != 0]
+    ivf = BatchedIVF(xb, nlist=9, nprobe=9)
+    D, I = ivf(xq, 5)
+    S = xq.astype(np.float64) @ xb.T.astype(np.float64)
+    want = -np.sort(-S, axis=1)[:, :5]
+    np.testing.assert_allclose(np.sort(D, axis=1)[:, ::-1], want, atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(S, I, 1), D, atol=1e-5)
