@@ -13,7 +13,7 @@ from midas_data.mining.config import MineConfig
 from midas_data.mining.ivf import BatchedIVF
 from midas_data.mining.knn import search_different_label
 from midas_data.mining.pairs import read_pairs
-from midas_data.mining.plan import choose_approx, mine_modality
+from midas_data.mining.plan import choose_approx, lower_bound, mine_modality, recall_per_query
 from midas_data.mining.stage import mine_misaligned
 from tests.test_pairs import SORT, dataset  # noqa: F401 (fixture)
 
@@ -111,7 +111,7 @@ def test_low_recall_raises_nprobe_until_the_target():
                                nprobe=None, recall_target=1.0, recall_queries=200,
                                rng=np.random.default_rng(0))
     tried = [t["nprobe"] for t in info["calibration"]]
-    assert tried == sorted(tried) and len(tried) > 1  # started below the target, then doubled
+    assert tried == sorted(tried) and len(tried) > 1  # started below the target, then raised
     assert info["calibration"][0]["recall_at_k"] < 1.0
     assert info["calibration"][-1]["recall_at_k"] == 1.0 or max(info["nprobe"]) == 16
     assert info["recall_at_k"] == 1.0 and info["recall_target_met"]
@@ -131,6 +131,14 @@ def test_recall_below_target_with_a_fixed_nprobe_warns_and_is_recorded():
         warnings.simplefilter("error")  # a reachable target: no warning
         mine_modality(x, y, 10, "cpu", q, approx="ivf", approx_above=0, nlist=32, nprobe=32,
                       recall_target=0.9, recall_queries=200, rng=np.random.default_rng(0))
+
+
+def test_calibration_keeps_a_margin_below_the_sample_recall():
+    per_query = np.array([1.0] * 90 + [0.5] * 10)
+    assert lower_bound(per_query) < per_query.mean() == 0.95
+    assert lower_bound(np.ones(50)) == 1.0
+    assert recall_per_query(np.array([[1, 2, -1], [4, 5, 6]]), np.array([[1, 2, 3], [6, 5, 4]])
+                            ).tolist() == [2 / 3, 1.0]
 
 
 def test_batched_ivf_probing_every_list_is_exact():
