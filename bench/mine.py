@@ -167,7 +167,7 @@ def full(x, y, k: int, reps: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--n", type=int, default=None, help="rows (default 100000; 1M with --big-approx)")
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--k", type=int, default=16)
@@ -186,8 +186,7 @@ def main() -> None:
                     help="--big-approx data (module docstring)")
     a = ap.parse_args()
     if a.big_approx:
-        if a.n == ap.get_default("n"):
-            a.n = 1_000_000
+        a.n = a.n or 1_000_000
         print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; torch "
               f"{torch.__version__}, {torch.get_num_threads()} threads")
         big_approx(a)
@@ -202,6 +201,7 @@ def main() -> None:
         print(f"big: n=1000000 d={a.d} C={a.classes} k={a.k}: {clock.wall:.1f} s wall, "
               f"{clock.cpu:.1f} CPU s, peak RSS {peak_rss_gib():.2f} GiB")
         return
+    a.n = a.n or 100_000
     x, y = data(a.n, a.d, a.classes)
     print(f"n={a.n} d={a.d} C={a.classes} k={a.k}")
     chunked(x, y, a.k, a.chunks, [b for b in a.backends.split(",") if b], a.precision)
