@@ -26,6 +26,13 @@ from midas_data.loss import (
     update_alpha,
     weak_modality,
 )
+from midas_data.loss.alpha import (
+    DirectionSums,
+    authors_alpha_step,
+    authors_alpha_update,
+    authors_batch_ratios,
+    direction_sums,
+)
 from midas_data.loss.batch import batch_alpha_stats, batch_misaligned_loss, misaligned_targets
 from midas_data.mining.pairs import read_pairs
 from midas_data.mining.stage import mine_misaligned
@@ -42,6 +49,11 @@ __all__ = [
     "read_pairs",
     "register_encoder",
     "AlphaStats",
+    "DirectionSums",
+    "authors_alpha_step",
+    "authors_alpha_update",
+    "authors_batch_ratios",
+    "direction_sums",
     "MidasDataset",
     "MidasLoader",
     "accumulate",

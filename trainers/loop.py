@@ -27,8 +27,11 @@ from tqdm.auto import tqdm
 
 from midas_data.loss import (
     AlphaStats,
+    DirectionSums,
     LossTerms,
     accumulate,
+    authors_alpha_update,
+    direction_sums,
     hard_sample_weight,
     midas_total_loss,
     misaligned_loss,
@@ -139,7 +142,7 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
         s = all_sum(conf.sum(0).tolist() + [float(n)], info)
         set_weak(tracker, [c / max(s[M], 1.0) for c in s[:M]])
 
-    batch_stats = AlphaStats()
+    batch_stats, batch_sums = AlphaStats(), DirectionSums()
     if n > 0:
         uni_ces = [F.cross_entropy(z, y) for z in out["uni"]]
         fused_ce = F.cross_entropy(out["fused"], y) if use_fused else None
@@ -157,7 +160,9 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
             w, s_ = tracker.weak, tracker.strong
             rows = (out["mis"], src_labels[:, s_], src_labels[:, w], src_conf[:, s_], src_conf[:, w])
             if config.alpha_update == "batch":
-                batch_stats = accumulate(batch_stats, *rows)
+                batch_stats = accumulate(batch_stats, *rows)  # pooled, for the epoch's report only
+                # The authors' step keeps the two swap directions apart (midas_data.loss.alpha).
+                batch_sums = direction_sums(out["mis"], src_labels, idx.m, conf, (min(w, s_), max(w, s_)))
             else:
                 tracker.add_alpha_rows(*rows)
         # Joint: CE + the probes' CE (their gradient stops at the detached features).
@@ -168,9 +173,9 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
     loss.backward()
     optimizer.step()
 
-    if use_mis and config.alpha_update == "batch":  # the authors' per-batch alpha step
-        run.alpha = update_alpha(run.alpha, AlphaStats(*all_sum(_stats_list(batch_stats), info)),
-                                 config.eta)
+    if use_mis and config.alpha_update == "batch":  # the authors' per-batch alpha step, over all ranks
+        run.alpha = authors_alpha_update(run.alpha, DirectionSums.from_list(all_sum(batch_sums.to_list(), info)),
+                                         config.eta)
     tracker.alpha_stats = tracker.alpha_stats + batch_stats
     tracker.steps += 1
     if n > 0:
