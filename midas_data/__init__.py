@@ -36,6 +36,7 @@ from midas_data.loss.alpha import (
 from midas_data.loss.batch import batch_alpha_stats, batch_misaligned_loss, misaligned_targets
 from midas_data.mining.pairs import read_pairs
 from midas_data.mining.stage import mine_misaligned
+from midas_data.objective import MidasObjective
 from midas_data.stream.dataset import MidasDataset, MidasLoader, collate, materialize_misaligned
 
 __version__ = "0.1.0"
@@ -56,6 +57,7 @@ __all__ = [
     "direction_sums",
     "MidasDataset",
     "MidasLoader",
+    "MidasObjective",
     "accumulate",
     "batch_alpha_stats",
     "batch_misaligned_loss",
