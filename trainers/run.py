@@ -13,6 +13,7 @@ results.json and curves.png, alpha.png, confidence.png.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -26,15 +27,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from midas_data.dataset.reader import open_dataset
 from midas_data.errors import MidasDataError, where
+from midas_data.features.encoders import default_encoder_for
 from midas_data.stream.dataset import MidasDataset, MidasLoader
 
 from . import artifacts as art
 from .cli_options import config_from_options, train_options
-from .config import TrainConfig
+from .config import TrainConfig, settings_for_encoders
 from .distributed import DistInfo, barrier, setup, teardown
 from .loop import EpochTracker, RunState, end_of_epoch_alpha, finish_epoch, is_warmup, train_epoch
 from .metrics import evaluate
-from .models import MultimodalModel
+from .models import MultimodalModel, train_statistics
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig):
@@ -220,6 +222,34 @@ def _finish(root: Path, out: Path, fingerprint: str, config: TrainConfig, model:
     return results
 
 
+def auto_preset(root: str | os.PathLike, config: TrainConfig) -> tuple[str, str]:
+    """(preset, reason) for a command line without --preset: by the encoders the model will
+    build for the dataset's modalities (`settings_for_encoders`)."""
+    ds = open_dataset(root)
+    mods = config.modalities or ds.modalities
+    shapes, _ = train_statistics(ds, mods, 1)
+    encoders = {m: config.encoders.get(m) or default_encoder_for(ds.schema[m]["kind"], shapes[m]) for m in mods}
+    return settings_for_encoders(encoders)
+
+
+def still_improving(history: list[dict], window: float = 0.1) -> str | None:
+    """A hint when the first epoch reaching the best validation accuracy is among the last
+    `window` of the epochs (at least 2): the run was still improving when it stopped.
+    `history`: the lines of metrics.jsonl. The first epoch, not the selected one: a validation
+    accuracy that saturates early (ties go to the later epoch) is not a run still improving."""
+    scores = [(h["epoch"], h["val"]["accuracy"]) for h in history if not h.get("warmup")]
+    if not scores:
+        return None
+    best = max(v for _, v in scores)
+    first = next(e for e, v in scores if v == best)
+    epochs = len(history)
+    last = max(2, round(window * epochs))
+    if first < epochs - last:
+        return None
+    return (f"the best validation accuracy ({best:.4f}) was first reached at epoch {first} of {epochs}, "
+            f"among the last {last}: the model was still improving; train longer, e.g. --epochs {2 * epochs}")
+
+
 @click.command(context_settings={"show_default": True})
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
@@ -229,6 +259,10 @@ def _finish(root: Path, out: Path, fingerprint: str, config: TrainConfig, model:
 def main(dataset: str, out: str, resume: bool, quiet: bool, **options) -> None:
     """Train MIDAS / Joint / unimodal on DATASET; write checkpoints, metrics and plots to OUT."""
     try:
+        if options.get("preset") is None:
+            options["preset"], why = auto_preset(dataset, config_from_options(options))
+            click.echo(f"settings: --preset {options['preset']}, because {why}. Name --preset to choose; "
+                       "options given explicitly override it.")
         config = config_from_options(options)
         results = train(dataset, out, config, resume=resume, progress=not quiet)
     except (MidasDataError, ValueError) as e:
@@ -239,6 +273,9 @@ def main(dataset: str, out: str, resume: bool, quiet: bool, **options) -> None:
         click.echo(f"test acc {t['accuracy']:.4f} macro-F1 {t['macro_f1']:.4f} {only} "
                    f"misaligned {t['misaligned_acc']['mean']:.4f} (best epoch {results['best_epoch']}, "
                    f"{results['wall_time_s']:.1f} s) -> {out}")
+        hint = still_improving([json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()])
+        if hint:
+            click.echo(f"warning: {hint}", err=True)
 
 
 if __name__ == "__main__":
