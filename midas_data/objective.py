@@ -126,6 +126,8 @@ class MidasObjective:
         return conf.detach().double() if ok else None
 
     def _choose_pair(self, conf: Tensor | None, m_count: int) -> None:
+        if not self.conf_sum:  # every rank that saw a batch joins end_epoch's sums, empty batches too
+            self.conf_sum = [0.0] * m_count
         if self.fixed_weak is not None:
             self.weak = self.fixed_weak
         elif self.weak is None or self.alpha_update == "batch":
@@ -140,8 +142,6 @@ class MidasObjective:
             self.strong = next(k for k in order if k != self.weak)
 
     def _record(self, mis_logits: Tensor, batch: dict, mis: dict, conf: Tensor) -> None:
-        if not self.conf_sum:
-            self.conf_sum = [0.0] * conf.shape[1]
         self.conf_sum = [a + float(b) for a, b in zip(self.conf_sum, conf.sum(0))]
         self.conf_count += conf.shape[0]
         if self.alpha_update == "epoch":
@@ -170,7 +170,8 @@ class MidasObjective:
             self.alpha = update_alpha(self.alpha, AlphaStats(*total[:4], int(total[4])), self.eta)
         if self.conf_sum and self.fixed_weak is None:
             sums = _all_sum(self.conf_sum + [self.conf_count], torch.device("cpu"))
-            self.weak = weak_modality([c / max(sums[-1], 1.0) for c in sums[:-1]])
+            if sums[-1] > 0:
+                self.weak = weak_modality([c / sums[-1] for c in sums[:-1]])
         self.stats, self.conf_sum, self.conf_count = AlphaStats(), [], 0.0
         return self.alpha
 

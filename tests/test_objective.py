@@ -20,7 +20,7 @@ C = 3
 
 
 @pytest.fixture(scope="module")
-def batches(tmp_path_factory):
+def dataset_root(tmp_path_factory):
     rng = np.random.default_rng(2)
     root = tmp_path_factory.mktemp("obj") / "ds"
     samples = [Sample(f"s{i:03d}", i % C, {"a": rng.normal(size=5).astype(np.float32) + i % C,
@@ -28,7 +28,17 @@ def batches(tmp_path_factory):
                       split="train") for i in range(48)]
     build_dataset(samples, root, progress=False)
     extract_features(root, warmup_epochs=1, splits=("train",), progress=False, num_threads=1)
-    return list(MidasDataset(root, batch_size=16, seed=0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def batches(dataset_root):
+    return list(MidasDataset(dataset_root, batch_size=16, seed=0))
+
+
+@pytest.fixture(scope="module")
+def batches_of_8(dataset_root):
+    return list(MidasDataset(dataset_root, batch_size=8, seed=0))
 
 
 def _logits(batch: dict, seed: int, bias_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,3 +184,83 @@ def test_bad_input_says_what_to_do(batches):
     assert torch.isfinite(MidasObjective(alpha_update="fixed", weak=1)(z, zm, batch, mis))
     with pytest.raises(ValueError, match="alpha_update"):
         MidasObjective(alpha_update="sometimes")
+
+
+DDP_SCRIPT = """
+import json, sys
+import torch
+import torch.distributed as dist
+from midas_data import MidasObjective, materialize_misaligned
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+batches, logits = torch.load(sys.argv[1], weights_only=False)
+out = {}
+for mode in ("epoch", "batch"):
+    obj = MidasObjective(alpha=1.5, alpha_update=mode)
+    alphas, weaks = [], []
+    for epoch in range(2):
+        for k in range(rank, len(batches), 2):  # rank r takes batches r, r + 2, ...
+            z, zm = logits[epoch][k]
+            obj(z, zm, batches[k], materialize_misaligned(batches[k]))
+            alphas.append(obj.alpha)
+        weaks.append(obj.weak)
+        alphas.append(obj.end_epoch())
+    out[mode] = {"alphas": alphas, "weaks": weaks}
+json.dump(out, open(f"{sys.argv[2]}/rank{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.ddp
+def test_two_ranks_hold_the_alpha_of_their_summed_statistics(tmp_path, batches_of_8):
+    import os
+    import subprocess
+    import sys
+
+    from midas_data.loss import (
+        AlphaStats,
+        DirectionSums,
+        authors_alpha_update,
+        batch_alpha_stats,
+        direction_sums,
+        misaligned_targets,
+        update_alpha,
+    )
+
+    batches = batches_of_8[:len(batches_of_8) // 2 * 2]
+    logits = [[_logits(b, 1000 * e + k, bias_to=(k + e) % 2) for k, b in enumerate(batches)] for e in range(2)]
+    torch.save((batches, logits), tmp_path / "data.pt")
+    (tmp_path / "ddp_objective.py").write_text(DDP_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           str(tmp_path / "ddp_objective.py"), str(tmp_path / "data.pt"), str(tmp_path)]
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180, capture_output=True)
+    runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert runs[0] == runs[1]  # every rank holds the same alpha and weak modality
+
+    # batch mode: each step is the authors' step on the two ranks' batches together
+    alpha, want = 1.5, []
+    for e in range(2):
+        for k in range(0, len(batches), 2):
+            sums = DirectionSums()
+            for b in (k, k + 1):
+                mis = materialize_misaligned(batches[b])
+                src_labels, _ = misaligned_targets(batches[b], mis)
+                sums = sums + direction_sums(logits[e][b][1], src_labels, mis["swapped"], batches[b]["conf"])
+            alpha = authors_alpha_update(alpha, sums)
+            want.append(alpha)
+        want.append(alpha)
+    assert runs[0]["batch"]["alphas"] == pytest.approx(want)
+
+    # epoch mode: one pooled step per epoch from every rank's rows
+    alpha, want = 1.5, []
+    for e, weak in enumerate(runs[0]["epoch"]["weaks"]):
+        stats = AlphaStats()
+        for b, batch in enumerate(batches):
+            stats = batch_alpha_stats(stats, logits[e][b][1], batch, materialize_misaligned(batch), weak, 1 - weak)
+        want += [alpha] * (len(batches) // 2)
+        alpha = update_alpha(alpha, stats)
+        want.append(alpha)
+    assert runs[0]["epoch"]["alphas"] == pytest.approx(want)
+    assert want[-1] != 1.5 or want[len(batches) // 2] != 1.5  # the test sees alpha move
+
