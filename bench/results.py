@@ -294,6 +294,7 @@ def joint_table(summary: dict, methods: list[str]) -> str:
     The weak view is :func:`weak_view` of the set's Joint runs."""
     head = " | ".join(f"Δ {k} (points) | better/tied/worse | p" for k in ("accuracy", "misaligned", "weak-only"))
     lines = [f"| set | weak view | method | {head} |", "|---|---|---|" + "---|---|---|" * 3]
+    pooled: dict[str, list[list[float]]] = {}
     for name, by_method in summary.items():
         if "joint" not in by_method:
             continue
@@ -308,9 +309,14 @@ def joint_table(summary: dict, methods: list[str]) -> str:
                          (a["per_seed_only"][weak], j["per_seed_only"][weak])):
                 n = min(len(x), len(y))
                 d = np.array(x[:n]) - np.array(y[:n])
+                pooled.setdefault(m, [[], [], []])[len(cells)].extend(d.tolist())
                 cells.append(f"{d.mean():+.2f} | {int((d > 1e-9).sum())}/{int((np.abs(d) <= 1e-9).sum())}/"
                              f"{int((d < -1e-9).sum())} | {sign_flip_p(d):.3f}")
             lines.append(f"| {name} | {weak} | {m} | {' | '.join(cells)} |")
+    for m, diffs in pooled.items():  # every (set, seed) pair together: a weaker claim than per set
+        cells = [f"{np.mean(d):+.2f} | {int((np.array(d) > 1e-9).sum())}/{int((np.abs(d) <= 1e-9).sum())}/"
+                 f"{int((np.array(d) < -1e-9).sum())} | {sign_flip_p(np.array(d)):.3f}" for d in diffs]
+        lines.append(f"| all sets pooled | | {m} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
