@@ -386,6 +386,29 @@ def test_mined_policy_pairs_mined_neighbours_in_the_same_batch_once(mined, worke
     assert matched >= len(keys) // 2, f"only {matched} of {len(keys)} anchors got a mined partner"
 
 
+@pytest.mark.parametrize("batch_size,world", [(26, 3), (6, 3), (38, 2)])
+def test_mined_policy_pads_the_last_step_without_splitting_pairs(mined, batch_size, world):
+    """80 anchors: B=26, W=3 leaves one pair for three ranks, B=6, W=3 eight items, B=38, W=2
+    two pairs; matched pairs stay together, fill rows pad the short ranks and get no partner."""
+    per_rank = _epoch_batches(mined, world, 0, batch_size=batch_size, policy="mined")
+    ds = MidasDataset(mined, batch_size=batch_size, policy="mined")
+    _, partner_of = ds.partners.order(ds.seed, 0)
+    where = {}
+    for r, batches in enumerate(per_rank):
+        assert len(batches) == len(per_rank[0]), "unequal batch counts"
+        for k, b in enumerate(batches):
+            assert len(b["key"]) >= 2
+            assert_fill_rows_masked(b)
+            for row in b["row"][b["valid"]].tolist():
+                assert row not in where, "Duplicate samples"
+                where[row] = (r, k)
+    assert sorted(where) == list(range(80)), "Missing samples"
+    if batch_size == 26:  # the last pair goes to the last rank; the others are padded
+        assert [int((~b[-1]["valid"]).sum()) for b in per_rank] == [2, 2, 0]
+    paired = [(i, int(j)) for i, j in enumerate(partner_of) if j > i]
+    assert paired and all(where[i] == where[j] for i, j in paired), "a mined pair was split"
+
+
 def test_swap_modalities_limit_mined_partners_to_chosen_modality(mined):
     nbrs = _neighbour_sets(mined, ["b"])
     ds = MidasDataset(mined, batch_size=8, policy="mined", knn_modalities=["b"], swap_modalities=["b"])
