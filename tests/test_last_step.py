@@ -65,6 +65,19 @@ dist.destroy_process_group()
 """
 
 
+def test_readme_loop_is_the_one_tested():
+    """The loss and step lines of the README's loop are those the torchrun test runs."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Your own model on the stream"):]
+    code = section[section.index("```python") + 9: section.index("```", section.index("```python") + 9)]
+    body = code[code.index("for batch in loader:"): code.index("opt.step()") + len("opt.step()")]
+    lines = [line.split("#")[0].strip() for line in body.splitlines()]
+    assert len(lines) == 5
+    tested = [line.strip() for line in README_LOOP.splitlines()]
+    for line in lines:
+        assert line in tested, f"README line not tested: {line}"
+
+
 @pytest.fixture(scope="module")
 def odd_split(tmp_path_factory) -> Path:
     """1,399 train samples, four classes: with two ranks and B=233 the final step holds one."""
