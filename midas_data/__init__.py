@@ -36,7 +36,12 @@ from midas_data.loss import (
     weak_and_strong,
     weak_modality,
 )
-from midas_data.loss.batch import batch_alpha_stats, batch_misaligned_loss, misaligned_targets
+from midas_data.loss.batch import (
+    aligned_loss,
+    batch_alpha_stats,
+    batch_misaligned_loss,
+    misaligned_targets,
+)
 from midas_data.mining.config import MineConfig
 from midas_data.mining.knn import DifferentLabelIndex, search_different_label
 from midas_data.mining.pairs import read_pairs
@@ -69,6 +74,7 @@ __all__ = [
     "MidasDataset",
     "MidasLoader",
     "accumulate",
+    "aligned_loss",
     "batch_alpha_stats",
     "batch_misaligned_loss",
     "collate",

@@ -10,6 +10,12 @@ lends each anchor its swapped modality is the partner policy's job
 index per swapped modality (`partner[b, m]`), the paper's in-batch construction, so a
 trainer can swap encoder features at no extra cost; `materialize_misaligned` turns them
 into ready-made inputs for model-agnostic users. See docs/CONTRACTS.md for the layout.
+
+The epoch's last step (`last_batch`): by default ("pad") every rank's final batch holds at
+least two rows; where too few real samples remain, it is topped up with repeated samples
+marked `batch["valid"] == False` and `batch["weight"] == 0` (fill rows), which get no
+misaligned partner and lend none. The mask-aware helpers (`aligned_loss`,
+`batch_misaligned_loss`, `materialize_misaligned`, `batch_alpha_stats`) ignore them.
 """
 
 from __future__ import annotations
@@ -44,13 +50,24 @@ class MidasDataset(IterableDataset):
     shuffle: False keeps the index order (evaluation); the paired research policies
     always use their matched order.
     on_error: `raise` (default: a damaged shard stops the epoch naming shard and key) or
-    `skip` (drop the sample, and report its key in `batch["skipped"]`).
+    `skip` (drop the sample, and report its key in `batch["skipped"]`; a batch may then
+    hold fewer rows).
+    last_batch: how the epoch's final, partial global step is delivered. Its items are
+    spread over the ranks as evenly as possible (real sizes differ by at most one) and:
+    `pad` (default) tops every rank's final batch up to two rows with fill rows, repeats of
+    real samples of the split (deterministic for seed and epoch) marked
+    `batch["valid"] == False` and `batch["weight"] == 0`, so no batch is empty or of one
+    row; `drop` leaves the partial step out (every batch full, those samples unseen this
+    epoch); `uneven` delivers it unpadded (a rank may get a batch of one or an empty batch:
+    only for loops that handle both). `drop_last=True` is the same as `last_batch="drop"`.
+    Every mode keeps equal batch counts on every rank and each real sample once per epoch.
     rank, world_size: default to torch.distributed or the torchrun environment.
     """
 
     def __init__(self, root: str | Path, split: str = "train", *, batch_size: int = 64,
                  policy: str = "random", seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False, modalities: list[str] | None = None,
+                 last_batch: str = "pad", drop_last: bool = False,
+                 modalities: list[str] | None = None,
                  transform: Callable | None = None, on_error: str = "raise",
                  rank: int | None = None, world_size: int | None = None, use_features: bool = True,
                  swap_modalities: Sequence[str] = (), knn_modalities: Sequence[str] = (),
@@ -65,6 +82,11 @@ class MidasDataset(IterableDataset):
         options.validate(batch_size)
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
+        if last_batch not in plan.LAST_BATCH_MODES:
+            raise ValueError(f"last_batch must be one of {plan.LAST_BATCH_MODES}, got {last_batch!r}")
+        if drop_last and last_batch not in ("pad", "drop"):
+            raise ValueError(f"drop_last=True means last_batch='drop'; it contradicts "
+                             f"last_batch={last_batch!r}: give only one of them")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.root, self.split = Path(root), split
@@ -75,7 +97,8 @@ class MidasDataset(IterableDataset):
         if unknown:
             raise SchemaError(f"{where(self.root / 'manifest.json', field=unknown[0])}: no such modality")
         self.batch_size, self.policy, self.seed = batch_size, policy, seed
-        self.shuffle, self.drop_last, self.transform, self.on_error = shuffle, drop_last, transform, on_error
+        self.last_batch = "drop" if drop_last else last_batch
+        self.shuffle, self.transform, self.on_error = shuffle, transform, on_error
         self._rank, self._world = rank, world_size
         self.epoch, self.offset = 0, 0
         self._exhausted = False  # set when an iteration ran to the end of the epoch
@@ -89,6 +112,11 @@ class MidasDataset(IterableDataset):
         self.partners: PartnerPolicy = make_policy(options, SplitData(
             self.root, split, self.modalities, list(self.ds.modalities), len(self.reader),
             self.features, shuffle))
+
+    @property
+    def drop_last(self) -> bool:
+        """True when the final partial step is dropped (`last_batch == "drop"`)."""
+        return self.last_batch == "drop"
 
     @property
     def options(self) -> PartnerOptions:
@@ -111,9 +139,11 @@ class MidasDataset(IterableDataset):
                 self._world if self._world is not None else world)
 
     def __len__(self) -> int:
-        """Batches this rank yields for the rest of the current epoch."""
+        """Batches this rank's next pass yields: the rest of the current epoch, or the whole
+        next epoch when a pass ran to the end of this one (it rolls over)."""
         _, world = self.rank_world()
-        return plan.num_batches(len(self.reader) - self.offset, self.batch_size, world, self.drop_last)
+        consumed = 0 if self._exhausted else self.offset
+        return plan.num_batches(len(self.reader) - consumed, self.batch_size, world, self.drop_last)
 
     def begin_epoch(self) -> None:
         """An epoch that an iteration ran to its end rolls over when iteration starts again.
@@ -132,12 +162,16 @@ class MidasDataset(IterableDataset):
         if info is None:
             self.begin_epoch()
         order, partner_of = self.partners.order(self.seed, self.epoch)
-        start, n = self.offset, len(order)
+        start, n, paired = self.offset, len(order), self.partners.paired
         spans = plan.batch_spans(n, start, self.batch_size, world, rank, self.drop_last,
-                                 pair_aligned=self.partners.paired)
+                                 pair_aligned=paired)
+        fill = (plan.fill_positions(n, start, self.batch_size, world, rank, pair_aligned=paired)
+                if self.last_batch == "pad" else np.empty(0, np.int64))
         for k in plan.worker_batches(range(len(spans)), worker, workers):
             lo, hi = (int(v) for v in spans[k])
-            batch = self._make_batch(order[lo:hi], partner_of, lo)
+            extra = fill if k == len(spans) - 1 else fill[:0]  # fill pads only the final batch
+            batch = self._make_batch(np.concatenate([order[lo:hi], order[extra]]), hi - lo,
+                                     partner_of, lo)
             offset = plan.offset_after_step(n, start, self.batch_size, world, k)
             batch["stream_state"] = {"seed": self.seed, "epoch": self.epoch, "offset": offset}
             if info is None:
@@ -169,36 +203,45 @@ class MidasDataset(IterableDataset):
             raise MidasDataError("a paired policy cannot resume from an odd offset")
 
     # -- batch assembly ------------------------------------------------------------------
-    def _read(self, rows: np.ndarray) -> tuple[list[dict], list[str]]:
+    def _read(self, rows: np.ndarray) -> tuple[list[dict], np.ndarray]:
+        """Decoded samples of `rows` and which rows they are (bool [len(rows)]: False = skipped)."""
         try:
-            return self.reader.get_many(rows, self.modalities), []
+            return self.reader.get_many(rows, self.modalities), np.ones(len(rows), bool)
         except (CorruptShardError, SchemaError):
             if self.on_error == "raise":
                 raise
-        good, skipped = [], []  # slow path: find exactly which samples are damaged
-        for r in rows:
+        good, ok = [], np.ones(len(rows), bool)  # slow path: find exactly which samples are damaged
+        for i, r in enumerate(rows):
             try:
                 good.extend(self.reader.get_many(np.array([r]), self.modalities))
             except (CorruptShardError, SchemaError):
-                skipped.append(self.reader.keys[int(r)])
-        return good, skipped
+                ok[i] = False
+        return good, ok
 
-    def _make_batch(self, rows: np.ndarray, partner_of: np.ndarray | None, first: int) -> dict:
-        """The batch of `rows` (global positions `first`... of the order)."""
-        samples, skipped = self._read(rows)
-        if skipped:
-            keep = ~np.isin(np.array([self.reader.keys[int(r)] for r in rows]), skipped)
-            rows = rows[keep]
+    def _make_batch(self, rows: np.ndarray, real: int, partner_of: np.ndarray | None,
+                    first: int) -> dict:
+        """The batch of `rows`: the first `real` are the items at global positions `first`...
+        of the order, the rest fill rows (repeats that pad the final batch)."""
+        valid = np.arange(len(rows)) < real
+        samples, ok = self._read(rows)
+        skipped = [self.reader.keys[int(r)] for r in rows[~ok & valid]]  # a fill row's own turn reports it
+        rows, valid = rows[ok], valid[ok]
         if self.transform is not None:
             samples = [self.transform(s) for s in samples]
         batch = collate(samples, self.modalities)
         if not samples:  # an empty final batch keeps ranks in step; give it the right shapes
             batch["inputs"] = {m: self._empty(m) for m in self.modalities}
         batch["row"] = torch.from_numpy(rows.copy())
+        batch["valid"] = torch.from_numpy(valid)
+        batch["weight"] = torch.from_numpy(valid.astype(np.float32))
         batch["skipped"] = skipped
         labels = self.reader.labels[rows]
-        partner = self.partners.assign(rows, labels, partner_of, self.seed, self.epoch, first)
+        # Partners among the real rows only (they come first): fill rows lend and get none.
+        partner = self.partners.assign(rows[valid], labels[valid], partner_of, self.seed,
+                                       self.epoch, first)
         if partner is not None:
+            partner = np.concatenate([partner, np.full((int((~valid).sum()), partner.shape[1]), -1,
+                                                       dtype=np.int64)])
             conf = feats = None
             if self.features is not None:
                 conf = np.stack([self.features.confs[m][rows] for m in self.modalities], axis=1)
@@ -267,11 +310,16 @@ def materialize_misaligned(batch: dict, modalities: list[str] | None = None) -> 
 
     Returns {'inputs': {m: [N, ...]}, 'anchor': [N], 'swapped': [N] (modality index),
     'labels': [N, 2] (anchor label, partner label), 'weights': [N, 2], 'hard_weight': [N]}
-    for the N = number of valid (b, m) pairs, ordered b-major.
+    for the N (b, m) with a partner (`partner[b, m] >= 0`), ordered b-major. Fill rows
+    (`batch["valid"] == False`) take part in none of them, so every misaligned row is real.
     """
     mods = modalities or list(batch["inputs"])
     partner = batch["partner"]
-    b_idx, m_idx = torch.nonzero(partner >= 0, as_tuple=True)
+    has = partner >= 0
+    valid = batch.get("valid")
+    if valid is not None:  # fill rows neither get nor lend a modality (the stream never pairs them)
+        has &= valid.unsqueeze(1) & valid[partner.clamp(min=0)]
+    b_idx, m_idx = torch.nonzero(has, as_tuple=True)
     rows = source_rows(b_idx, m_idx, partner[b_idx, m_idx], len(mods))
     out_inputs = {}
     for mi, m in enumerate(mods):
@@ -290,29 +338,36 @@ class MidasLoader(DataLoader):
 
     `state_dict()` after any batch resumes, via `load_state_dict`, to the identical
     remaining sequence, with any num_workers (and, through the dataset, any world size).
+    Iterating again after leaving a pass early (`break`) continues from the batches consumed,
+    for every num_workers, as `state_dict()` reports; a pass run to its end rolls over to
+    the next epoch. Workers are started afresh for every pass (they copy the dataset's
+    epoch and offset then), so `persistent_workers=True` is refused.
     """
 
     def __init__(self, dataset: MidasDataset, num_workers: int = 0, **kwargs):
-        kwargs.setdefault("persistent_workers", False)
+        if kwargs.get("persistent_workers"):
+            raise ValueError("MidasLoader starts its workers afresh for every pass so that they see "
+                             "set_epoch() and the resume offset; leave persistent_workers=False")
         super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
-        self._last_state: dict | None = None
 
     def __iter__(self):
-        self.dataset.begin_epoch()  # type: ignore[attr-defined]  # before workers copy it
-        for batch in super().__iter__():
-            self._last_state = batch["stream_state"]
-            yield batch
         ds: MidasDataset = self.dataset  # type: ignore[assignment]
+        ds.begin_epoch()  # before workers copy it
+        for batch in super().__iter__():
+            # The consumed position lives in the dataset, whatever process built the batch, so
+            # a pass left early continues from here and state_dict() reports the same point.
+            state = batch["stream_state"]
+            ds.epoch, ds.offset = int(state["epoch"]), int(state["offset"])
+            yield batch
         ds.offset, ds._exhausted = len(ds.reader), True  # epoch finished
-        self._last_state = None
+
+    def __len__(self) -> int:
+        # The dataset's length shrinks as the epoch is consumed, so DataLoader's own __len__,
+        # which records it to warn about replicas yielding more, would warn after a resume.
+        return len(self.dataset)  # type: ignore[arg-type]
 
     def state_dict(self) -> dict:
-        ds: MidasDataset = self.dataset  # type: ignore[assignment]
-        state = ds.state_dict()
-        if self._last_state is not None:
-            state.update(self._last_state)
-        return state
+        return self.dataset.state_dict()  # type: ignore[attr-defined]
 
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state)  # type: ignore[attr-defined]
-        self._last_state = None
