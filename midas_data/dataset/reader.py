@@ -96,6 +96,9 @@ class SplitReader:
                        for m in self.modalities}
         self._check_index(t)
         self._row_of: dict[str, int] | None = None
+        self._key_bytes: np.ndarray | None = None  # keys as a fixed-width byte array
+        self._key_len: np.ndarray | None = None
+        self._tensor_specs: dict[str, tuple | None] = {}
         self._fds: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
         self._pid = os.getpid()
@@ -272,24 +275,31 @@ class SplitReader:
         """
         mods = self._mods(modalities)
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        n = len(self)
+        n, b = len(self), len(rows)
         bad = (rows < -n) | (rows >= n)
         if bad.any():
             self._row_number(int(rows[np.flatnonzero(bad)[0]]))  # raises IndexError
         rows = np.where(rows < 0, rows + n, rows)
         keys = [self.keys[r] for r in rows.tolist()]
-        in_files = self._within_files(rows)
+        shard, start, size = self.shard[rows], self.sample_offset[rows], self.sample_size[rows]
+        shard_l = shard.tolist()
+        fds = np.array([self._fd(sh) for sh in shard_l], np.int64)
+        in_files = bool((size <= np.array([self._sizes[sh] for sh in shard_l], np.int64)
+                         - start).all())
         # tensors decode straight into a batch array, allocated only once the samples'
         # bytes, checked against the shards' real sizes, could hold it (the manifest's
         # shape is not trusted with an allocation); other kinds decode one by one
-        held = int(self.sample_size[rows].sum()) if in_files else 0
-        fixed = {m: self._tensor_shape(m, len(rows), held) for m in mods}
-        inputs: dict = {m: (np.empty((len(rows), *fixed[m][1]), fixed[m][0]) if fixed[m] else
-                            [None] * len(rows)) for m in mods}
-        for lo, hi in _chunks(self.sample_size[rows]) if in_files else [(0, len(rows))]:
-            part = rows[lo:hi]
-            if not (in_files and self._read_chunk(part, mods, fixed, inputs, lo)):
-                samples = self.get_many_per_sample(part, mods)
+        held = int(size.sum()) if in_files else 0
+        fixed = {m: self._tensor_spec(m, b, held) for m in mods}
+        inputs: dict = {m: (np.empty((b, *fixed[m][1]), fixed[m][0]) if fixed[m] else
+                            [None] * b) for m in mods}
+        spans = [(0, b)] if not in_files or (b <= READ_CHUNK_ROWS and held <= READ_CHUNK_BYTES) \
+            else list(_chunks(size))
+        for lo, hi in spans:
+            sl = slice(lo, hi)
+            if not (in_files and self._read_chunk(rows[sl], fds[sl], start[sl], size[sl], mods,
+                                                  fixed, inputs, lo)):
+                samples = self.get_many_per_sample(rows[sl], mods)
                 for m in mods:
                     for i, d in enumerate(samples):
                         inputs[m][lo + i] = d[m]
@@ -298,97 +308,101 @@ class SplitReader:
                 inputs[m] = np.stack(inputs[m])  # images (and clips of one length)
         return {"key": keys, "label": self.labels[rows], "inputs": inputs}
 
-    def _within_files(self, rows: np.ndarray) -> bool:
-        """Whether every sample's indexed byte range lies inside its shard as it is now."""
-        shard = self.shard[rows]
-        uniq, inv = np.unique(shard, return_inverse=True)
-        for sh in uniq.tolist():
-            self._fd(sh)
-        have = np.array([self._sizes[sh] for sh in uniq.tolist()], np.int64)[inv]
-        return bool((self.sample_size[rows] <= have - self.sample_offset[rows]).all())
+    def _tensor_spec(self, m: str, b: int, held: int) -> tuple[np.dtype, tuple[int, ...], int] | None:
+        """(dtype, shape, bytes per sample) of a tensor modality whose batch array of `b`
+        samples fits in the `held` bytes read for them, else None."""
+        if m not in self._tensor_specs:
+            spec = self.manifest["modalities"][m]
+            shape = spec.get("shape")
+            ok = spec["kind"] == "tensor" and isinstance(shape, list) and all(
+                isinstance(d, int) and d >= 0 for d in shape)
+            dtype = np.dtype(spec["dtype"]) if ok else None
+            self._tensor_specs[m] = (dtype, tuple(shape), dtype.itemsize * math.prod(shape)) \
+                if ok else None
+        got = self._tensor_specs[m]
+        return got if got is not None and b * got[2] <= held else None
 
-    def _tensor_shape(self, m: str, b: int, held: int) -> tuple[np.dtype, tuple[int, ...]] | None:
-        """(dtype, shape) of a tensor modality whose batch array of `b` samples fits in the
-        `held` bytes read for them, else None."""
-        spec = self.manifest["modalities"][m]
-        if spec["kind"] != "tensor" or not isinstance(spec.get("shape"), list):
-            return None
-        dtype, shape = np.dtype(spec["dtype"]), tuple(int(d) for d in spec["shape"])
-        if any(d < 0 for d in shape) or b * dtype.itemsize * math.prod(shape) > held:
-            return None
-        return dtype, shape
-
-    def _read_chunk(self, rows: np.ndarray, mods: list[str], fixed: dict, inputs: dict,
-                    at: int) -> bool:
+    def _read_chunk(self, rows: np.ndarray, fds: np.ndarray, start: np.ndarray, size: np.ndarray,
+                    mods: list[str], fixed: dict, inputs: dict, at: int) -> bool:
         """Read and decode `rows` into inputs[m][at:at + len(rows)]; False, having written
-        nothing trustworthy, as soon as a check fails (the caller then reads per sample)."""
+        nothing trustworthy, as soon as a check fails (the caller then reads per sample).
+        Byte ranges are known to lie inside the shards (checked by the caller)."""
         b = len(rows)
         if b == 0:
             return True
-        shard = self.shard[rows]
-        start, size = self.sample_offset[rows], self.sample_size[rows]
-        uniq, inv = np.unique(shard, return_inverse=True)
-        fds = [self._fd(sh) for sh in uniq.tolist()]  # sizes checked by _within_files
         # blobs sit in buf in shard and offset order (sequential reads for the page cache
-        # and the disk); pos[i] is where row i's blob starts in buf
-        order = np.lexsort((start, shard))
-        slot = np.empty(b, np.int64)
-        slot[order] = np.arange(b)
-        sizes_sorted = size[order]
-        ends = np.cumsum(sizes_sorted)
+        # and the disk); everything below works in that order, and `order[j]` is the batch
+        # position of the j-th blob
+        order = np.lexsort((start, fds))
+        rows, start, size = rows[order], start[order], size[order]
+        ends = np.cumsum(size)
+        pos = ends - size
         buf = np.empty(int(ends[-1]), np.uint8)
-        pos_sorted = ends - sizes_sorted
         mv = memoryview(buf)
-        for fi, st, sz, p in zip(inv[order].tolist(), start[order].tolist(),
-                                 sizes_sorted.tolist(), pos_sorted.tolist()):
-            if os.preadv(fds[fi], [mv[p:p + sz]], st) != sz:
+        for fd, st, sz, p in zip(fds[order].tolist(), start.tolist(), size.tolist(), pos.tolist()):
+            if os.preadv(fd, [mv[p:p + sz]], st) != sz:
                 return False  # shrunk since opened: the per-sample path names the modality
-        pos = pos_sorted[slot]
         for m in mods:
             off, msize, crc = (a[rows] for a in self.member[m])
             data_at = pos + (off - start)
-            if not self._tar_headers_ok(buf, data_at - BLOCK, rows, m, msize):
+            step = _stride(data_at)
+            if not self._tar_headers_ok(buf, data_at - BLOCK, step, rows, m, msize):
                 return False
             for p, sz, c in zip(data_at.tolist(), msize.tolist(), crc.tolist()):
                 if zlib.crc32(mv[p:p + sz]) != c:
                     return False
             out = inputs[m]
             if fixed[m]:
-                if not self._npy_into(buf, data_at, msize, rows, m, fixed[m], out, at):
+                if not self._npy_into(buf, data_at, step, msize, rows, order, m, fixed[m], out, at):
                     return False
                 continue
-            for i, (p, sz) in enumerate(zip(data_at.tolist(), msize.tolist())):
+            for j, (p, sz) in enumerate(zip(data_at.tolist(), msize.tolist())):
                 try:
-                    out[at + i] = self._decode(int(rows[i]), m, bytes(mv[p:p + sz]))
+                    out[at + int(order[j])] = self._decode(int(rows[j]), m, bytes(mv[p:p + sz]))
                 except MidasDataError:
                     return False
         return True
 
-    def _tar_headers_ok(self, buf: np.ndarray, hdr_at: np.ndarray, rows: np.ndarray, m: str,
-                        size: np.ndarray) -> bool:
+    def _tar_headers_ok(self, buf: np.ndarray, hdr_at: np.ndarray, step: int, rows: np.ndarray,
+                        m: str, size: np.ndarray) -> bool:
         """Vectorised `_check_header` for one modality of a batch: each 512-byte header must
-        hold the member's name (NUL padded, as tar writes it), the indexed size as 11 octal
-        digits and NUL, and a regular-file type flag."""
-        suffix = f".{m}.{self._ext[m]}".encode()
-        names = b"".join((self.keys[r].encode() + suffix)[:100].ljust(100, b"\0")
-                         for r in rows.tolist())
-        want_name = np.frombuffer(names, np.uint8).reshape(len(rows), 100)
-        got = buf[hdr_at[:, None] + _HEADER_FIELDS]
+        hold the member's name `<key>.<modality>.<ext>` NUL padded (as tar writes it), the
+        indexed size as 11 octal digits and NUL, and a regular-file type flag."""
+        b = len(rows)
+        if step:  # headers at one stride: a strided view instead of a gather
+            got = np.ndarray((b, BLOCK), np.uint8, buf, int(hdr_at[0]), (step, 1))
+            name, size_field, flag = got[:, :100], got[:, 124:136], got[:, 156]
+        else:
+            got = buf[hdr_at[:, None] + _HEADER_FIELDS]
+            name, size_field, flag = got[:, :100], got[:, 100:112], got[:, 112]
         want_size = (size[:, None] >> _OCTAL_SHIFTS) & 7
-        return bool((got[:, :100] == want_name).all()
-                    and (got[:, 100:111] == want_size + 48).all() and not got[:, 111].any()
-                    and np.isin(got[:, 112], (0, 48)).all())
+        if not ((size_field[:, :11] == want_size + 48).all() and not size_field[:, 11].any()
+                and ((flag == 0) | (flag == 48)).all()):
+            return False
+        if self._key_bytes is None:  # keys are ASCII (checked with the index)
+            self._key_bytes = np.array(self.keys, dtype="S")
+            self._key_len = np.char.str_len(self._key_bytes).astype(np.int64)
+        suffix = np.frombuffer(f".{m}.{self._ext[m]}".encode(), np.uint8)
+        klen = self._key_len[rows]
+        if int(klen.max()) + len(suffix) > 100:
+            return False  # a long (GNU long-name) member: checked one by one
+        want = np.zeros((b, 100), np.uint8)
+        kb = self._key_bytes[rows]
+        want[:, :kb.itemsize] = kb.view(np.uint8).reshape(b, kb.itemsize)
+        want[np.arange(b)[:, None], klen[:, None] + np.arange(len(suffix))] = suffix
+        return bool((name == want).all())
 
-    def _npy_into(self, buf: np.ndarray, data_at: np.ndarray, msize: np.ndarray, rows: np.ndarray,
-                  m: str, dtype_shape: tuple, out: np.ndarray, at: int) -> bool:
-        """Decode a batch of `.npy` payloads of one modality into out[at:at + len(rows)].
+    def _npy_into(self, buf: np.ndarray, data_at: np.ndarray, step: int, msize: np.ndarray,
+                  rows: np.ndarray, order: np.ndarray, m: str, spec: tuple, out: np.ndarray,
+                  at: int) -> bool:
+        """Decode a batch of `.npy` payloads of one modality into out[at + order[j]].
 
         The header of the first payload is parsed (cached by its bytes) and must give the
         manifest's dtype and shape in C order; every payload must carry that same header
         byte for byte and exactly the data it describes. A payload with another header is
         decoded on its own and checked against the manifest (`_decode`)."""
-        dtype, shape = dtype_shape
-        nbytes = dtype.itemsize * math.prod(shape)
+        dtype, shape, nbytes = spec
+        b = len(rows)
         p0, s0 = int(data_at[0]), int(msize[0])
         try:
             hshape, fortran, hdtype, hlen = npy_header_cached(memoryview(buf)[p0:p0 + s0])
@@ -397,23 +411,25 @@ class SplitReader:
         if fortran or hdtype != dtype or tuple(hshape) != shape or s0 != hlen + nbytes:
             return False  # the per-sample path decodes it, or refuses it naming the field
         head = buf[p0:p0 + hlen]
-        same = (msize == hlen + nbytes) & (buf[data_at[:, None] + np.arange(hlen)] == head).all(1)
-        flat = out[at:at + len(rows)].view(np.uint8).reshape(len(rows), nbytes)
-        src = data_at + hlen
-        if len(rows) > 1 and same.all() and (np.diff(src) == src[1] - src[0]).all() and src[1] > src[0]:
-            step = int(src[1] - src[0])  # equal-sized samples: the payloads lie at one stride
-            flat[:] = np.lib.stride_tricks.as_strided(buf[int(src[0]):], (len(rows), nbytes), (step, 1))
-            return True
+        flat = out[at:at + b].view(np.uint8).reshape(b, nbytes)
+        fits = msize == hlen + nbytes
+        if step and fits.all():  # payloads at one stride: strided views, no gathers
+            view = np.ndarray((b, hlen + nbytes), np.uint8, buf, p0, (step, 1))
+            if (view[:, :hlen] == head).all():
+                flat[order] = view[:, hlen:]
+                return True
+        same = fits & (buf[data_at[:, None] + np.arange(hlen)] == head).all(1)
         mv = memoryview(buf)
-        for i in range(len(rows)):
-            p = int(data_at[i])
-            if same[i]:
+        for j in range(b):
+            p, i = int(data_at[j]), int(order[j])
+            if same[j]:
                 flat[i] = buf[p + hlen:p + hlen + nbytes]
                 continue
             try:
-                flat[i] = self._decode(int(rows[i]), m, bytes(mv[p:p + int(msize[i])])).reshape(-1).view(np.uint8)
+                value = self._decode(int(rows[j]), m, bytes(mv[p:p + int(msize[j])]))
             except MidasDataError:
                 return False
+            flat[i] = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
         return True
 
     def get_many_per_sample(self, rows: np.ndarray, modalities: list[str] | None = None) -> list[dict]:
@@ -575,6 +591,15 @@ class Dataset:
             return (f"{where(sr.shard_paths[sr.shard[row]], sr.keys[row], m)}: .npy header says "
                     f"{dtype} {list(shape)}, the manifest says {spec['dtype']} {spec['shape']}")
         return None
+
+
+def _stride(at: np.ndarray) -> int:
+    """The common positive distance between consecutive positions, or 0 if there is none
+    (a single position has stride 0 too: nothing is gained by a view)."""
+    if len(at) < 2:
+        return 0
+    d = np.diff(at)
+    return int(d[0]) if d[0] > 0 and (d == d[0]).all() else 0
 
 
 def _same_shapes(values: list) -> bool:
