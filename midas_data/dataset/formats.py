@@ -30,6 +30,7 @@ NPY_MAGIC = b"\x93NUMPY"
 _NPY_HEADER_CACHE: dict[bytes, tuple[tuple[int, ...], bool, np.dtype, int]] = {}
 _NPY_HEADER_CACHE_MAX = 1024  # distinct headers remembered; more are parsed every time
 _NPY_SAVE_HEADERS: dict[tuple[np.dtype, tuple[int, ...]], bytes] = {}
+_DTYPE_NAMES: dict[np.dtype, str] = {}
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,12 @@ def encode_array(x: np.ndarray, *, file: object = None, key: object = None,
             _NPY_SAVE_HEADERS[key] = data[:len(data) - x.nbytes]
     else:
         data = head + x.tobytes()
-    return Encoded("npy", data, "tensor", x.dtype.name, tuple(x.shape))
+    name = _DTYPE_NAMES.get(x.dtype)
+    if name is None:  # numpy computes dtype.name in Python: remember it
+        name = x.dtype.name
+        if len(_DTYPE_NAMES) < _NPY_HEADER_CACHE_MAX:
+            _DTYPE_NAMES[x.dtype] = name
+    return Encoded("npy", data, "tensor", name, x.shape)
 
 
 def encode_value(value: object, *, key: str, field: str, base_dir: Path | None = None,
