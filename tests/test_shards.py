@@ -921,3 +921,26 @@ def test_packed_batches_cross_dataloader_workers(tmp_path):
     assert [b["i"] for b in got] == list(range(6))
     for b in got:
         assert torch.equal(b["x"], torch.full((4, 3), float(b["i"]))) and b["k"] == [str(b["i"])] * 4
+
+
+def test_torch_batch_of_a_batch_read_equals_collate_of_samples(tmp_path, mixed):
+    import torch
+
+    from midas_data import collate
+    from midas_data.dataset.transport import torch_batch
+
+    samples, _ = mixed
+    build_mixed(samples, tmp_path / "ds")
+    sr = open_dataset(tmp_path / "ds").split("train")
+    rows = np.random.default_rng(4).permutation(len(sr))
+    mods = ["vec", "mat", "img", "txt"]  # the fixed shapes and text (ragged audio cannot stack)
+    got = torch_batch(sr.read_batch(rows, mods))
+    want = collate(sr.get_many_per_sample(rows, mods), mods)
+    assert got["key"] == want["key"] and torch.equal(got["label"], want["label"])
+    assert got["label"].dtype == torch.int64
+    for m in mods:
+        if m == "txt":
+            assert got["inputs"][m] == want["inputs"][m]
+        else:
+            assert got["inputs"][m].dtype == want["inputs"][m].dtype
+            assert torch.equal(got["inputs"][m], want["inputs"][m])

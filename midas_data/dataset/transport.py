@@ -11,6 +11,9 @@ and leaves the rest (keys, lists, numbers) as it is; the DataLoader's default co
 passes the packed object through untouched and the queue pickles it by value, one copy
 through the pipe. `unpack_batch` (in the main process) rebuilds the same nested dict,
 each tensor a view of one shared buffer: same dtypes, shapes and values.
+
+`torch_batch` turns a `SplitReader.read_batch` result into the stream's batch layout
+({'key', 'label', 'inputs'}) without copying the batch arrays again.
 """
 
 from __future__ import annotations
@@ -102,3 +105,12 @@ def unpack_batch(packed: object) -> object:
         return x
 
     return walk(packed.tree)
+
+
+def torch_batch(read: dict) -> dict:
+    """{'key': [str], 'label': int64 tensor [B], 'inputs': {m: tensor [B, ...] or list}} from
+    `SplitReader.read_batch`'s result: its arrays become tensors without a copy (the layout
+    `collate` gives for the same samples; text and ragged audio stay lists)."""
+    inputs = {m: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+              for m, v in read["inputs"].items()}
+    return {"key": read["key"], "label": torch.from_numpy(read["label"]), "inputs": inputs}
