@@ -17,10 +17,12 @@ page cache warm (the dataset is read once before timing):
 - Workers with a payload that needs real decoding: 64x64 RGB PNG images (`--png-samples`),
   aligned only, 0 against `--workers` workers, as is and packed.
 
-Data: `--samples` samples (default 50,000) of two float32 modalities of 1,024 and 256
-values, batch 64, a full shuffled epoch. Ratios printed at the end. Worker ratios depend on
-idle cores: on a shared machine they say little (the run prints the load average).
-Run: python bench/stream.py [--samples 50000] [--rounds 3] [--workers 2]
+Data: `--samples` samples of two float32 modalities of 1,024 and 256 values, batch 64, a
+full shuffled epoch. The default is 20,000 samples so that a run stays within about three
+minutes on two busy cores; `--samples 50000` is the size the goals were set on (about six
+minutes there). Ratios printed at the end. Worker ratios depend on idle cores: on a shared
+machine they say little (the run prints the load average).
+Run: python bench/stream.py [--samples 20000] [--rounds 3] [--workers 2]
 """
 
 from __future__ import annotations
@@ -155,9 +157,9 @@ def mosaic_loader(local: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=50_000)
+    ap.add_argument("--samples", type=int, default=20_000)
     ap.add_argument("--png-samples", type=int, default=3_000)
-    ap.add_argument("--peer-samples", type=int, default=10_000)
+    ap.add_argument("--peer-samples", type=int, default=5_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
@@ -192,9 +194,9 @@ def main() -> None:
         for k, packed in ((0, False), (w, False), (w, True)):
             readers[f"PNG 64x64, {k} workers{', packed' if packed else ''}"] = (
                 lambda k=k, packed=packed: midas(png_root, "none", k, packed), args.png_samples)
-        for name, (fn, n) in readers.items():  # warm the page cache and the imports
-            if "indexing" not in name and "TensorDataset" not in name:
-                assert fn() == n, name
+        for path in sorted(tmp.rglob("*.tar")):  # warm the page cache
+            path.read_bytes()
+        assert midas(root, "random", 0) == args.samples  # and the imports
         best = {name: float("inf") for name in readers}
         t0 = time.perf_counter()
         for _ in range(args.rounds):

@@ -469,6 +469,7 @@ class SplitReader:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_fds"], state["_sizes"] = {}, {}
+        state["_key_bytes"] = state["_key_len"] = None  # rebuilt on first batch read
         return state
 
     def __del__(self) -> None:
