@@ -6,10 +6,10 @@ one socket connection (with an authentication handshake) per tensor to hand the
 descriptor over. A batch of a dozen small tensors then costs the main process more to
 receive than a worker spends decoding it, and more workers make the loader slower.
 
-`pack_batch` (in the worker) copies every tensor of a batch into one aligned byte array
+`pack_batch` (in the worker) copies every tensor of a batch into one aligned byte tensor
 and leaves the rest (keys, lists, numbers) as it is; the DataLoader's default conversion
-passes the packed object through untouched and the queue pickles it by value, one copy
-through the pipe. `unpack_batch` (in the main process) rebuilds the same nested dict,
+passes the packed object through untouched and the queue moves one shared-memory segment
+per batch, whatever the number of tensors. `unpack_batch` (in the main process) rebuilds the same nested dict,
 each tensor a view of one shared buffer: same dtypes, shapes and values.
 
 `torch_batch` turns a `SplitReader.read_batch` result into the stream's batch layout
@@ -29,7 +29,7 @@ class PackedBatch:
 
     __slots__ = ("buf", "tree")
 
-    def __init__(self, buf: np.ndarray, tree: object):
+    def __init__(self, buf: torch.Tensor, tree: object):
         self.buf, self.tree = buf, tree
 
     def __reduce__(self):
@@ -75,11 +75,10 @@ def pack_batch(batch: object) -> PackedBatch:
         return x
 
     tree = walk(batch)
-    buf = np.empty(end, np.uint8)
-    flat = torch.from_numpy(buf)
+    buf = torch.empty(end, dtype=torch.uint8)
     for t, slot in zip(tensors, slots):
         if slot.nbytes:
-            flat[slot.offset:slot.offset + slot.nbytes] = t.reshape(-1).view(torch.uint8)
+            buf[slot.offset:slot.offset + slot.nbytes] = t.reshape(-1).view(torch.uint8)
     return PackedBatch(buf, tree)
 
 
@@ -88,7 +87,7 @@ def unpack_batch(packed: object) -> object:
     not a PackedBatch is returned as it is (batches made in the main process)."""
     if not isinstance(packed, PackedBatch):
         return packed
-    flat = torch.from_numpy(packed.buf)
+    flat = packed.buf
 
     def walk(x: object) -> object:
         if isinstance(x, _Slot):
