@@ -315,8 +315,12 @@ class SplitReader:
             spec = self.manifest["modalities"][m]
             shape = spec.get("shape")
             ok = spec["kind"] == "tensor" and isinstance(shape, list) and all(
-                isinstance(d, int) and d >= 0 for d in shape)
-            dtype = np.dtype(spec["dtype"]) if ok else None
+                type(d) is int and d >= 0 for d in shape)
+            try:
+                dtype = np.dtype(spec["dtype"]) if ok else None
+            except TypeError:  # not a dtype: the per-sample path names the mismatch
+                ok, dtype = False, None
+            ok = ok and not dtype.hasobject
             self._tensor_specs[m] = (dtype, tuple(shape), dtype.itemsize * math.prod(shape)) \
                 if ok else None
         got = self._tensor_specs[m]
