@@ -198,12 +198,14 @@ def main() -> None:
             path.read_bytes()
         assert midas(root, "random", 0) == args.samples  # and the imports
         best = {name: float("inf") for name in readers}
+        cpu = {name: float("inf") for name in readers}  # this process's CPU time, not workers'
         t0 = time.perf_counter()
         for _ in range(args.rounds):
             for name, (fn, n) in readers.items():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 got = fn()
                 best[name] = min(best[name], time.perf_counter() - t)
+                cpu[name] = min(cpu[name], time.process_time() - c)
                 assert got == n, (name, got, n)
         rate = {name: readers[name][1] / best[name] for name in readers}
     print(f"{args.samples} samples of two float32 modalities (1,024 and 256 values), batch {BATCH}, "
@@ -212,8 +214,9 @@ def main() -> None:
     print(f"build_dataset: {args.samples / t_build:.0f} samples/s")
     if why_no_mosaic:
         print(f"MosaicML Streaming not measured: `import streaming` failed ({why_no_mosaic})")
+    print(f"  {'reader':<44} {'items/s':>10} {'main-process CPU us/item':>26}")
     for name in readers:
-        print(f"  {name:<44} {rate[name]:>10.0f} items/s")
+        print(f"  {name:<44} {rate[name]:>10.0f} {cpu[name] / readers[name][1] * 1e6:>26.1f}")
     td0 = rate["TensorDataset + DataLoader, 0 workers"]
     none0, rand0 = rate["MidasDataset none, 0 workers"], rate["MidasDataset random, 0 workers"]
     print("ratios (same process):")
@@ -226,6 +229,11 @@ def main() -> None:
     base = rate["PNG 64x64, 0 workers"]
     print(f"  PNG    {w} workers / 0 workers: as is {rate[f'PNG 64x64, {w} workers'] / base:6.3f}, "
           f"packed {rate[f'PNG 64x64, {w} workers, packed'] / base:6.3f}  (goal >= 1.6 on idle cores)")
+    print(f"  (on a busy machine the worker ratios say little; what bounds them on idle cores is the\n"
+          f"  main process's CPU per item with workers against the CPU per item without: PNG "
+          f"{cpu['PNG 64x64, 0 workers'] / args.png_samples * 1e6:.0f} us at 0 workers, "
+          f"{cpu[f'PNG 64x64, {w} workers, packed'] / args.png_samples * 1e6:.0f} us in the main "
+          f"process with {w} workers, packed)")
     print(f"  aligned 0 workers / webdataset                 {none0 / rate['webdataset, shard shuffle + 1000 buffer']:6.3f}")
     if mds is not None:
         print(f"  aligned 0 workers / MosaicML Streaming         "

@@ -944,3 +944,24 @@ def test_torch_batch_of_a_batch_read_equals_collate_of_samples(tmp_path, mixed):
         else:
             assert got["inputs"][m].dtype == want["inputs"][m].dtype
             assert torch.equal(got["inputs"][m], want["inputs"][m])
+
+
+def test_pinning_a_packed_batch_pins_its_one_buffer(monkeypatch):
+    import torch
+
+    from midas_data.dataset.transport import pack_batch, unpack_batch
+
+    pinned = []
+
+    def fake_pin(self, *args):  # CPU-only torch cannot pin: record what would be pinned
+        out = self.clone()
+        pinned.append(out)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    packed = pack_batch({"x": torch.arange(6.0).reshape(2, 3), "y": torch.tensor([1, 2])})
+    got = unpack_batch(torch.utils.data._utils.pin_memory.pin_memory(packed))
+    assert len(pinned) == 1  # one buffer, not one call per tensor
+    for t in got.values():
+        assert t.untyped_storage().data_ptr() == pinned[0].untyped_storage().data_ptr()
+    assert torch.equal(got["x"], torch.arange(6.0).reshape(2, 3))

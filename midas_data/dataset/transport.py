@@ -35,6 +35,11 @@ class PackedBatch:
     def __reduce__(self):
         return PackedBatch, (self.buf, self.tree)
 
+    def pin_memory(self, *args) -> PackedBatch:
+        """What a DataLoader with pin_memory=True calls: pins the one buffer, so every
+        tensor `unpack_batch` returns is pinned."""
+        return PackedBatch(self.buf.pin_memory(*args), self.tree)
+
 
 class _Slot:
     """Where one tensor lies in the packed buffer."""
