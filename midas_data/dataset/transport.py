@@ -29,7 +29,7 @@ class PackedBatch:
 
     __slots__ = ("buf", "tree")
 
-    def __init__(self, buf: torch.Tensor, tree: object):
+    def __init__(self, buf: torch.Tensor | np.ndarray, tree: object):
         self.buf, self.tree = buf, tree
 
     def __reduce__(self):
@@ -92,7 +92,7 @@ def unpack_batch(packed: object) -> object:
     not a PackedBatch is returned as it is (batches made in the main process)."""
     if not isinstance(packed, PackedBatch):
         return packed
-    flat = packed.buf
+    flat = packed.buf if isinstance(packed.buf, torch.Tensor) else torch.from_numpy(packed.buf)
 
     def walk(x: object) -> object:
         if isinstance(x, _Slot):
