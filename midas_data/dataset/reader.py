@@ -283,7 +283,8 @@ class SplitReader:
         keys = [self.keys[r] for r in rows.tolist()]
         shard, start, size = self.shard[rows], self.sample_offset[rows], self.sample_size[rows]
         shard_l = shard.tolist()
-        fds = np.array([self._fd(sh) for sh in shard_l], np.int64)
+        fd_of = {sh: self._fd(sh) for sh in set(shard_l)}  # opens each shard once per process
+        fds = np.array([fd_of[sh] for sh in shard_l], np.int64)
         in_files = bool((size <= np.array([self._sizes[sh] for sh in shard_l], np.int64)
                          - start).all())
         # tensors decode straight into a batch array, allocated only once the samples'
