@@ -601,3 +601,22 @@ def test_use_features_false_reads_no_features_and_splits_weights_evenly(mined):
     assert torch.all(b["anchor_weight"][valid] == 0.5) and torch.all(b["partner_weight"][valid] == 0.5)
     with pytest.raises(MidasDataError, match="extract"):
         MidasDataset(mined, batch_size=8, policy="mined", use_features=False)
+
+
+def test_worker_batches_equal_in_process_batches_and_plain_dataloaders_get_dicts(uneven):
+    """MidasLoader packs a worker's batch into one buffer and unpacks it: every field equals the
+    in-process batch. A plain DataLoader (which knows nothing of packing) gets plain dicts."""
+    from torch.utils.data import DataLoader
+
+    ref = _epoch_batches(uneven, 1, 0, batch_size=10)[0]
+    got = _epoch_batches(uneven, 1, 2, batch_size=10)[0]
+    assert len(got) == len(ref)
+    for a, b in zip(ref, got):
+        assert a.keys() == b.keys() and a["key"] == b["key"]
+        for name in ("label", "row", "valid", "weight", "partner", "hard_weight", "anchor_weight"):
+            assert torch.equal(a[name], b[name]), name
+        for m in a["inputs"]:
+            assert torch.equal(a["inputs"][m], b["inputs"][m]), m
+    plain = list(DataLoader(MidasDataset(uneven, batch_size=10), batch_size=None, num_workers=2))
+    assert all(isinstance(b, dict) for b in plain)
+    assert sorted(k for b in plain for k in real_keys(b)) == sorted(k for b in ref for k in real_keys(b))

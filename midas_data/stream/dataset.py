@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from midas_data.dataset.reader import open_dataset
+from midas_data.dataset.transport import pack_batch, torch_batch, unpack_batch
 from midas_data.distributed import rank_and_world_size
 from midas_data.errors import CorruptShardError, MidasDataError, SchemaError, where
 from midas_data.features.tables import read_features
@@ -101,6 +102,7 @@ class MidasDataset(IterableDataset):
         self.shuffle, self.transform, self.on_error = shuffle, transform, on_error
         self._rank, self._world = rank, world_size
         self.epoch, self.offset = 0, 0
+        self._pack_in_workers = False  # set by MidasLoader while it starts its workers
         self._exhausted = False  # set when an iteration ran to the end of the epoch
         self.features = None
         feat_path = self.root / "features" / f"{split}.arrow"
@@ -176,7 +178,9 @@ class MidasDataset(IterableDataset):
             batch["stream_state"] = {"seed": self.seed, "epoch": self.epoch, "offset": offset}
             if info is None:
                 self.offset = offset
-            yield batch
+            # In a MidasLoader worker, one shared-memory segment per batch instead of one per
+            # tensor (see midas_data.dataset.transport); a plain DataLoader gets the dict.
+            yield pack_batch(batch) if info is not None and self._pack_in_workers else batch
         if info is None:
             self.offset = n  # epoch done (items dropped by drop_last included)
             self._exhausted = True
@@ -218,18 +222,32 @@ class MidasDataset(IterableDataset):
                 ok[i] = False
         return good, ok
 
+    def _read_batch(self, rows: np.ndarray) -> tuple[dict, np.ndarray]:
+        """The collated batch of `rows` and which rows it holds (bool [len(rows)]).
+
+        Without a transform the reader decodes the whole batch at once into batch arrays
+        (`SplitReader.read_batch`: the same checks, far fewer system calls); a damaged
+        sample under on_error="skip", or a transform, takes the per-sample path."""
+        if self.transform is None:
+            try:
+                return torch_batch(self.reader.read_batch(rows, self.modalities)), np.ones(len(rows), bool)
+            except (CorruptShardError, SchemaError):
+                if self.on_error == "raise":
+                    raise
+        samples, ok = self._read(rows)
+        if self.transform is not None:
+            samples = [self.transform(s) for s in samples]
+        return collate(samples, self.modalities), ok
+
     def _make_batch(self, rows: np.ndarray, real: int, partner_of: np.ndarray | None,
                     first: int) -> dict:
         """The batch of `rows`: the first `real` are the items at global positions `first`...
         of the order, the rest fill rows (repeats that pad the final batch)."""
         valid = np.arange(len(rows)) < real
-        samples, ok = self._read(rows)
+        batch, ok = self._read_batch(rows)
         skipped = [self.reader.keys[int(r)] for r in rows[~ok & valid]]  # a fill row's own turn reports it
         rows, valid = rows[ok], valid[ok]
-        if self.transform is not None:
-            samples = [self.transform(s) for s in samples]
-        batch = collate(samples, self.modalities)
-        if not samples:  # an empty final batch keeps ranks in step; give it the right shapes
+        if not len(rows):  # an empty final batch keeps ranks in step; give it the right shapes
             batch["inputs"] = {m: self._empty(m) for m in self.modalities}
         batch["row"] = torch.from_numpy(rows.copy())
         batch["valid"] = torch.from_numpy(valid)
@@ -353,7 +371,13 @@ class MidasLoader(DataLoader):
     def __iter__(self):
         ds: MidasDataset = self.dataset  # type: ignore[assignment]
         ds.begin_epoch()  # before workers copy it
-        for batch in super().__iter__():
+        ds._pack_in_workers = self.num_workers > 0
+        try:
+            batches = super().__iter__()
+        finally:
+            ds._pack_in_workers = False  # the dataset's own iteration (and plain DataLoaders) gets dicts
+        for batch in batches:
+            batch = unpack_batch(batch)
             # The consumed position lives in the dataset, whatever process built the batch, so
             # a pass left early continues from here and state_dict() reports the same point.
             state = batch["stream_state"]
