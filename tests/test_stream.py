@@ -620,3 +620,18 @@ def test_worker_batches_equal_in_process_batches_and_plain_dataloaders_get_dicts
     plain = list(DataLoader(MidasDataset(uneven, batch_size=10), batch_size=None, num_workers=2))
     assert all(isinstance(b, dict) for b in plain)
     assert sorted(k for b in plain for k in real_keys(b)) == sorted(k for b in ref for k in real_keys(b))
+
+
+def test_partner_fields_without_features_equal_the_general_path_on_missing_confidences():
+    """The no-features fast path gives exactly what the general formulas give for stored
+    confidences that are all missing (NaN): an even split, hard weight 1, NaN similarity."""
+    from midas_data.stream.dataset import partner_fields
+
+    partner = np.array([[1, 1], [0, -1], [-1, -1], [0, 0]], dtype=np.int64)
+    labels = np.array([0, 1, 2, 1], dtype=np.int64)
+    fast = partner_fields(partner, labels, None, None)
+    general = partner_fields(partner, labels, np.full((4, 2), np.nan, np.float32), None)
+    assert fast.keys() == general.keys()
+    for name in fast:
+        assert torch.equal(torch.nan_to_num(fast[name], nan=-7.0), torch.nan_to_num(general[name], nan=-7.0)), name
+    assert fast["partner_weight"].tolist() == [[0.5, 0.5], [0.5, 0.0], [0.0, 0.0], [0.5, 0.5]]

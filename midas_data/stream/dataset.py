@@ -287,6 +287,14 @@ def partner_fields(partner: np.ndarray, labels: np.ndarray, conf: np.ndarray | N
     b, M = partner.shape
     valid = partner >= 0
     safe = np.where(valid, partner, 0)
+    partner_label = torch.from_numpy(np.where(valid, labels[safe], -1))
+    if conf is None and not feats:  # no features table: even split, hard weight 1 (fast path)
+        half = np.where(valid, 0.5, 0.0).astype(np.float32)
+        nan = np.full((b, M), np.nan, np.float32)
+        return {"partner": torch.from_numpy(partner), "partner_label": partner_label,
+                "conf": torch.from_numpy(nan), "similarity": torch.from_numpy(nan.copy()),
+                "hard_weight": torch.from_numpy(valid.astype(np.float32)),
+                "anchor_weight": torch.from_numpy(half), "partner_weight": torch.from_numpy(half.copy())}
     conf = np.full((b, M), np.nan, np.float32) if conf is None else conf.astype(np.float32)
     sim = np.full((b, M), np.nan, np.float32)
     for mi, f in enumerate(feats or ()):
@@ -298,8 +306,7 @@ def partner_fields(partner: np.ndarray, labels: np.ndarray, conf: np.ndarray | N
     w = w.numpy()[np.arange(b * M), swapped].reshape(b, M)
     w = np.where(np.isfinite(w), w, 0.5)  # no stored confidences: split the label evenly
     hard = np.where(np.isfinite(sim), hard_weight_from_similarity(torch.from_numpy(sim)).numpy(), 1.0)
-    return {"partner": torch.from_numpy(partner),
-            "partner_label": torch.from_numpy(np.where(valid, labels[safe], -1)),
+    return {"partner": torch.from_numpy(partner), "partner_label": partner_label,
             "conf": torch.from_numpy(conf),
             "similarity": torch.from_numpy(np.where(valid, sim, np.nan).astype(np.float32)),
             "hard_weight": torch.from_numpy(np.where(valid, hard, 0.0).astype(np.float32)),
