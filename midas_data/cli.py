@@ -14,15 +14,22 @@ import sys
 
 import click
 
-from midas_data.errors import MidasDataError
+from midas_data.errors import USER_ERRORS, MidasDataError
 from midas_data.features.config import ExtractConfig
 from midas_data.mining.config import MineConfig
 from midas_data.options import click_options, config_from_options
 
 
 def _fail(e: Exception) -> None:
-    click.echo(f"error: {e}", err=True)
+    click.echo(f"error: {_one_line(e)}", err=True)
     sys.exit(2)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text
 
 
 def _parse_options(pairs: tuple[str, ...]) -> dict:
@@ -47,6 +54,16 @@ class _LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.lazy])
 
+    def invoke(self, ctx: click.Context):
+        """Bad input and broken files end as one line `error: ...` and exit status 2; the
+        traceback only with --debug."""
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as e:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            _fail(e)
+
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy:
             import importlib
@@ -58,8 +75,11 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup)
 @click.version_option(package_name="midas-data")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """MIDAS misaligned-sample augmentation as a data pipeline."""
+    ctx.ensure_object(dict)["debug"] = debug
 
 
 @main.command("build-shards")

@@ -53,8 +53,8 @@ class SplitReader:
         by_path = {s["path"]: s for s in manifest["shards"]}
         self.shard_bytes = np.array([by_path[p]["bytes"] for p in meta["shards"]], np.int64)
         self.index_path = index_path = root / meta["index"]
-        want = meta.get("index_sha256")
-        if want is not None and index_path.is_file() and file_sha256(index_path) != want:
+        want = meta["index_sha256"]  # mandatory: read_manifest refuses a manifest without it
+        if index_path.is_file() and file_sha256(index_path) != want:
             raise CorruptShardError(f"{where(file=index_path)}: sha256 does not match the manifest "
                                     "(the index is damaged or from another build); rebuild the dataset")
         t = read_table(index_path)

@@ -35,6 +35,7 @@ from midas_data.dataset.manifest import (
 from midas_data.dataset.split import SPLITS, stratified_split
 from midas_data.errors import MidasDataError, SchemaError, where
 from midas_data.features.tables import write_table
+from midas_data.locking import output_lock
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 MODALITY_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -189,9 +190,16 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
     """Shard `samples` into `out_dir` atomically and return the manifest.
 
     Samples without a split get a seeded stratified split. Labels are class names or
-    indices into `classes` (inferred from the labels, sorted, when not given).
+    indices into `classes` (inferred from the labels, sorted, when not given). The output is
+    locked for the call (`midas_data.locking`): a second writer waits, then refuses.
     """
-    out_dir = Path(out_dir)
+    with output_lock(out_dir, "build-shards"):
+        return _build_dataset(samples, Path(out_dir), classes, modalities, shard_max_count,
+                              shard_max_mb, split_seed, split_fractions, overwrite, source, progress)
+
+
+def _build_dataset(samples, out_dir: Path, classes, modalities, shard_max_count, shard_max_mb,
+                   split_seed, split_fractions, overwrite, source, progress) -> dict:
     if out_dir.exists() and not out_dir.is_dir():
         raise MidasDataError(f"{where(file=out_dir)}: exists and is not a directory; choose another "
                              "output directory")
@@ -272,7 +280,8 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "modalities": {m: schema[m] for m in order}, "modality_order": order,
             "classes": class_names, "splits": split_meta, "shards": all_shards,
-            "fingerprint": dataset_fingerprint({m: schema[m] for m in order}, class_names, all_shards),
+            "fingerprint": dataset_fingerprint({m: schema[m] for m in order}, class_names,
+                                               all_shards, split_meta),
             "split_seed": split_seed, "source": source or {},
         }
         write_manifest(tmp, manifest)

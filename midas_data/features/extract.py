@@ -44,6 +44,7 @@ from midas_data.features.encoders import (
 )
 from midas_data.features.probe import crossfit_probes, ensemble_confidences
 from midas_data.features.tables import Features, write_features
+from midas_data.locking import output_lock
 from midas_data.options import resolve_settings
 
 MODELS_FILE = "warmup_models.pt"
@@ -66,7 +67,8 @@ def extract_features(dataset_dir: str | os.PathLike, config: ExtractConfig | Non
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     try:
-        return _extract(dataset_dir, cfg, progress)
+        with output_lock(dataset_dir, "extract"):
+            return _extract(dataset_dir, cfg, progress)
     finally:
         torch.set_num_threads(threads)
 

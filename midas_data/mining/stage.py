@@ -8,6 +8,7 @@ contiguous slice of the anchors against the full data and writes its own part.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from midas_data.atomic import write_bytes_atomic, write_text_atomic
 from midas_data.dataset.manifest import read_manifest
 from midas_data.errors import MidasDataError, SchemaError, where
 from midas_data.features.tables import Features, read_features, read_table, table_metadata
+from midas_data.locking import output_lock
 from midas_data.mining.config import MineConfig
 from midas_data.mining.knn import (
     MiningInputError,
@@ -82,8 +84,13 @@ def mine_misaligned(dataset_dir: str | os.PathLike, config: MineConfig | None = 
         if split not in manifest["splits"]:
             raise MidasDataError(f"{where(file=root / 'manifest.json', field='splits')}: no split "
                                  f"{split!r}; the dataset has {sorted(manifest['splits'])}")
-        summary["splits"][split] = _mine_split(root, manifest, split, cfg, device,
-                                               progress and rank == 0, rank, world)
+    # Rank 0 holds the dataset's lock for the whole job; the others start writing only after
+    # it has it (the barrier), so two jobs never mix their parts.
+    with output_lock(root, "mine-misaligned") if rank == 0 else contextlib.nullcontext():
+        _barrier()
+        for split in cfg.splits:
+            summary["splits"][split] = _mine_split(root, manifest, split, cfg, device,
+                                                   progress and rank == 0, rank, world)
     return summary
 
 
