@@ -41,6 +41,16 @@ def free_bytes(path: str | os.PathLike) -> int | None:
         return None
 
 
+def dir_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the files under `path` (0 if it is gone)."""
+    total = 0
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
 def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in FULL_ERRNOS
 
@@ -53,7 +63,7 @@ def disk_full_guard(stage: str, path: str | os.PathLike,
     try:
         yield
     except OSError as e:
-        if not is_disk_full(e):
+        if not is_disk_full(e) or isinstance(e, DiskFullError):
             raise
         file = e.filename or path
         try:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from midas_data.loss import (
     AlphaStats,
@@ -39,6 +38,7 @@ from midas_data.loss import (
     update_alpha,
     weak_modality,
 )
+from midas_data.progress import progress_bar as tqdm
 from midas_data.stream.dataset import MidasLoader
 
 from .config import TrainConfig

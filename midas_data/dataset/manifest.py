@@ -23,7 +23,13 @@ MAX_CLASSES = 1 << 20
 MAX_SIZE = 1 << 53  # shard sizes and counts: exact in float64, no int64 overflow
 # Every path a manifest names is one the builder writes: nothing can point outside the dataset.
 SHARD_PATH_RE = re.compile(r"^shards/(train|val|test)-[0-9]{6,9}\.tar$")
-MODALITY_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+# One limit on key and modality-name length for the builder, the reader and the verifier (a
+# longer key would build but make tar names past what `inspect --verify` reads back).
+MAX_KEY_CHARS = 512
+MAX_MODALITY_CHARS = 64
+KEY_PATTERN = rf"^[A-Za-z0-9_\-]{{1,{MAX_KEY_CHARS}}}$"  # also an RE2 pattern (Arrow compute)
+MODALITY_PATTERN = rf"^[a-z][a-z0-9_]{{0,{MAX_MODALITY_CHARS - 1}}}$"
+MODALITY_NAME_RE = re.compile(MODALITY_PATTERN)
 RESERVED_NAMES = {"cls", "key", "label", "split"}
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -135,7 +141,8 @@ def _check_structure(m: dict, path: Path) -> None:
         bad("modality_order", "must list the names of `modalities`, in order")
     for name, spec in mods.items():
         if not MODALITY_NAME_RE.match(name) or name in RESERVED_NAMES:
-            bad(name, "modality names must match [a-z][a-z0-9_]* and not be reserved")
+            bad(name, f"modality names must match [a-z][a-z0-9_]*, be at most {MAX_MODALITY_CHARS} "
+                      "characters and not be reserved")
         if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str) or spec["kind"] not in KINDS:
             bad(name, f"kind must be one of {sorted(KINDS)}")
         ext = spec.get("ext")

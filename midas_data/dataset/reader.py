@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from midas_data.dataset.formats import MAX_PAYLOAD_BYTES, decode
-from midas_data.dataset.manifest import file_sha256, read_manifest
+from midas_data.dataset.manifest import KEY_PATTERN, MAX_KEY_CHARS, file_sha256, read_manifest
 from midas_data.errors import (
     CorruptShardError,
     MidasDataError,
@@ -35,7 +35,6 @@ from midas_data.errors import (
 from midas_data.features.tables import read_table
 
 BLOCK = 512
-KEY_PATTERN = r"^[A-Za-z0-9_\-]+$"
 
 
 class SplitReader:
@@ -104,7 +103,7 @@ class SplitReader:
 
         good_key = pc.match_substring_regex(t.column("key"), KEY_PATTERN)
         refuse(~good_key.to_numpy(zero_copy_only=False).astype(bool), "key",
-               "key is not letters, digits, '_' and '-'")
+               f"key is not 1..{MAX_KEY_CHARS} letters, digits, '_' and '-'")
         if n and pc.count_distinct(t.column("key")).as_py() != n:
             seen: set[str] = set()
             dup = np.array([k in seen or seen.add(k) is not None for k in self.keys])

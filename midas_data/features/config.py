@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from midas_data.devices import check_device_name
 from midas_data.options import check_settings, setting, settings_dict
 
 SOURCES = ("warmup", "user")
@@ -56,6 +57,7 @@ class ExtractConfig:
         if self.features_file is not None:
             self.features_file = str(self.features_file)
         check_settings(self)
+        check_device_name(self.device, "ExtractConfig.device")
 
     def to_dict(self) -> dict[str, Any]:
         return settings_dict(self)
