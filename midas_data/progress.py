@@ -23,11 +23,23 @@ def _is_terminal(stream: Any) -> bool:
         return False
 
 
+class _LogBar(tqdm):
+    """A bar for a log file: a new postfix or description waits for the next due redraw
+    instead of forcing one (tqdm redraws on every `set_postfix` by default)."""
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):  # noqa: ARG002
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+    def set_description(self, desc=None, refresh=True):  # noqa: ARG002
+        super().set_description(desc, refresh=False)
+
+
 def progress_bar(*args: Any, **kwargs: Any) -> tqdm:
-    """A tqdm bar; on a non-terminal stream it updates at most every LOG_INTERVAL_S seconds."""
+    """A tqdm bar; on a non-terminal stream it redraws at most every LOG_INTERVAL_S seconds
+    (plus its first and last line)."""
     stream = kwargs.get("file") or sys.stderr
-    if not _is_terminal(stream):
-        kwargs["mininterval"] = max(kwargs.get("mininterval", 0.1), LOG_INTERVAL_S)
-        kwargs["maxinterval"] = max(kwargs.get("maxinterval", 10.0), LOG_INTERVAL_S)
-        kwargs.setdefault("dynamic_ncols", False)
-    return tqdm(*args, **kwargs)
+    if _is_terminal(stream):
+        return tqdm(*args, **kwargs)
+    kwargs["mininterval"] = max(kwargs.get("mininterval", 0.1), LOG_INTERVAL_S)
+    kwargs["maxinterval"] = max(kwargs.get("maxinterval", 10.0), LOG_INTERVAL_S)
+    return _LogBar(*args, **kwargs)

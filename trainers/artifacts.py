@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from midas_data.atomic import atomic_file, write_bytes_atomic, write_text_atomic
+from midas_data.atomic import write_bytes_atomic
 from midas_data.diskspace import disk_full_guard
 from midas_data.errors import MidasDataError, StaleArtifactError, UnsafeInputError, where
 
@@ -118,14 +118,20 @@ def _clean(x):
     return x
 
 
+def _write_text(path: Path, text: str) -> None:
+    data = text.encode("utf-8")
+    with disk_full_guard("train", path, need=len(data)):
+        write_bytes_atomic(path, data)
+
+
 def write_json(path: Path, obj: dict) -> None:
-    write_text_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
+    _write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
     """metrics.jsonl, one line per finished epoch; rewritten whole so that a resumed run
     never duplicates or loses a line."""
-    write_text_atomic(path, "".join(json.dumps(_clean(h), sort_keys=True) + "\n" for h in history))
+    _write_text(path, "".join(json.dumps(_clean(h), sort_keys=True) + "\n" for h in history))
 
 
 def plot_history(out_dir: Path, history: list[dict], modalities: list[str]) -> list[Path]:
@@ -171,8 +177,10 @@ def plot_history(out_dir: Path, history: list[dict], modalities: list[str]) -> l
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    with atomic_file(path, "wb") as f:
-        fig.tight_layout()
-        fig.savefig(f, format="png", dpi=100)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    with disk_full_guard("train (plot)", path, need=len(buf.getvalue())):
+        write_bytes_atomic(path, buf.getvalue())
     return path
