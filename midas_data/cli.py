@@ -206,8 +206,8 @@ def mine_cmd(dataset, quiet, **options) -> None:
 @click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--modalities", default="fac,mor", show_default=True,
               help="Two or more UCI Multiple Features views (fac, pix, kar, fou, zer, mor).")
-@click.option("--epochs", default=60, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--epochs", default=60, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--quiet", is_flag=True)
 def demo_cmd(out, modalities, epochs, seed, quiet) -> None:
     """The whole pipeline on the bundled real dataset, then Joint vs MIDAS on test."""

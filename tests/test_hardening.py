@@ -509,6 +509,10 @@ NO_CUDA = not torch.cuda.is_available()
     (["extract", "{ds}", "--warmup-epochs", "-2"], ["--warmup-epochs"]),
     (["train", "{ds}", "{out}", "--epochs", "0"], ["--epochs"]),
     (["mine-misaligned", "{ds}", "--approx", "ivf", "--nprobe", "-1"], ["--nprobe"]),
+    (["extract", "{ds}", "--seed", "-1"], ["--seed"]),
+    (["mine-misaligned", "{ds}", "--seed", "-1"], ["--seed"]),
+    (["train", "{ds}", "{out}", "--seed", "-1"], ["--seed"]),
+    (["demo", "--out", "{out}", "--epochs", "0"], ["--epochs"]),
 ])
 def test_out_of_range_options_are_refused_before_any_work(ds, tmp_path, args, names):
     before = snapshot(ds)

@@ -68,7 +68,8 @@ class TrainConfig:
     encoders: dict[str, str] = _opt({}, "encoder per modality (name in the midas_data.features.encoders "
                                         "registry); a modality left out is chosen automatically")
     modalities: list[str] = _opt([], "modalities to train on, in order (empty: all of the dataset)")
-    seed: int = _opt(0, "seed of the model init, the stream order and the misaligned evaluation")
+    seed: int = _opt(0, "seed of the model init, the stream order and the misaligned evaluation",
+                     min=0)
     device: str = _opt("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
     num_workers: int = _opt(0, "DataLoader workers for the train stream (0: in-process)", min=0)
     checkpoint_every: int = _opt(0, "also write last.pt every this many steps (0: once per epoch)",

@@ -39,7 +39,7 @@ class ExtractConfig:
     encoders: dict[str, Any] = setting({}, "warm-up: encoder per modality, a registered name or "
                                            "{'name': ..., **kwargs} (a modality left out gets "
                                            "default_encoder_for)", cli=False)
-    seed: int = setting(0, "seed of the warm-up models and of the probes' folds")
+    seed: int = setting(0, "seed of the warm-up models and of the probes' folds", min=0)
     device: str = setting("auto", "warm-up: auto (CUDA when present), cpu, cuda, cuda:N")
     num_threads: int = setting(
         1, "torch CPU threads for the call; results are reproducible for a fixed thread count, "
