@@ -32,17 +32,25 @@ from midas_data.loss import (
     misaligned_top2_correct,
     modality_weights,
     normalised_confidences,
+    source_rows,
     unimodal_confidence,
     update_alpha,
+    weak_and_strong,
     weak_modality,
 )
-from midas_data.loss.batch import batch_alpha_stats, batch_misaligned_loss, misaligned_targets
+from midas_data.loss.batch import (
+    aligned_loss,
+    batch_alpha_stats,
+    batch_misaligned_loss,
+    misaligned_targets,
+)
 from midas_data.mining.config import MineConfig
 from midas_data.mining.knn import DifferentLabelIndex, search_different_label
 from midas_data.mining.pairs import read_pairs
 from midas_data.mining.stage import mine_misaligned
 from midas_data.options import SettingError
 from midas_data.stream.dataset import MidasDataset, MidasLoader, collate, materialize_misaligned
+from midas_data.stream.partners import POLICIES, RESEARCH_POLICIES, PartnerOptions
 
 __version__ = "0.1.0"
 
@@ -68,6 +76,7 @@ __all__ = [
     "MidasDataset",
     "MidasLoader",
     "accumulate",
+    "aligned_loss",
     "batch_alpha_stats",
     "batch_misaligned_loss",
     "collate",
@@ -79,9 +88,14 @@ __all__ = [
     "misaligned_top2_correct",
     "modality_weights",
     "normalised_confidences",
+    "source_rows",
     "unimodal_confidence",
     "update_alpha",
+    "weak_and_strong",
     "weak_modality",
+    "POLICIES",
+    "RESEARCH_POLICIES",
+    "PartnerOptions",
     "CorruptShardError",
     "DiskFullError",
     "OutputLockedError",

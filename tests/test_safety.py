@@ -130,6 +130,8 @@ def _read(root: Path, how: str, split: str = "train") -> list[dict]:
         out = []
         for batch in MidasDataset(root, split, batch_size=4, policy="random", seed=0):
             for b, key in enumerate(batch["key"]):
+                if not batch["valid"][b]:
+                    continue  # a fill row: a repeat padding the epoch's last batch
                 d = {"__key__": key, "label": int(batch["label"][b])}
                 d.update((m, batch["inputs"][m][b].numpy()) for m in batch["inputs"])
                 out.append(d)

@@ -114,12 +114,9 @@ def _train(root: Path, out: Path, config: TrainConfig, resume: bool, progress: b
     model = MultimodalModel.from_dataset(ds, config).to(device)
     mods = model.modalities
     optimizer, scheduler = build_optimizer(model, config)
-    policy = config.policy if config.method == "midas" else "none"
-    stream = MidasDataset(root, "train", batch_size=config.batch_size, policy=policy,
-                          mined_fraction=config.mined_fraction, temperature=config.temperature,
-                          graph_modalities=config.graph_modalities, mined_swap=config.mined_swap,
-                          mined_ramp=tuple(config.mined_ramp) if config.mined_ramp else None,
-                          seed=config.seed, modalities=mods)
+    stream = MidasDataset(root, "train", batch_size=config.batch_size, seed=config.seed,
+                          modalities=mods, **config.partner_options())
+    policy = stream.policy  # none unless method is midas
     loader = MidasLoader(stream, num_workers=config.num_workers)
     held_out = {s: MidasDataset(root, s, batch_size=config.eval_batch_size, policy="none",
                                 shuffle=False, modalities=mods, rank=0, world_size=1)
@@ -128,8 +125,8 @@ def _train(root: Path, out: Path, config: TrainConfig, resume: bool, progress: b
     # What this run reads, recorded in every checkpoint: resuming on other data is refused.
     feats = getattr(stream, "features", None)
     inputs = {"dataset": ds.fingerprint, "features": feats.fingerprint if feats is not None else "",
-              "pairs": pairs_fingerprint(root, "train")
-              if getattr(stream, "neighbours", None) is not None else ""}
+              "pairs": pairs_fingerprint(root, "train")  # when the policy reads mined pairs
+              if getattr(stream.partners, "neighbours", None) is not None else ""}
     run, history, tracker = RunState(), [], None
     best = {"value": -math.inf, "epoch": -1}
     start_epoch, wall_before = 0, 0.0

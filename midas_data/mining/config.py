@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from midas_data.mining.knn import INDEX_KINDS
+from midas_data.mining.knn import INDEX_CHOICES
 from midas_data.options import check_settings, setting, settings_dict
 
 APPROX_KINDS = ("ivf",)
@@ -23,8 +23,9 @@ class MineConfig:
 
     splits: tuple[str, ...] = setting(("train",), "splits to mine")
     k: int = setting(16, "Partners per anchor and modality.", min=1)
-    index: str = setting("cpu", "FAISS on the CPU, on the GPU (the `gpu` extra), or GPU when "
-                                "visible.", choices=INDEX_KINDS)
+    index: str = setting("cpu", "cpu: FAISS on the CPU; gpu: faiss-gpu, else the torch backend on CUDA; "
+                        "torch: the torch backend (its GPU, else the CPU); auto: the fastest "
+                        "available.", choices=INDEX_CHOICES)
     approx: str | None = setting(None, "Approximate IVF index for very large datasets (recall "
                                        "is reported).", choices=APPROX_KINDS)
     nlist: int | None = setting(None, "IVF lists (default ~4 sqrt(n)).", min=1)

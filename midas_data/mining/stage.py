@@ -22,6 +22,7 @@ import pyarrow as pa
 from midas_data.atomic import write_bytes_atomic, write_text_atomic
 from midas_data.dataset.manifest import read_manifest
 from midas_data.diskspace import disk_full_guard
+from midas_data.distributed import rank_and_world_size
 from midas_data.errors import MidasDataError, SchemaError, where
 from midas_data.features.tables import Features, read_features, read_table, table_metadata
 from midas_data.locking import output_lock
@@ -46,15 +47,6 @@ from midas_data.options import resolve_settings
 HIST_BINS = 100  # over [-1, 1]: mined partners crowd near 1, so keep the bins fine
 
 
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed if initialised, else torchrun's env, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def _barrier() -> bool:
     import torch.distributed as dist
 
@@ -70,7 +62,7 @@ def mine_misaligned(dataset_dir: str | os.PathLike, config: MineConfig | None = 
 
     `config` holds the settings (`MineConfig`, whose field help says what each does); any of
     its fields may instead, or in addition, be given by name (`k=8, index="auto"`).
-    index: one of `INDEX_KINDS`; approx: None | 'ivf' (then recall@k against exact search on
+    index: one of `INDEX_CHOICES`; approx: None | 'ivf' (then recall@k against exact search on
     `recall_queries` sampled anchors is measured and reported). report=True writes
     pairs/{split}/report.json, similarity_hist.png and class_matrix.png (rank 0).
     """
@@ -78,7 +70,7 @@ def mine_misaligned(dataset_dir: str | os.PathLike, config: MineConfig | None = 
     root = Path(dataset_dir)
     manifest = read_manifest(root)
     device = resolve_index(cfg.index)  # resolve once: 'auto' warns once, every split agrees
-    rank, world = dist_rank_world()
+    rank, world = rank_and_world_size()
     summary: dict = {"dataset": str(root), "rank": rank, "world_size": world, "index": device,
                      "approx": cfg.approx, "k": cfg.k, "splits": {}}
     for split in cfg.splits:
