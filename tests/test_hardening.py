@@ -295,6 +295,15 @@ def test_resume_on_other_features_is_refused(ds, trained, tmp_path):
     assert_clean_error(r, "inputs.features")
 
 
+def test_resume_on_other_pairs_is_refused(ds, tmp_path):
+    out = tmp_path / "run"
+    assert cli("train", ds, out, *TRAIN, "--policy", "mined").exit_code == 0
+    assert torch.load(out / "last.pt", weights_only=True)["inputs"]["pairs"]
+    mine_misaligned(ds, k=3, progress=False)
+    r = cli("train", ds, out, *TRAIN, "--policy", "mined", "--resume")
+    assert_clean_error(r, str(out / "last.pt"), "inputs.pairs", "--restart")
+
+
 def test_checkpoints_record_what_they_trained_on(mined, trained):
     ck = torch.load(trained / "last.pt", weights_only=True)
     assert ck["inputs"]["dataset"] == open_dataset(mined).fingerprint
