@@ -5,6 +5,7 @@ from midas_data.dataset.shards import Sample, build_dataset
 from midas_data.dataset.verify import verify_dataset
 from midas_data.errors import (
     CorruptShardError,
+    DiskFullError,
     MidasDataError,
     SchemaError,
     StaleArtifactError,
@@ -21,6 +22,7 @@ from midas_data.features.encoders import (
 from midas_data.features.extract import extract_features
 from midas_data.features.probe import crossfit_confidences
 from midas_data.features.tables import Features, read_features, write_features
+from midas_data.locking import OutputLockedError
 from midas_data.loss import (
     AlphaStats,
     accumulate,
@@ -95,6 +97,8 @@ __all__ = [
     "RESEARCH_POLICIES",
     "PartnerOptions",
     "CorruptShardError",
+    "DiskFullError",
+    "OutputLockedError",
     "Dataset",
     "Features",
     "MidasDataError",

@@ -111,7 +111,7 @@ def test_every_command_documents_exactly_its_dataclass_defaults(command, cls, sk
         default = field_default(f)
         if default is not None and not isinstance(default, (list, tuple, dict)):
             assert f"[default: {default}]" in p.help, (f.name, p.help)
-    assert set(params) <= {"quiet", "resume", "preset"}, f"options not from {cls.__name__}: {params}"
+    assert set(params) <= {"quiet", "resume", "restart", "preset"}, f"options not from {cls.__name__}: {params}"
 
 
 def test_threads_default_is_one_in_the_cli_and_the_python_api():

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from midas_data.loss import (
     AlphaStats,
@@ -38,6 +37,7 @@ from midas_data.loss import (
     update_alpha,
     weak_and_strong,
 )
+from midas_data.progress import progress_bar as tqdm
 from midas_data.stream.dataset import MidasLoader
 
 from .config import TrainConfig

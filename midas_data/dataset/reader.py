@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from midas_data.dataset.formats import MAX_PAYLOAD_BYTES, decode, npy_header_cached
-from midas_data.dataset.manifest import file_sha256, read_manifest
+from midas_data.dataset.manifest import KEY_PATTERN, MAX_KEY_CHARS, file_sha256, read_manifest
 from midas_data.errors import (
     CorruptShardError,
     MidasDataError,
@@ -36,7 +36,6 @@ from midas_data.errors import (
 from midas_data.features.tables import read_table
 
 BLOCK = 512
-KEY_PATTERN = r"^[A-Za-z0-9_\-]+$"
 READ_CHUNK_ROWS = 1024  # a batch read holds at most this many samples' bytes at once,
 READ_CHUNK_BYTES = 64 << 20  # and at most this many (unless one sample is larger)
 # tar header bytes a batch read checks: name (0-99), size (124-135), type flag (156)
@@ -59,8 +58,8 @@ class SplitReader:
         by_path = {s["path"]: s for s in manifest["shards"]}
         self.shard_bytes = np.array([by_path[p]["bytes"] for p in meta["shards"]], np.int64)
         self.index_path = index_path = root / meta["index"]
-        want = meta.get("index_sha256")
-        if want is not None and index_path.is_file() and file_sha256(index_path) != want:
+        want = meta["index_sha256"]  # mandatory: read_manifest refuses a manifest without it
+        if index_path.is_file() and file_sha256(index_path) != want:
             raise CorruptShardError(f"{where(file=index_path)}: sha256 does not match the manifest "
                                     "(the index is damaged or from another build); rebuild the dataset")
         t = read_table(index_path)
@@ -113,7 +112,7 @@ class SplitReader:
 
         good_key = pc.match_substring_regex(t.column("key"), KEY_PATTERN)
         refuse(~good_key.to_numpy(zero_copy_only=False).astype(bool), "key",
-               "key is not letters, digits, '_' and '-'")
+               f"key is not 1..{MAX_KEY_CHARS} letters, digits, '_' and '-'")
         if n and pc.count_distinct(t.column("key")).as_py() != n:
             seen: set[str] = set()
             dup = np.array([k in seen or seen.add(k) is not None for k in self.keys])

@@ -20,23 +20,30 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from midas_data.atomic import atomic_dir
 from midas_data.dataset.formats import Encoded, encode_value
 from midas_data.dataset.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    KEY_PATTERN,
+    MAX_KEY_CHARS,
+    MAX_MODALITY_CHARS,
+    MODALITY_PATTERN,
     dataset_fingerprint,
     file_sha256,
     write_manifest,
 )
 from midas_data.dataset.split import SPLITS, stratified_split
+from midas_data.diskspace import dir_bytes, disk_full_guard
 from midas_data.errors import MidasDataError, SchemaError, where
 from midas_data.features.tables import write_table
+from midas_data.locking import output_lock
+from midas_data.options import SettingError
+from midas_data.progress import progress_bar as tqdm
 
-KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
-MODALITY_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+KEY_RE = re.compile(KEY_PATTERN)
+MODALITY_RE = re.compile(MODALITY_PATTERN)
 RESERVED = {"cls", "key", "label", "split"}
 
 
@@ -231,9 +238,23 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
     """Shard `samples` into `out_dir` atomically and return the manifest.
 
     Samples without a split get a seeded stratified split. Labels are class names or
-    indices into `classes` (inferred from the labels, sorted, when not given).
+    indices into `classes` (inferred from the labels, sorted, when not given). The output is
+    locked for the call (`midas_data.locking`): a second writer waits, then refuses.
     """
-    out_dir = Path(out_dir)
+    if isinstance(shard_max_count, bool) or not isinstance(shard_max_count, int) or shard_max_count < 1:
+        raise SettingError(f"shard_max_count (--shard-samples) must be an integer >= 1, got "
+                           f"{shard_max_count!r}")
+    if not isinstance(shard_max_mb, int | float) or not shard_max_mb > 0:
+        raise SettingError(f"shard_max_mb (--shard-mb) must be > 0, got {shard_max_mb!r}")
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+        raise SettingError(f"split_seed (--split-seed) must be an integer >= 0, got {split_seed!r}")
+    with output_lock(out_dir, "build-shards"):
+        return _build_dataset(samples, Path(out_dir), classes, modalities, shard_max_count,
+                              shard_max_mb, split_seed, split_fractions, overwrite, source, progress)
+
+
+def _build_dataset(samples, out_dir: Path, classes, modalities, shard_max_count, shard_max_mb,
+                   split_seed, split_fractions, overwrite, source, progress) -> dict:
     if out_dir.exists() and not out_dir.is_dir():
         raise MidasDataError(f"{where(file=out_dir)}: exists and is not a directory; choose another "
                              "output directory")
@@ -249,6 +270,9 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
     class_names, label_idx = _resolve_labels(samples, classes)
     seen: set[str] = set()
     for s in samples:
+        if isinstance(s.key, str) and len(s.key) > MAX_KEY_CHARS:
+            raise SchemaError(f"{where(s.source, s.key[:40] + '...', 'key')}: key of {len(s.key)} "
+                              f"characters; keys may be at most {MAX_KEY_CHARS} (shorten it)")
         if not isinstance(s.key, str) or not KEY_RE.match(s.key):
             raise SchemaError(f"{where(s.source, s.key, 'key')}: keys may hold only letters, digits, "
                               "'_' and '-' (WebDataset splits keys at the first dot)")
@@ -261,8 +285,9 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
         raise SchemaError(f"{where(src0, field='modalities')}: modality names repeat in {order}")
     for m in order:
         if not isinstance(m, str) or not MODALITY_RE.match(m) or m in RESERVED:
-            raise SchemaError(f"{where(src0, field=m)}: modality names must match [a-z][a-z0-9_]* "
-                              f"and not be one of {sorted(RESERVED)}")
+            raise SchemaError(f"{where(src0, field=m)}: modality names must match [a-z][a-z0-9_]*, "
+                              f"be at most {MAX_MODALITY_CHARS} characters and not be one of "
+                              f"{sorted(RESERVED)}")
     splits = np.array([s.split for s in samples], dtype=object)
     if any(sp is None for sp in splits):
         if not all(sp is None for sp in splits):
@@ -279,11 +304,14 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
     schema: dict = {}
     max_bytes = int(shard_max_mb * 1024 * 1024)
     # Past the checks above, an existing out_dir is either a dataset we may replace or empty.
-    with atomic_dir(out_dir, overwrite=overwrite or out_dir.exists()) as tmp:
+    bar = tqdm(total=len(samples), desc="build-shards", unit="sample", disable=not progress)
+    with disk_full_guard("build-shards", out_dir), \
+            atomic_dir(out_dir, overwrite=overwrite or out_dir.exists()) as tmp, \
+            disk_full_guard("build-shards", out_dir,  # what is written so far, scaled to all
+                            need=lambda: dir_bytes(tmp) * len(samples) / max(bar.n, 1)):
         (tmp / "shards").mkdir()
         (tmp / "index").mkdir()
         split_meta, all_shards = {}, []
-        bar = tqdm(total=len(samples), desc="build-shards", unit="sample", disable=not progress)
         for sp in SPLITS:
             members_idx = np.flatnonzero(splits == sp)
             if len(members_idx) == 0:
@@ -314,7 +342,8 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "modalities": {m: schema[m] for m in order}, "modality_order": order,
             "classes": class_names, "splits": split_meta, "shards": all_shards,
-            "fingerprint": dataset_fingerprint({m: schema[m] for m in order}, class_names, all_shards),
+            "fingerprint": dataset_fingerprint({m: schema[m] for m in order}, class_names,
+                                               all_shards, split_meta),
             "split_seed": split_seed, "source": source or {},
         }
         write_manifest(tmp, manifest)

@@ -44,9 +44,9 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from midas_data.errors import MidasDataError
+from midas_data.progress import progress_bar as tqdm
 
 log = logging.getLogger(__name__)
 
