@@ -449,6 +449,14 @@ def walk_tar(path: str | os.PathLike) -> Iterator[tuple[str, int, int, bytes | N
             yield name, data_off, size, cls
 
 
-def open_dataset(path: str | Path) -> Dataset:
-    """Open a dataset directory written by `midas-data build-shards`."""
-    return Dataset(path)
+def open_dataset(path: str | Path, **remote) -> Dataset:
+    """Open a dataset directory written by `midas-data build-shards`, or a URL (s3://, gs://,
+    https://...; `remote` options: storage_options, cache_dir, cache_limit, retry, prefetch,
+    see midas_data.storage.remote.RemoteDataset)."""
+    from midas_data.storage.urls import is_remote, local_path
+
+    if is_remote(path):
+        from midas_data.storage.remote import RemoteDataset
+
+        return RemoteDataset(str(path), **remote)
+    return Dataset(local_path(path))

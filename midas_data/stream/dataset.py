@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from midas_data.dataset.reader import open_dataset
+from midas_data.dataset.reader import Dataset, open_dataset
 from midas_data.errors import CorruptShardError, MidasDataError, SchemaError, where
 from midas_data.features.tables import read_features
 from midas_data.loss import hard_weight_from_similarity
@@ -57,15 +57,20 @@ class MidasDataset(IterableDataset):
     accept modality names or "weak"/"strong" (lowest/highest mean stored confidence).
     on_error: `raise` (default: a damaged shard stops the epoch naming shard and key) or
     `skip` (drop the sample, and report its key in `batch["skipped"]`).
+    root may be a URL (s3://, gs://, https://): shards are then read through a local cache
+    (`cache_dir`, bounded by `cache_limit` bytes; `storage_options` go to fsspec), or a
+    dataset already opened with `open_dataset(url, ...)` for the other remote options.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", *, batch_size: int = 64,
+    def __init__(self, root: str | Path | Dataset, split: str = "train", *, batch_size: int = 64,
                  policy: str = "random", mined_fraction: float = 0.5, temperature: float = 0.1,
                  seed: int = 0, shuffle: bool = True, drop_last: bool = False,
                  modalities: list[str] | None = None, transform: Callable | None = None,
                  on_error: str = "raise", rank: int | None = None, world_size: int | None = None,
                  use_features: bool = True, graph_modalities: list[str] | None = None,
-                 mined_swap: list[str] | None = None, mined_ramp: tuple[int, int] | None = None):
+                 mined_swap: list[str] | None = None, mined_ramp: tuple[int, int] | None = None,
+                 storage_options: dict | None = None, cache_dir: str | Path | None = None,
+                 cache_limit: int | str | None = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
         if on_error not in ("raise", "skip"):
@@ -80,8 +85,10 @@ class MidasDataset(IterableDataset):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if policy in ("mined", "mixed", "soft") and batch_size % 2:
             raise ValueError("mined partner policies pair anchors inside a batch: use an even batch_size")
-        self.root, self.split = Path(root), split
-        self.ds = open_dataset(self.root)
+        self.split = split  # root may be a URL: open_dataset caches it, self.root is local
+        self.ds = root if isinstance(root, Dataset) else open_dataset(
+            root, storage_options=storage_options, cache_dir=cache_dir, cache_limit=cache_limit)
+        self.root = self.ds.root
         self.reader = self.ds.split(split)
         self.modalities = list(modalities or self.ds.modalities)
         unknown = [m for m in self.modalities if m not in self.ds.modalities]
@@ -248,6 +255,8 @@ class MidasDataset(IterableDataset):
         spans = plan.batch_spans(len(order), start, self.batch_size, world, rank,
                                  self.drop_last, pair_aligned=self._paired())
         step = self.batch_size * world
+        if hasattr(self.reader, "plan_reads"):  # remote root: fetch this worker's shards ahead
+            self.reader.plan_reads([order[lo:hi] for lo, hi in spans[worker::workers]])
         for k in range(worker, len(spans), workers):
             lo, hi = (int(v) for v in spans[k])
             batch = self._make_batch(order, partner_of, lo, hi)
