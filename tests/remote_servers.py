@@ -4,7 +4,8 @@
   directory listings, counts requests and body bytes per path, and injects faults per path:
   "drop" (headers promise the whole body, half is sent, the connection is closed), "503",
   "flip" (one byte of the body flipped), "hang" (no answer for `hang_s` seconds). Each
-  fault is consumed once per request; `faults[path]` is a list, so ["503"] * 3 is a burst.
+  fault is consumed once per request; `faults[path]` is a list, so ["503"] * 3 is a burst,
+  and a fault named "always-<fault>" is never consumed.
 - `moto_s3()`: moto's threaded S3 server on a free port and the s3fs storage options that
   reach it.
 """
@@ -36,7 +37,8 @@ class _Handler(SimpleHTTPRequestHandler):
             srv.requests[path] += 1
             queue = srv.faults.get(path)
             if queue:
-                return queue.pop(0) if queue[0] != "always-503" else "503"
+                head = queue[0]
+                return head[len("always-"):] if head.startswith("always-") else queue.pop(0)
         return None
 
     def do_HEAD(self) -> None:  # noqa: N802

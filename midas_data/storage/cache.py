@@ -199,6 +199,20 @@ class ShardCache:
                     break
                 if self._evict_one(path):
                     total -= size
+            over = self.dir / "over-limit"
+            if total > self.limit:  # pinned shards hold the rest: trim when they are released
+                over.touch()
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    over.unlink()
+
+    def release(self, fd: int) -> None:
+        """Unpin a descriptor from `open`; if a fetch had to exceed the limit because of
+        pinned shards, evict down to the limit now."""
+        os.close(fd)
+        if self.limit is not None and (self.dir / "over-limit").exists():
+            with contextlib.suppress(OSError, Timeout):  # best effort: the next fetch trims too
+                self._make_room(0)
 
     def stats(self) -> dict:
         entries = self._entries()

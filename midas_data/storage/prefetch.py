@@ -45,15 +45,17 @@ class Prefetcher:
         self._thread = threading.Thread(target=self._walk, daemon=True, name="midas-prefetch")
         self._thread.start()
 
-    def reading(self, rows: np.ndarray) -> None:
-        """The reader starts a batch: move the window to it (unplanned reads are ignored)."""
+    def reading(self, rows: np.ndarray) -> bool:
+        """The reader starts a batch: move the window to it (unplanned reads are ignored).
+        True when it is the last planned batch."""
         key = (len(rows), int(rows[0]) if len(rows) else -1)
         with self._cond:
             for b in range(self.cursor, min(self.cursor + MATCH_WINDOW, len(self.batch_key))):
                 if self.batch_key[b] == key:
                     self.cursor = b
                     self._cond.notify_all()
-                    return
+                    return b == len(self.batch_key) - 1
+        return False
 
     def _walk(self) -> None:
         for i, shard in enumerate(self.seq):
@@ -62,7 +64,8 @@ class Prefetcher:
                     self._cond.wait(0.5)
                 if self._stopped:
                     return
-            if self.reader.remote.cache.contains(self.reader._shard_sha[shard]):
+            if (self.reader.remote.cache.contains(self.reader._shard_sha[shard])
+                    or self.reader.recently_failed(shard)):
                 continue
             self._slots.acquire()
             if self._stopped:

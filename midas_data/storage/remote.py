@@ -152,12 +152,13 @@ class RemoteSplitReader(SplitReader):
     """A SplitReader whose shards come from the shard cache.
 
     Each shard is fetched whole before its first read and pinned (a shared lock on the open
-    file) while this reader keeps it open; at most `max_open` shards stay open per process.
+    file) while this reader keeps it open; at most `max_open` shards stay open per process
+    (one by default: a batch is read shard by shard, so a small cache is not held by pins).
     `get_many` reads a batch shard by shard so the batch needs one shard at a time.
     """
 
     def __init__(self, root: Path, manifest: dict, split: str, remote: RemoteRoot,
-                 prefetch: int = 4, prefetch_threads: int = 2, max_open: int = 4):
+                 prefetch: int = 4, prefetch_threads: int = 2, max_open: int = 1):
         super().__init__(root, manifest, split)
         self.remote = remote
         by_path = {s["path"]: s for s in manifest["shards"]}
@@ -181,6 +182,11 @@ class RemoteSplitReader(SplitReader):
         return self.remote.cache.ensure(self._shard_sha[shard], int(self.shard_bytes[shard]),
                                         self._fetcher(shard), self.shard_urls[shard])
 
+    def recently_failed(self, shard: int) -> bool:
+        """A fetch of this shard failed less than FAILURE_TTL seconds ago in this process."""
+        failed = self._failed.get(shard)
+        return failed is not None and time.monotonic() - failed[0] < FAILURE_TTL
+
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # forked: descriptors and threads are the parent's
             self._fds, self._sizes, self._pid = OrderedDict(), {}, os.getpid()
@@ -191,9 +197,11 @@ class RemoteSplitReader(SplitReader):
         if fd is not None:
             self._fds.move_to_end(shard)
             return fd
-        failed = self._failed.get(shard)
-        if failed is not None and time.monotonic() - failed[0] < FAILURE_TTL:
-            raise failed[1]
+        if self.recently_failed(shard):
+            raise self._failed[shard][1]
+        while len(self._fds) >= self.max_open:  # unpin the least recently read shard first,
+            _, old = self._fds.popitem(last=False)  # so the fetch below may evict it
+            self.remote.cache.release(old)
         try:
             fd = self.remote.cache.open(self._shard_sha[shard], int(self.shard_bytes[shard]),
                                         self._fetcher(shard), self.shard_urls[shard])
@@ -201,9 +209,6 @@ class RemoteSplitReader(SplitReader):
             self._failed[shard] = (time.monotonic(), e)
             raise
         self._failed.pop(shard, None)
-        while len(self._fds) >= self.max_open:  # unpin the least recently read shard
-            _, old = self._fds.popitem(last=False)
-            os.close(old)
         self._fds[shard] = fd
         self._sizes[shard] = int(self.shard_bytes[shard])
         return fd
@@ -217,8 +222,9 @@ class RemoteSplitReader(SplitReader):
     def get_many(self, rows: np.ndarray, modalities: list[str] | None = None) -> list[dict]:
         """As SplitReader.get_many, reading shard by shard (output in the order of `rows`)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        last = False
         if self._prefetcher is not None and self._prefetcher.pid == os.getpid():
-            self._prefetcher.reading(rows)
+            last = self._prefetcher.reading(rows)
         if rows.size == 0:
             return []
         rows = np.array([self._row_number(r) for r in rows], dtype=np.int64)
@@ -233,6 +239,8 @@ class RemoteSplitReader(SplitReader):
                 raise e.for_key(self.keys[int(rows[pos[0]])]) from e.__cause__
             for p, d in zip(pos, super().get_many(rows[pos], modalities)):
                 out[int(p)] = d
+        if last:  # the plan is read: hold no pin (a worker may exit without closing)
+            self.close()
         return out  # type: ignore[return-value]
 
     def plan_reads(self, batches: list[np.ndarray]) -> None:
@@ -249,7 +257,9 @@ class RemoteSplitReader(SplitReader):
         if self._prefetcher is not None and self._prefetcher.pid == os.getpid():
             self._prefetcher.stop()
         self._prefetcher = None
-        super().close()
+        fds, self._fds, self._sizes = self._fds, OrderedDict(), {}
+        for fd in fds.values():
+            self.remote.cache.release(fd)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
