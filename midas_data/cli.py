@@ -8,6 +8,7 @@ import sys
 import click
 
 from midas_data.errors import MidasDataError
+from midas_data.storage.click_types import DATASET_ROOT
 
 
 def _fail(e: Exception) -> None:
@@ -103,7 +104,7 @@ def build_shards_cmd(pipeline_name, manifest_file, root, options, skip_bad, moda
 
 
 @main.command("inspect")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.argument("dataset", type=DATASET_ROOT)
 @click.option("--verify", is_flag=True, help="Check every shard's size and sha256.")
 def inspect_cmd(dataset, verify) -> None:
     """Show schema, counts per split and class; --verify checks checksums."""
