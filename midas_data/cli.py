@@ -35,7 +35,8 @@ class _LazyGroup(click.Group):
     """Resolves `train` (the reference trainer in trainers/) only when asked for, so that
     `midas-data --version` and the data commands do not pay for importing the trainer."""
 
-    lazy = {"train": "midas_data.trainers.run:main"}
+    lazy = {"train": "midas_data.trainers.run:main",
+            "index-shards": "midas_data.dataset.index_shards:index_shards_cmd"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.lazy])

@@ -53,6 +53,10 @@ class SplitReader:
         self.root, self.manifest, self.split = root, manifest, split
         self.modalities: list[str] = list(manifest["modality_order"])
         self._ext = {m: manifest["modalities"][m]["ext"] for m in self.modalities}
+        # tar member suffix: `<modality>.<ext>` as build-shards writes it, or the manifest's own
+        # `member` for tars indexed in place (index-shards: `<key>.jpg`)
+        self._suffix = {m: manifest["modalities"][m].get("member") or f"{m}.{self._ext[m]}"
+                        for m in self.modalities}
         meta = manifest["splits"][split]
         self.shard_paths = [root / p for p in meta["shards"]]
         by_path = {s["path"]: s for s in manifest["shards"]}
@@ -172,7 +176,7 @@ class SplitReader:
 
     def member_name(self, row: int, modality: str) -> str:
         """The tar member name of a payload: `<key>.<modality>.<ext>`."""
-        return f"{self.keys[row]}.{modality}.{self._ext[modality]}"
+        return f"{self.keys[row]}.{self._suffix[modality]}"
 
     def _check_header(self, hdr: bytes | memoryview, row: int, modality: str, size: int) -> None:
         """The tar header in front of a payload must name it and give the indexed size."""
