@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from midas_data.storage.cache import ShardCache, default_cache_dir, parse_size
+from midas_data.storage.cache import NoRoom, ShardCache, default_cache_dir, parse_size
 from midas_data.storage.fetch import RetryPolicy, download, is_transient
 
 SIZE = 1000
@@ -26,7 +26,7 @@ def _fetcher(data: bytes, calls: list | None = None):
     def fetch(tmp_dir: Path) -> Path:
         if calls is not None:
             calls.append(1)
-        p = tmp_dir / f".t-{os.getpid()}-{time.monotonic_ns()}.{len(data)}.part"
+        p = tmp_dir / f".t-{os.getpid()}-{time.monotonic_ns()}.download"
         p.write_bytes(data)
         return p
     return fetch
@@ -61,6 +61,20 @@ def test_a_pinned_shard_is_never_evicted_and_the_cache_trims_when_it_is_released
     cache.release(fd)
     cache.release(pinned)  # over the limit only because of the pin: trimmed now
     assert cache.stats()["bytes"] <= SIZE
+
+
+def test_shards_of_the_dataset_being_read_are_kept_and_others_evicted(tmp_path):
+    cache = ShardCache(tmp_path, cache_limit=2 * SIZE)
+    (a, sa), (b, sb), (c, sc), (d, sd) = (_blob(i) for i in range(4))
+    cache.release(cache.open(sa, SIZE, _fetcher(a)))  # another dataset's shard
+    keep = frozenset({sb, sc, sd})
+    cache.release(cache.open(sb, SIZE, _fetcher(b), keep=keep))
+    cache.release(cache.open(sc, SIZE, _fetcher(c), keep=keep))  # evicts a, not b
+    assert not cache.contains(sa) and cache.contains(sb) and cache.contains(sc)
+    calls: list = []
+    with pytest.raises(NoRoom):
+        cache.open(sd, SIZE, _fetcher(d, calls), keep=keep)
+    assert calls == [] and cache.contains(sb) and cache.contains(sc)
 
 
 def _worker(cache_dir: str, data: bytes, sha: str, counter: str, out: str) -> None:

@@ -68,7 +68,7 @@ def _cache_files(cache: Path) -> dict[str, int]:
 
 
 def _no_partial_files(cache: Path) -> bool:
-    return not list((cache / "tmp").glob("*.part"))
+    return not list((cache / "tmp").glob("*.part")) + list((cache / "tmp").glob("*.download"))
 
 
 @pytest.mark.parametrize("scheme", ["s3", "http"])
@@ -133,18 +133,29 @@ def test_resume_on_s3_root_gives_identical_remaining_sequence(served, s3, old_wo
     assert consumed + rest == full
 
 
-def test_cache_limit_smaller_than_the_dataset(served, http, tmp_path):
-    http.reset()
-    shard = max(_shard_path(served, i).stat().st_size for i in range(9))
-    limit = 5 * shard  # 9 shards: the dataset does not fit
+@pytest.mark.parametrize("fetch", ["shard", "auto", "range"])
+def test_cache_limit_smaller_than_the_dataset(served, http, tmp_path, fetch):
+    sizes = [_shard_path(served, i).stat().st_size for i in range(9)]
+    limit = 5 * max(sizes)  # 9 shards: the dataset does not fit
+    served_per_epoch = []
     for epoch in range(2):
-        got = _keys_per_rank(http.url + "/ds", 2, 2, epoch=epoch, cache_dir=tmp_path,
-                             cache_limit=limit)
-        assert got == _keys_per_rank(served / "ds", 2, 2, epoch=epoch)
-    held = sum(p.stat().st_size for p in (tmp_path / "shards").glob("*.tar"))
-    assert held <= limit, f"cache holds {held} bytes, limit {limit}"
-    assert sum(http.shard_gets().values()) > 9, "nothing was evicted: the test does not bite"
-    assert _no_partial_files(tmp_path)
+        http.reset()
+        ds = open_dataset(http.url + "/ds", cache_dir=tmp_path, cache_limit=limit, fetch=fetch)
+        got = _keys_per_rank(ds, 2, 2, epoch=epoch)
+        assert got == _keys_per_rank(served / "ds", 2, 2, epoch=epoch), "order changed"
+        served_per_epoch.append(http.shard_bytes())
+        held = sum(p.stat().st_size for p in (tmp_path / "shards").glob("*.tar"))
+        assert held <= limit, f"cache holds {held} bytes, limit {limit}"
+        assert _no_partial_files(tmp_path)
+    cached = len(_cache_files(tmp_path))
+    if fetch == "shard":  # LRU over a random order: shards are fetched again and again
+        assert served_per_epoch[-1] > sum(sizes), "nothing was evicted: the test does not bite"
+    elif fetch == "range":  # nothing cached; each epoch reads about the samples' bytes
+        assert cached == 0 and served_per_epoch[-1] < sum(sizes)
+    else:  # a resident part stays, the rest is read by range each epoch
+        assert 1 <= cached <= 5
+        assert served_per_epoch[-1] < sum(sizes) - cached * min(sizes) + 512 * N
+        assert served_per_epoch[-1] < served_per_epoch[0]
 
 
 def test_ranks_and_workers_sharing_a_cold_cache_fetch_each_shard_once(served, http, tmp_path):

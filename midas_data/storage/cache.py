@@ -3,7 +3,7 @@
 Layout under cache_dir: `shards/<sha256>.tar` (a file is named by its verified digest, so a
 name is a proof that its bytes are the manifest's, the same shard used by two datasets is
 stored once, and a dataset rebuilt in place can never be served stale bytes), `tmp/`
-(downloads in progress), `locks/` (one lock file per shard, plus `cache.lock`).
+(downloads in progress, and `.part` reservations of the bytes they will add), `locks/` (one lock file per shard, plus `cache.lock`).
 
 Rules that make sharing safe (DataLoader workers, ranks on one node, threads):
 - A shard appears in `shards/` only by an atomic rename of a fully downloaded, verified
@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import os
 import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from filelock import FileLock, Timeout
 from midas_data.errors import MidasDataError
 
 DEFAULT_LOCK_TIMEOUT = 3600.0
-_PART_RE = re.compile(r"\.(\d+)\.part$")
+_PART_RE = re.compile(r"^\.reserve-(\d+)-.*\.(\d+)\.part$")
 
 
 def default_cache_dir() -> Path:
@@ -56,6 +57,10 @@ def parse_size(value: int | str | None) -> int | None:
     mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
     return int(float(m.group(1)) * mult)
+
+
+class NoRoom(Exception):
+    """The shard does not fit under the limit without evicting shards in use by this run."""
 
 
 class ShardCache:
@@ -120,31 +125,43 @@ class ShardCache:
             raise
 
     def open(self, sha256: str, size: int, fetch: Callable[[Path], Path],
-             name: str = "") -> int:
+             name: str = "", keep: frozenset[str] | None = None) -> int:
         """A read-only descriptor of the verified shard, pinned until it is closed.
 
         fetch(tmp_dir) must return a downloaded file in tmp_dir whose size and sha256 it has
-        checked; it is called at most once at a time per shard across processes.
+        checked; it is called at most once at a time per shard across processes. With
+        `keep` (sha256 digests, e.g. every shard of the dataset being read), those shards are
+        never evicted for it: NoRoom is raised instead when it does not fit.
         """
         for _ in range(8):
             fd = self._try_pin(sha256, size)
             if fd is not None:
                 return fd
-            self.ensure(sha256, size, fetch, name)
+            self.ensure(sha256, size, fetch, name, keep)
         raise MidasDataError(f"{name or sha256}: evicted from the cache at {self.dir} as soon as "
                              "it arrived, again and again; raise cache_limit")
 
-    def ensure(self, sha256: str, size: int, fetch: Callable[[Path], Path], name: str = "") -> bool:
-        """Fetch the shard into the cache unless it is there; True if this call fetched it."""
+    def ensure(self, sha256: str, size: int, fetch: Callable[[Path], Path], name: str = "",
+               keep: frozenset[str] | None = None) -> bool:
+        """Fetch the shard into the cache unless it is there; True if this call fetched it.
+        keep: as in `open` (NoRoom when it does not fit)."""
         if self.contains(sha256):
             return False
+        if keep is not None and not self.fits(size, keep):
+            raise NoRoom(name or sha256)
         try:
             with self._lock(sha256):
                 if self.contains(sha256):  # another process fetched it while we waited
                     return False
-                self._make_room(size)
-                tmp = fetch(self.tmp_dir)
-                os.replace(tmp, self.path(sha256))
+                reservation = self._make_room(size, keep)
+                if reservation is None:
+                    raise NoRoom(name or sha256)
+                try:
+                    tmp = fetch(self.tmp_dir)
+                    os.replace(tmp, self.path(sha256))
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        reservation.unlink()
                 self.fetched_bytes += size
                 self.fetches += 1
                 return True
@@ -163,9 +180,19 @@ class ShardCache:
 
     def _in_flight(self) -> int:
         total = 0
-        for p in self.tmp_dir.glob("*.part"):
-            m = _PART_RE.search(p.name)
-            total += int(m.group(1)) if m else 0
+        for p in self.tmp_dir.glob(".reserve-*.part"):
+            m = _PART_RE.match(p.name)
+            if not m:
+                continue
+            try:
+                os.kill(int(m.group(1)), 0)
+            except ProcessLookupError:  # its process died mid-fetch: the room is free again
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                continue
+            except PermissionError:  # alive, another user's
+                pass
+            total += int(m.group(2))
         return total
 
     @staticmethod
@@ -188,12 +215,35 @@ class ShardCache:
         finally:
             os.close(fd)
 
-    def _make_room(self, incoming: int) -> None:
+    def fits(self, incoming: int, keep: frozenset[str]) -> bool:
+        """Whether `incoming` bytes fit under the limit if only shards outside `keep` were
+        evicted (a quick estimate without the cache lock)."""
         if self.limit is None:
-            return
+            return True
+        kept = sum(s for _, s, p in self._entries() if p.stem in keep)
+        return kept + self._in_flight() + incoming <= self.limit
+
+    def _reserve(self, incoming: int) -> Path:
+        """A file in tmp/ whose name carries the bytes a fetch in progress will add, so
+        that fetches starting meanwhile in other processes count them."""
+        fd, p = tempfile.mkstemp(prefix=f".reserve-{os.getpid()}-", suffix=f".{incoming}.part",
+                                 dir=self.tmp_dir)
+        os.close(fd)
+        return Path(p)
+
+    def _make_room(self, incoming: int, keep: frozenset[str] | None = None) -> Path | None:
+        """Evict least-recently-used shards until `incoming` fits and reserve its room
+        (the reservation file is returned; delete it once the shard is in place). None,
+        with nothing evicted, when it cannot fit without evicting a shard in `keep`."""
+        if self.limit is None:
+            return self._reserve(incoming)
         with self._lock("cache"):
             entries = self._entries()
             total = sum(s for _, s, _ in entries) + self._in_flight() + incoming
+            if keep is not None:
+                if total - sum(s for _, s, p in entries if p.stem not in keep) > self.limit:
+                    return None
+                entries = [e for e in entries if e[2].stem not in keep]
             for _, size, path in entries:
                 if total <= self.limit:
                     break
@@ -205,6 +255,7 @@ class ShardCache:
             else:
                 with contextlib.suppress(FileNotFoundError):
                     over.unlink()
+            return self._reserve(incoming)
 
     def release(self, fd: int) -> None:
         """Unpin a descriptor from `open`; if a fetch had to exceed the limit because of
@@ -212,7 +263,9 @@ class ShardCache:
         os.close(fd)
         if self.limit is not None and (self.dir / "over-limit").exists():
             with contextlib.suppress(OSError, Timeout):  # best effort: the next fetch trims too
-                self._make_room(0)
+                reservation = self._make_room(0)
+                if reservation is not None:
+                    reservation.unlink()
 
     def stats(self) -> dict:
         entries = self._entries()

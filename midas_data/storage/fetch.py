@@ -109,7 +109,7 @@ def download_once(fs, path: str, url: str, tmp_dir: Path, size: int | None,
     """One try: stream `path` into a temp file in tmp_dir, hashing as it arrives. Returns the
     temp file only if size and digest match; a failed try leaves nothing behind."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".fetch-", suffix=f".{size or 0}.part", dir=tmp_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".fetch-", suffix=".download", dir=tmp_dir)
     try:
         h, got = hashlib.sha256(), 0
         with os.fdopen(fd, "wb") as out, _open(fs, path) as src:
@@ -140,16 +140,49 @@ def download_once(fs, path: str, url: str, tmp_dir: Path, size: int | None,
         raise
 
 
-def download(fs, path: str, url: str, tmp_dir: Path, size: int | None, sha256: str | None,
-             policy: RetryPolicy, sleep: Callable[[float], None] | None = None) -> Path:
-    """download_once with bounded retries on transient errors and one refetch on a digest
-    mismatch; a FetchError naming the URL once they are spent."""
-    retrying = tenacity.Retrying(
+def _retrying(policy: RetryPolicy, sleep: Callable[[float], None] | None = None) -> tenacity.Retrying:
+    """Bounded tries on transient errors, exponential backoff with full jitter."""
+    return tenacity.Retrying(
         stop=tenacity.stop_after_attempt(policy.attempts),
         wait=tenacity.wait_random_exponential(multiplier=policy.backoff, max=policy.max_backoff),
         retry=tenacity.retry_if_exception(is_transient),
         reraise=True,
         **({"sleep": sleep} if sleep is not None else {}))
+
+
+def _give_up(url: str, policy: RetryPolicy, e: Exception) -> FetchError:
+    what = f"still failing after {policy.attempts} tries" if is_transient(e) else "a permanent error"
+    err = FetchError(f"{url}: cannot fetch ({what}: {type(e).__name__}: {e}); check the URL, the "
+                     "network and the credentials, then rerun", url)
+    err.__cause__ = e
+    return err
+
+
+def read_ranges(fs, path: str, url: str, starts: list[int], ends: list[int],
+                policy: RetryPolicy) -> list[bytes]:
+    """Byte ranges [start, end) of one remote file, fetched concurrently where the file
+    system can (HTTP Range / S3 ranged GET), with the same bounded retries; a short answer
+    counts as a transient failure. The caller checks the bytes (tar headers and CRC32)."""
+    def once() -> list[bytes]:
+        out = fs.cat_ranges([path] * len(starts), list(starts), list(ends), on_error="return")
+        for b, a, z in zip(out, starts, ends):
+            if isinstance(b, BaseException):
+                raise b
+            if len(b) != z - a:
+                raise ShortBody(f"{url}: range {a}-{z} answered with {len(b)} bytes")
+        return out
+
+    try:
+        return _retrying(policy)(once)
+    except Exception as e:
+        raise _give_up(url, policy, e) from e
+
+
+def download(fs, path: str, url: str, tmp_dir: Path, size: int | None, sha256: str | None,
+             policy: RetryPolicy, sleep: Callable[[float], None] | None = None) -> Path:
+    """download_once with bounded retries on transient errors and one refetch on a digest
+    mismatch; a FetchError naming the URL once they are spent."""
+    retrying = _retrying(policy, sleep)
     for mismatch_try in range(2):
         try:
             return retrying(download_once, fs, path, url, tmp_dir, size, sha256)
@@ -159,8 +192,5 @@ def download(fs, path: str, url: str, tmp_dir: Path, size: int | None, sha256: s
         except FetchError:
             raise
         except Exception as e:
-            what = ("still failing after " f"{policy.attempts} tries" if is_transient(e)
-                    else "a permanent error")
-            raise FetchError(f"{url}: cannot fetch ({what}: {type(e).__name__}: {e}); check the "
-                             "URL, the network and the credentials, then rerun", url) from e
+            raise _give_up(url, policy, e) from e
     raise AssertionError("unreachable")

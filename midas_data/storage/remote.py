@@ -29,8 +29,8 @@ import numpy as np
 from midas_data.dataset.manifest import MANIFEST
 from midas_data.dataset.reader import Dataset, SplitReader
 from midas_data.errors import MidasDataError, UnsafeInputError, where
-from midas_data.storage.cache import ShardCache
-from midas_data.storage.fetch import FetchError, RetryPolicy, download
+from midas_data.storage.cache import NoRoom, ShardCache
+from midas_data.storage.fetch import FetchError, RetryPolicy, download, read_ranges
 from midas_data.storage.prefetch import Prefetcher
 from midas_data.storage.urls import filesystem
 
@@ -38,6 +38,7 @@ from midas_data.storage.urls import filesystem
 _EXTRA_RE = re.compile(r"^(features/[a-z]+\.arrow|pairs/[a-z]+/part-\d{5}-of-\d{5}\.arrow"
                        r"|pairs/[a-z]+/report\.json)$")
 FAILURE_TTL = 30.0  # seconds a shard that could not be fetched fails fast in this process
+FETCH_MODES = ("auto", "shard", "range")
 
 
 class RemoteRoot:
@@ -149,18 +150,33 @@ class RemoteRoot:
 
 
 class RemoteSplitReader(SplitReader):
-    """A SplitReader whose shards come from the shard cache.
+    """A SplitReader whose shards come from the shard cache, or by range reads.
 
-    Each shard is fetched whole before its first read and pinned (a shared lock on the open
+    fetch="shard": each shard is fetched whole before its first read (least-recently-used
+    shards evicted to stay under the cache limit) and pinned (a shared lock on the open
     file) while this reader keeps it open; at most `max_open` shards stay open per process
-    (one by default: a batch is read shard by shard, so a small cache is not held by pins).
-    `get_many` reads a batch shard by shard so the batch needs one shard at a time.
+    (one by default: `get_many` reads a batch shard by shard, so pins hold little).
+    fetch="range": nothing is cached; each sample's byte range (from the index) is read
+    with an HTTP Range / S3 ranged GET, a batch's ranges concurrently.
+    fetch="auto" (default): whole shards while they fit in the cache without evicting one
+    of this dataset's shards (other datasets' shards are evicted least recently used
+    first), range reads for the rest. An epoch visits shards in
+    random order, so with a cache smaller than the split this keeps a fixed part of it
+    resident and reads only the rest each epoch: about (1 - cache/split) of the split's
+    bytes per epoch, the least any cache policy achieves on a uniform random order, where
+    whole-shard LRU would fetch nearly every shard once per batch.
+    Every payload is checked the same way on both paths (tar header, CRC32).
     """
 
     def __init__(self, root: Path, manifest: dict, split: str, remote: RemoteRoot,
-                 prefetch: int = 4, prefetch_threads: int = 2, max_open: int = 1):
+                 prefetch: int = 4, prefetch_threads: int = 2, max_open: int = 1,
+                 fetch: str = "auto"):
         super().__init__(root, manifest, split)
-        self.remote = remote
+        if fetch not in FETCH_MODES:
+            raise ValueError(f"fetch must be one of {FETCH_MODES}, got {fetch!r}")
+        self.remote, self.fetch = remote, fetch
+        self._keep = frozenset(s["sha256"] for s in manifest["shards"])
+        self.range_bytes = 0  # bytes this process read by range
         by_path = {s["path"]: s for s in manifest["shards"]}
         self._shard_rel = list(manifest["splits"][split]["shards"])
         self._shard_sha = [by_path[p]["sha256"] for p in self._shard_rel]
@@ -177,10 +193,19 @@ class RemoteSplitReader(SplitReader):
         rel, size, sha = self._shard_rel[shard], int(self.shard_bytes[shard]), self._shard_sha[shard]
         return lambda tmp_dir: self.remote.fetch_to(rel, tmp_dir, size, sha)
 
+    def _keep_set(self) -> frozenset[str] | None:
+        return self._keep if self.fetch == "auto" else None
+
     def ensure_cached(self, shard: int) -> bool:
         """Fetch a shard into the cache without opening it (the prefetcher's call)."""
-        return self.remote.cache.ensure(self._shard_sha[shard], int(self.shard_bytes[shard]),
-                                        self._fetcher(shard), self.shard_urls[shard])
+        if self.fetch == "range":
+            return False
+        try:
+            return self.remote.cache.ensure(self._shard_sha[shard], int(self.shard_bytes[shard]),
+                                            self._fetcher(shard), self.shard_urls[shard],
+                                            self._keep_set())
+        except NoRoom:
+            return False
 
     def recently_failed(self, shard: int) -> bool:
         """A fetch of this shard failed less than FAILURE_TTL seconds ago in this process."""
@@ -202,9 +227,12 @@ class RemoteSplitReader(SplitReader):
         while len(self._fds) >= self.max_open:  # unpin the least recently read shard first,
             _, old = self._fds.popitem(last=False)  # so the fetch below may evict it
             self.remote.cache.release(old)
+        if self.fetch == "range":
+            raise NoRoom(self.shard_urls[shard])
         try:
             fd = self.remote.cache.open(self._shard_sha[shard], int(self.shard_bytes[shard]),
-                                        self._fetcher(shard), self.shard_urls[shard])
+                                        self._fetcher(shard), self.shard_urls[shard],
+                                        self._keep_set())
         except FetchError as e:
             self._failed[shard] = (time.monotonic(), e)
             raise
@@ -218,6 +246,40 @@ class RemoteSplitReader(SplitReader):
             return super()._pread(shard, offset, size, key, field)
         except FetchError as e:
             raise e.for_key(key) from e.__cause__
+        except NoRoom:
+            return self._ranges(shard, [offset], [offset + size], key)[0]
+
+    def _ranges(self, shard: int, starts: list[int], ends: list[int], key: str) -> list[bytes]:
+        if self.recently_failed(shard):
+            raise self._failed[shard][1].for_key(key)
+        url = self.shard_urls[shard]
+        try:
+            out = read_ranges(self.remote.fs, f"{self.remote.path}/{self._shard_rel[shard]}",
+                              url, starts, ends, self.remote.retry)
+        except FetchError as e:
+            self._failed[shard] = (time.monotonic(), e)
+            raise e.for_key(key) from e.__cause__
+        self.range_bytes += sum(len(b) for b in out)
+        return out
+
+    def _get_by_range(self, shard: int, rows: np.ndarray, mods: list[str]) -> list[dict]:
+        """Decode samples of one shard from range reads of their byte ranges (each payload's
+        tar header and CRC32 checked, as SplitReader.get_many does on a local file)."""
+        starts = [int(self.sample_offset[r]) for r in rows]
+        ends = [s + int(self.sample_size[r]) for s, r in zip(starts, rows)]
+        blobs = self._ranges(shard, starts, ends, self.keys[int(rows[0])])
+        out = []
+        for row, start, blob in zip(rows, starts, blobs):
+            row, blob = int(row), memoryview(blob)
+            d: dict = {"__key__": self.keys[row], "label": int(self.labels[row])}
+            for m in mods:
+                off, sz, crc = (int(a[row]) for a in self.member[m])
+                self._check_header(blob[off - start - 512: off - start], row, m, sz)
+                data = blob[off - start: off - start + sz]
+                self._check_crc(data, crc, row, m)
+                d[m] = self._decode(row, m, bytes(data))
+            out.append(d)
+        return out
 
     def get_many(self, rows: np.ndarray, modalities: list[str] | None = None) -> list[dict]:
         """As SplitReader.get_many, reading shard by shard (output in the order of `rows`)."""
@@ -228,6 +290,7 @@ class RemoteSplitReader(SplitReader):
         if rows.size == 0:
             return []
         rows = np.array([self._row_number(r) for r in rows], dtype=np.int64)
+        mods = self._mods(modalities)
         shards = self.shard[rows]
         by_shard = np.argsort(shards, kind="stable")
         out: list[dict | None] = [None] * rows.size
@@ -235,9 +298,12 @@ class RemoteSplitReader(SplitReader):
             pos = by_shard[shards[by_shard] == s]
             try:
                 self._fd(int(s))
+                got = super().get_many(rows[pos], mods)
             except FetchError as e:
                 raise e.for_key(self.keys[int(rows[pos[0]])]) from e.__cause__
-            for p, d in zip(pos, super().get_many(rows[pos], modalities)):
+            except NoRoom:
+                got = self._get_by_range(int(s), rows[pos], mods)
+            for p, d in zip(pos, got):
                 out[int(p)] = d
         if last:  # the plan is read: hold no pin (a worker may exit without closing)
             self.close()
@@ -272,10 +338,12 @@ class RemoteDataset(Dataset):
 
     def __init__(self, url: str, *, storage_options: dict[str, Any] | None = None,
                  cache_dir: str | os.PathLike | None = None, cache_limit: int | str | None = None,
-                 retry: RetryPolicy | None = None, prefetch: int = 4):
+                 retry: RetryPolicy | None = None, prefetch: int = 4, fetch: str = "auto"):
+        if fetch not in FETCH_MODES:
+            raise ValueError(f"fetch must be one of {FETCH_MODES}, got {fetch!r}")
         self.remote = RemoteRoot(url, storage_options, ShardCache(cache_dir, cache_limit), retry)
         self.url = self.remote.url
-        self.prefetch = prefetch
+        self.prefetch, self.fetch = prefetch, fetch
         super().__init__(self.remote.snapshot())
 
     @property
@@ -285,7 +353,7 @@ class RemoteDataset(Dataset):
     def split(self, name: str) -> SplitReader:
         if name not in self._splits:
             self._splits[name] = RemoteSplitReader(self.root, self.manifest, name, self.remote,
-                                                   prefetch=self.prefetch)
+                                                   prefetch=self.prefetch, fetch=self.fetch)
         return self._splits[name]
 
     def verify(self, progress: bool = False) -> list[str]:
@@ -298,6 +366,7 @@ class RemoteDataset(Dataset):
             except MidasDataError as e:
                 problems.append(str(e))
                 continue
+            sr.fetch = "shard"  # whole shards: the sha256 check covers every byte
             for shard in range(len(sr.shard_paths)):
                 try:
                     sr._fd(shard)
