@@ -118,7 +118,12 @@ class _Handler(SimpleHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         if not head:
-            self.wfile.write(data)
+            if srv.bytes_per_s:  # a slow link: sleeps, so the server takes no CPU meanwhile
+                for i in range(0, len(data), 1 << 16):
+                    self.wfile.write(data[i:i + (1 << 16)])
+                    time.sleep(min(len(data) - i, 1 << 16) / srv.bytes_per_s)
+            else:
+                self.wfile.write(data)
             with srv.lock:
                 srv.bytes_served[self.path.split("?", 1)[0]] += len(data)
 
@@ -126,7 +131,7 @@ class _Handler(SimpleHTTPRequestHandler):
 class FaultyHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path, hang_s: float = 5.0):
+    def __init__(self, root: Path, hang_s: float = 5.0, bytes_per_s: float = 0.0):
         super().__init__(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
         self.root = Path(root)
         self.lock = threading.Lock()
@@ -134,6 +139,7 @@ class FaultyHTTPServer(ThreadingHTTPServer):
         self.requests: Counter = Counter()
         self.bytes_served: defaultdict[str, int] = defaultdict(int)
         self.hang_s = hang_s
+        self.bytes_per_s = bytes_per_s  # > 0: bodies are sent at this rate per connection
         self.stopping = threading.Event()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 

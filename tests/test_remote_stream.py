@@ -245,3 +245,22 @@ def test_flipped_byte_in_stored_s3_object_never_reaches_the_cache(served, s3, tm
     assert len(sr.get_many(np.flatnonzero(sr.shard != 2))) == N - len(_shard_keys(served, 2))
     sha = ds.manifest["shards"][2]["sha256"]
     assert not (tmp_path / "c" / "shards" / f"{sha}.tar").exists()
+
+
+def test_prefetch_fetches_the_next_batches_shards_before_they_are_read(served, http, tmp_path):
+    import time
+
+    http.reset()
+    ds = open_dataset(http.url + "/ds", cache_dir=tmp_path, prefetch=4)
+    stream = MidasDataset(ds, batch_size=2, shuffle=False, policy="none")  # rows in order
+    it = iter(stream)
+    first = next(it)  # rows 0-1: shard 0 only
+    assert first["key"] == ["s0000", "s0001"]
+    deadline = time.monotonic() + 20
+    while len(_cache_files(tmp_path)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # shards 1-4 hold rows read only by later batches: the prefetcher brought them
+    assert len(_cache_files(tmp_path)) == 5, _cache_files(tmp_path)
+    rest = [k for b in it for k in b["key"]]
+    assert [*first["key"], *rest] == [f"s{i:04d}" for i in range(N)]
+    assert set(http.shard_gets().values()) == {1}

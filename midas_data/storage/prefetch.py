@@ -2,8 +2,8 @@
 
 The epoch plan is a pure function of (seed, epoch), so each rank and DataLoader worker knows
 the batches it will read, in order. The prefetcher walks that sequence of (batch, shard)
-reads and fetches each shard not yet in the cache while it is at most `depth` reads ahead of
-the batch being read, with at most `threads` downloads in flight. The cache's per-shard lock
+reads and fetches each shard not yet in the cache while it is at most `depth` reads past
+the end of the batch being read, with at most `threads` downloads in flight. The cache's per-shard lock
 means a shard the reader asks for while it is being prefetched is waited for, not fetched
 twice. A prefetch that fails is recorded on the reader so its own read fails fast with the
 same error (named with the URL and the sample key) instead of retrying again.
@@ -27,15 +27,20 @@ class Prefetcher:
     def __init__(self, reader, batches: list[np.ndarray], depth: int, threads: int):
         self.pid = os.getpid()
         self.reader, self.depth = reader, max(1, int(depth))
-        self.seq: list[int] = []  # shards in the order the reader opens them
-        self.batch_start: list[int] = []  # index in seq of each batch's first read
+        # Shards in the order the reader opens them (a shard read again right away is
+        # listed once), and the batch of each; batch_start[b]: first entry of batch >= b.
+        self.seq: list[int] = []
+        owner: list[int] = []
         self.batch_key: list[tuple[int, int]] = []
-        for rows in batches:
+        for b, rows in enumerate(batches):
             rows = np.asarray(rows, dtype=np.int64)
-            self.batch_start.append(len(self.seq))
             self.batch_key.append((len(rows), int(rows[0]) if len(rows) else -1))
-            self.seq.extend(int(s) for s in np.unique(reader.shard[rows]))
-        self.batch_start.append(len(self.seq))
+            for s in np.unique(reader.shard[rows]):
+                if not self.seq or self.seq[-1] != int(s):
+                    self.seq.append(int(s))
+                    owner.append(b)
+        self.batch_start = np.searchsorted(np.asarray(owner, np.int64),
+                                           np.arange(len(batches) + 1)).tolist()
         self.cursor = 0
         self.fetched = 0
         self._cond = threading.Condition()
@@ -60,7 +65,7 @@ class Prefetcher:
     def _walk(self) -> None:
         for i, shard in enumerate(self.seq):
             with self._cond:
-                while not self._stopped and i >= self.batch_start[self.cursor] + self.depth:
+                while not self._stopped and i >= self.batch_start[self.cursor + 1] + self.depth:
                     self._cond.wait(0.5)
                 if self._stopped:
                     return
