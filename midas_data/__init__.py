@@ -1,5 +1,6 @@
 """midas-data: MIDAS misaligned-sample augmentation against modality imbalance, as a data pipeline."""
 
+from midas_data.dataset.index_shards import index_shards
 from midas_data.dataset.reader import Dataset, SplitReader, open_dataset
 from midas_data.dataset.shards import Sample, build_dataset
 from midas_data.errors import (
@@ -29,6 +30,7 @@ from midas_data.loss import (
 from midas_data.loss.batch import batch_alpha_stats, batch_misaligned_loss, misaligned_targets
 from midas_data.mining.pairs import read_pairs
 from midas_data.mining.stage import mine_misaligned
+from midas_data.storage import FetchError, RetryPolicy, ShardCache
 from midas_data.stream.dataset import MidasDataset, MidasLoader, collate, materialize_misaligned
 
 __version__ = "0.1.0"
@@ -69,6 +71,10 @@ __all__ = [
     "StaleArtifactError",
     "UnsafeInputError",
     "build_dataset",
+    "index_shards",
+    "FetchError",
+    "RetryPolicy",
+    "ShardCache",
     "open_dataset",
     "read_features",
     "write_features",

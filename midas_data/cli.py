@@ -83,6 +83,7 @@ def build_shards_cmd(pipeline_name, manifest_file, root, options, skip_bad, moda
     """Turn a dataset into WebDataset shards plus Arrow indexes."""
     from midas_data.dataset.shards import build_dataset
     from midas_data.pipelines import get_pipeline
+    from midas_data.storage.publish import staged
 
     mods = modalities.split(",") if modalities else None
     class_list = classes.split(",") if classes else None
@@ -94,10 +95,11 @@ def build_shards_cmd(pipeline_name, manifest_file, root, options, skip_bad, moda
             src = get_pipeline(pipeline_name)(root, modalities=mods, skip_bad=skip_bad, **opts)
         else:
             src = get_pipeline(pipeline_name)(modalities=mods, **opts)
-        m = build_dataset(src["samples"], out_dir, classes=class_list or src.get("classes"),
-                          modalities=src["modalities"], shard_max_count=shard_samples,
-                          shard_max_mb=shard_mb, split_seed=split_seed, overwrite=overwrite,
-                          source=src.get("source"), progress=not quiet)
+        with staged(out_dir, overwrite=overwrite) as dest:  # a URL: built here, uploaded
+            m = build_dataset(src["samples"], dest, classes=class_list or src.get("classes"),
+                              modalities=src["modalities"], shard_max_count=shard_samples,
+                              shard_max_mb=shard_mb, split_seed=split_seed, overwrite=overwrite,
+                              source=src.get("source"), progress=not quiet)
     except (MidasDataError, KeyError, ValueError) as e:
         _fail(e)
     counts = ", ".join(f"{k}={v['count']}" for k, v in m["splits"].items())

@@ -418,8 +418,9 @@ def _command():
 
     @click.command("index-shards")
     @click.argument("patterns", nargs=-1, required=True)
-    @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-                  help="Dataset directory to write (manifest, index, shards/ links or copies).")
+    @click.option("--out", "out_dir", required=True,
+                  help="Dataset directory to write (manifest, index, shards/ links or copies), "
+                       "or a URL: built locally, then uploaded with the manifest last.")
     @click.option("--modality", "modality", multiple=True, required=True, metavar="NAME=EXT",
                   help="A modality and the member extension holding it, e.g. image=jpg; repeatable.")
     @click.option("--label", default="cls", show_default=True,
@@ -435,13 +436,17 @@ def _command():
     def index_shards_cmd(patterns, out_dir, modality, label, split_patterns, split_fractions,
                          split_seed, classes, strict, overwrite) -> None:
         """Index existing WebDataset tars (local or URLs, brace patterns) without rewriting them."""
+        from midas_data.storage.publish import staged
+
         try:
             fractions = {k: float(v) for k, v in _pairs(split_fractions, "--split-fraction").items()}
-            m = index_shards(list(patterns), out_dir, modalities=_pairs(modality, "--modality"),
-                             label=label, split_patterns=_pairs(split_patterns, "--split") or None,
-                             split_fractions=fractions or None, split_seed=split_seed,
-                             classes=classes.split(",") if classes else None, strict=strict,
-                             overwrite=overwrite)
+            with staged(out_dir, overwrite=overwrite) as dest:  # a URL: built here, uploaded
+                m = index_shards(list(patterns), dest, modalities=_pairs(modality, "--modality"),
+                                 label=label,
+                                 split_patterns=_pairs(split_patterns, "--split") or None,
+                                 split_fractions=fractions or None, split_seed=split_seed,
+                                 classes=classes.split(",") if classes else None, strict=strict,
+                                 overwrite=overwrite)
         except (MidasDataError, ValueError) as e:
             click.echo(f"error: {e}", err=True)
             raise SystemExit(2) from e
