@@ -123,7 +123,7 @@ def inspect_cmd(dataset, verify) -> None:
 
 
 @main.command("extract")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.argument("dataset", type=DATASET_ROOT)
 @click.option("--features", "features_file", type=click.Path(exists=True, dir_okay=False),
               help="Bring your own features (npz/Arrow/Parquet keyed by sample key); "
                    "confidences then come from cross-fitted linear probes.")
@@ -143,13 +143,15 @@ def extract_cmd(dataset, features_file, splits, warmup_epochs, batch_size, lr, o
     """Per-modality features and unimodal confidences for every sample."""
     import midas_data.pipelines.text_encoder  # noqa: F401  registers the text encoder
     from midas_data.features.extract import extract_features
+    from midas_data.storage.publish import remote_stage
 
     try:
-        summary = extract_features(
-            dataset, source="user" if features_file else "warmup", features_file=features_file,
-            splits=tuple(splits.split(",")), warmup_epochs=warmup_epochs, batch_size=batch_size,
-            lr=lr, optimizer=optimizer, seed=seed, feature_dim=feature_dim, device=device,
-            progress=not quiet, num_threads=threads)
+        with remote_stage(dataset, ("features",)) as target:  # a URL: features uploaded after
+            summary = extract_features(
+                target, source="user" if features_file else "warmup", features_file=features_file,
+                splits=tuple(splits.split(",")), warmup_epochs=warmup_epochs,
+                batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed,
+                feature_dim=feature_dim, device=device, progress=not quiet, num_threads=threads)
     except MidasDataError as e:
         _fail(e)
     for split, info in summary.get("splits", {}).items():
@@ -159,7 +161,7 @@ def extract_cmd(dataset, features_file, splits, warmup_epochs, batch_size, lr, o
 
 
 @main.command("mine-misaligned")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.argument("dataset", type=DATASET_ROOT)
 @click.option("--index", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True,
               help="FAISS on the CPU, on the GPU (the `gpu` extra), or GPU when visible.")
 @click.option("--k", default=16, show_default=True, help="Partners per anchor and modality.")
@@ -173,11 +175,13 @@ def extract_cmd(dataset, features_file, splits, warmup_epochs, batch_size, lr, o
 def mine_cmd(dataset, index, k, splits, approx, nlist, nprobe, report, quiet) -> None:
     """FAISS k-NN partners with a different label, per modality, into DATASET/pairs/."""
     from midas_data.mining.stage import mine_misaligned
+    from midas_data.storage.publish import remote_stage
 
     try:
-        summary = mine_misaligned(dataset, splits=tuple(splits.split(",")), k=k, index=index,
-                                  approx=approx, nlist=nlist, nprobe=nprobe, report=report,
-                                  progress=not quiet)
+        with remote_stage(dataset, ("pairs",)) as ds:  # a URL: pairs uploaded after
+            summary = mine_misaligned(getattr(ds, "root", ds), splits=tuple(splits.split(",")),
+                                      k=k, index=index, approx=approx, nlist=nlist, nprobe=nprobe,
+                                      report=report, progress=not quiet)
     except MidasDataError as e:
         _fail(e)
     click.echo(json.dumps(summary, indent=2, default=str))

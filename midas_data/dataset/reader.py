@@ -459,6 +459,8 @@ def open_dataset(path: str | Path, **remote) -> Dataset:
     see midas_data.storage.remote.RemoteDataset)."""
     from midas_data.storage.urls import is_remote, local_path
 
+    if isinstance(path, Dataset):  # already open (a remote root staged for writing, say)
+        return path
     if is_remote(path):
         from midas_data.storage.remote import RemoteDataset
 

@@ -62,3 +62,49 @@ def staged(out: str | Path, storage_options: dict[str, Any] | None = None,
         publish(tmp / "dataset", str(out), storage_options, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _files(root: Path, subdirs: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    out = {}
+    for sub in subdirs:
+        for p in (root / sub).rglob("*") if (root / sub).is_dir() else ():
+            if p.is_file() and not p.name.startswith("."):
+                st = p.stat()
+                out[p.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@contextlib.contextmanager
+def remote_stage(dataset: str | Path, outputs: tuple[str, ...],
+                 storage_options: dict[str, Any] | None = None,
+                 retry: RetryPolicy | None = None) -> Iterator[Any]:
+    """Run a stage that writes `outputs` (e.g. ("features",)) beside a dataset's manifest
+    on a remote root: yields a dataset opened on a private copy of its snapshot (shards still
+    read through the cache), then uploads what the stage wrote or changed under `outputs` and
+    removes remote files it deleted there. A local dataset is yielded as it is."""
+    if not is_remote(dataset):
+        yield dataset
+        return
+    from midas_data.storage.remote import RemoteDataset
+
+    retry = retry or RetryPolicy()
+    tmp = Path(tempfile.mkdtemp(prefix="midas-stage-"))
+    try:
+        ds = RemoteDataset(str(dataset), storage_options=storage_options, retry=retry,
+                           workdir=tmp / "dataset")
+        before = _files(ds.root, outputs)
+        yield ds
+        after = _files(ds.root, outputs)
+        fs, root = filesystem(str(dataset), storage_options, retry.timeout)
+        for rel in sorted(r for r in after if before.get(r) != after[r]):
+            try:
+                _retrying(retry)(fs.put_file, str(ds.root / rel), f"{root}/{rel}")
+            except Exception as e:
+                raise _give_up(f"{dataset}/{rel}", retry, e) from e
+        for rel in sorted(set(before) - set(after)):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(f"{root}/{rel}")
+        with contextlib.suppress(AttributeError):
+            fs.invalidate_cache()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -338,13 +338,20 @@ class RemoteDataset(Dataset):
 
     def __init__(self, url: str, *, storage_options: dict[str, Any] | None = None,
                  cache_dir: str | os.PathLike | None = None, cache_limit: int | str | None = None,
-                 retry: RetryPolicy | None = None, prefetch: int = 4, fetch: str = "auto"):
+                 retry: RetryPolicy | None = None, prefetch: int = 4, fetch: str = "auto",
+                 workdir: str | os.PathLike | None = None):
+        """workdir: a new directory to copy the snapshot into and use as `root`, for stages
+        that write beside the manifest (features, pairs) before uploading; without it
+        `root` is the shared, read-only snapshot."""
         if fetch not in FETCH_MODES:
             raise ValueError(f"fetch must be one of {FETCH_MODES}, got {fetch!r}")
         self.remote = RemoteRoot(url, storage_options, ShardCache(cache_dir, cache_limit), retry)
         self.url = self.remote.url
         self.prefetch, self.fetch = prefetch, fetch
-        super().__init__(self.remote.snapshot())
+        root = self.remote.snapshot()
+        if workdir is not None:
+            root = Path(shutil.copytree(root, workdir, ignore=shutil.ignore_patterns(".complete")))
+        super().__init__(root)
 
     @property
     def cache(self) -> ShardCache:
