@@ -187,3 +187,18 @@ def test_sizes_and_the_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("MIDAS_DATA_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "midas-data"
+
+
+def test_a_protocol_without_its_package_names_the_extra_to_install(tmp_path):
+    import importlib.util
+
+    from midas_data import MidasDataError, open_dataset
+    from midas_data.storage.urls import is_remote
+
+    assert is_remote("s3://b/x") and is_remote("https://h/x") and is_remote("gs://b/x")
+    assert not is_remote("data/x") and not is_remote(tmp_path) and not is_remote("file:///x")
+    with pytest.raises(MidasDataError, match="foo://bucket/x: cannot open foo:// roots"):
+        open_dataset("foo://bucket/x", cache_dir=tmp_path)
+    if importlib.util.find_spec("gcsfs") is None:
+        with pytest.raises(MidasDataError, match=r"pip install 'midas-data\[gcs\]'"):
+            open_dataset("gs://bucket/x", cache_dir=tmp_path)

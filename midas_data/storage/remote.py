@@ -154,8 +154,9 @@ class RemoteSplitReader(SplitReader):
 
     fetch="shard": each shard is fetched whole before its first read (least-recently-used
     shards evicted to stay under the cache limit) and pinned (a shared lock on the open
-    file) while this reader keeps it open; at most `max_open` shards stay open per process
-    (one by default: `get_many` reads a batch shard by shard, so pins hold little).
+    file) while this reader keeps it open; with a cache_limit at most `max_open` shards stay
+    open per process (one by default: `get_many` reads a batch shard by shard, so pins hold
+    little), without one every shard read stays open, as on local disk.
     fetch="range": nothing is cached; each sample's byte range (from the index) is read
     with an HTTP Range / S3 ranged GET, a batch's ranges concurrently.
     fetch="auto" (default): whole shards while they fit in the cache without evicting one
@@ -184,7 +185,9 @@ class RemoteSplitReader(SplitReader):
         # Errors name the URL of a shard, not its place in the snapshot directory.
         self.shard_paths = list(self.shard_urls)
         self.prefetch_depth, self.prefetch_threads = int(prefetch), int(prefetch_threads)
-        self.max_open = max(1, int(max_open))
+        # An unbounded cache never evicts, so pins cost nothing: keep every shard open.
+        self.max_open = (max(1, len(self.shard_paths)) if remote.cache.limit is None
+                         else max(1, int(max_open)))
         self._failed: dict[int, tuple[float, FetchError]] = {}
         self._prefetcher: Prefetcher | None = None
 
