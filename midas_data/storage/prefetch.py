@@ -42,6 +42,7 @@ class Prefetcher:
         self.batch_start = np.searchsorted(np.asarray(owner, np.int64),
                                            np.arange(len(batches) + 1)).tolist()
         self.cursor = 0
+        self._submitted: set[int] = set()  # queued or in flight
         self.fetched = 0
         self._cond = threading.Condition()
         self._stopped = False
@@ -69,9 +70,11 @@ class Prefetcher:
                     self._cond.wait(0.5)
                 if self._stopped:
                     return
-            if (self.reader.remote.cache.contains(self.reader._shard_sha[shard])
+            if (shard in self._submitted
+                    or self.reader.remote.cache.contains(self.reader._shard_sha[shard])
                     or self.reader.recently_failed(shard)):
                 continue
+            self._submitted.add(shard)
             self._slots.acquire()
             if self._stopped:
                 self._slots.release()
@@ -91,6 +94,7 @@ class Prefetcher:
         except Exception:  # noqa: BLE001 - the reader's own read reports it
             pass
         finally:
+            self._submitted.discard(shard)  # evicted later, a later read may need it again
             self._slots.release()
 
     def stop(self) -> None:

@@ -194,7 +194,15 @@ class RemoteSplitReader(SplitReader):
     # -- fetching ------------------------------------------------------------------------
     def _fetcher(self, shard: int):
         rel, size, sha = self._shard_rel[shard], int(self.shard_bytes[shard]), self._shard_sha[shard]
-        return lambda tmp_dir: self.remote.fetch_to(rel, tmp_dir, size, sha)
+
+        def fetch(tmp_dir: Path) -> Path:
+            # Called under the shard's lock: a thread that waited there while another one's
+            # fetch of it failed reports that failure instead of trying again at once.
+            if self.recently_failed(shard):
+                raise self._failed[shard][1]
+            return self.remote.fetch_to(rel, tmp_dir, size, sha)
+
+        return fetch
 
     def _keep_set(self) -> frozenset[str] | None:
         return self._keep if self.fetch == "auto" else None
