@@ -3,6 +3,7 @@
 from midas_data.dataset.index_shards import index_shards
 from midas_data.dataset.reader import Dataset, SplitReader, open_dataset
 from midas_data.dataset.shards import Sample, build_dataset
+from midas_data.dataset.verify import verify_dataset
 from midas_data.errors import (
     CorruptShardError,
     MidasDataError,
@@ -10,7 +11,14 @@ from midas_data.errors import (
     StaleArtifactError,
     UnsafeInputError,
 )
-from midas_data.features.encoders import UnimodalModel, default_encoder_for, register_encoder
+from midas_data.features.config import ExtractConfig
+from midas_data.features.encoders import (
+    UnimodalModel,
+    available_encoders,
+    build_encoder,
+    default_encoder_for,
+    register_encoder,
+)
 from midas_data.features.extract import extract_features
 from midas_data.features.probe import crossfit_confidences
 from midas_data.features.tables import Features, read_features, write_features
@@ -23,19 +31,40 @@ from midas_data.loss import (
     misaligned_top2_correct,
     modality_weights,
     normalised_confidences,
+    source_rows,
     unimodal_confidence,
     update_alpha,
+    weak_and_strong,
     weak_modality,
 )
-from midas_data.loss.batch import batch_alpha_stats, batch_misaligned_loss, misaligned_targets
+from midas_data.loss.batch import (
+    aligned_loss,
+    batch_alpha_stats,
+    batch_misaligned_loss,
+    misaligned_targets,
+)
+from midas_data.mining.config import MineConfig
+from midas_data.mining.knn import DifferentLabelIndex, search_different_label
 from midas_data.mining.pairs import read_pairs
 from midas_data.mining.stage import mine_misaligned
+from midas_data.options import SettingError
 from midas_data.storage import FetchError, RetryPolicy, ShardCache
 from midas_data.stream.dataset import MidasDataset, MidasLoader, collate, materialize_misaligned
+from midas_data.stream.partners import POLICIES, RESEARCH_POLICIES, PartnerOptions
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # stage settings, verification, encoders and k-NN search
+    "DifferentLabelIndex",
+    "ExtractConfig",
+    "MineConfig",
+    "SettingError",
+    "available_encoders",
+    "build_encoder",
+    "search_different_label",
+    "verify_dataset",
+    # stages, stream and loss
     "UnimodalModel",
     "crossfit_confidences",
     "default_encoder_for",
@@ -47,6 +76,7 @@ __all__ = [
     "MidasDataset",
     "MidasLoader",
     "accumulate",
+    "aligned_loss",
     "batch_alpha_stats",
     "batch_misaligned_loss",
     "collate",
@@ -58,9 +88,14 @@ __all__ = [
     "misaligned_top2_correct",
     "modality_weights",
     "normalised_confidences",
+    "source_rows",
     "unimodal_confidence",
     "update_alpha",
+    "weak_and_strong",
     "weak_modality",
+    "POLICIES",
+    "RESEARCH_POLICIES",
+    "PartnerOptions",
     "CorruptShardError",
     "Dataset",
     "Features",

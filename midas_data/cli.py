@@ -1,4 +1,11 @@
-"""The `midas-data` command line. Each command is a thin shell around a library function."""
+"""The `midas-data` command line. Each command is a thin shell around a library function.
+
+This is the top layer: it may import the library (dataset, features, mining, stream, loss),
+the dataset readers (midas_data.pipelines) and the reference trainer (midas_data.trainers);
+none of those imports this module, and the library imports neither readers nor trainer.
+The options of `extract` and `mine-misaligned` are generated from `ExtractConfig` and
+`MineConfig` (`train`'s from `TrainConfig`), so their defaults and help live there.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,9 @@ import sys
 import click
 
 from midas_data.errors import MidasDataError
+from midas_data.features.config import ExtractConfig
+from midas_data.mining.config import MineConfig
+from midas_data.options import click_options, config_from_options
 from midas_data.storage.click_types import DATASET_ROOT
 
 
@@ -17,8 +27,6 @@ def _fail(e: Exception) -> None:
 
 
 def _parse_options(pairs: tuple[str, ...]) -> dict:
-    import json
-
     out = {}
     for pair in pairs:
         if "=" not in pair:
@@ -32,8 +40,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 
 
 class _LazyGroup(click.Group):
-    """Resolves `train` (the reference trainer in trainers/) only when asked for, so that
-    `midas-data --version` and the data commands do not pay for importing the trainer."""
+    """Resolves `train` (the reference trainer, midas_data.trainers) only when asked for, so
+    that `midas-data --version` and the data commands do not pay for importing the trainer."""
 
     lazy = {"train": "midas_data.trainers.run:main",
             "index-shards": "midas_data.dataset.index_shards:index_shards_cmd"}
@@ -44,8 +52,6 @@ class _LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy:
             import importlib
-
-            import midas_data.pipelines.text_encoder  # noqa: F401  registers the text encoder for training
 
             module, attr = self.lazy[name].split(":")
             return getattr(importlib.import_module(module), attr)
@@ -124,34 +130,18 @@ def inspect_cmd(dataset, verify) -> None:
 
 @main.command("extract")
 @click.argument("dataset", type=DATASET_ROOT)
-@click.option("--features", "features_file", type=click.Path(exists=True, dir_okay=False),
-              help="Bring your own features (npz/Arrow/Parquet keyed by sample key); "
-                   "confidences then come from cross-fitted linear probes.")
-@click.option("--splits", default="train,val,test", show_default=True)
-@click.option("--warmup-epochs", default=10, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
-@click.option("--feature-dim", default=64, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--threads", default=1, show_default=True,
-              help="torch CPU threads (results are reproducible for a fixed thread count).")
+@click_options(ExtractConfig)
 @click.option("--quiet", is_flag=True)
-def extract_cmd(dataset, features_file, splits, warmup_epochs, batch_size, lr, optimizer,
-                feature_dim, seed, device, threads, quiet) -> None:
+def extract_cmd(dataset, quiet, **options) -> None:
     """Per-modality features and unimodal confidences for every sample."""
-    import midas_data.pipelines.text_encoder  # noqa: F401  registers the text encoder
     from midas_data.features.extract import extract_features
     from midas_data.storage.publish import remote_stage
 
     try:
+        config = config_from_options(ExtractConfig, options)
+        config = config.replace(source="user" if config.features_file else "warmup")
         with remote_stage(dataset, ("features",)) as target:  # a URL: features uploaded after
-            summary = extract_features(
-                target, source="user" if features_file else "warmup", features_file=features_file,
-                splits=tuple(splits.split(",")), warmup_epochs=warmup_epochs,
-                batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed,
-                feature_dim=feature_dim, device=device, progress=not quiet, num_threads=threads)
+            summary = extract_features(target, config, progress=not quiet)
     except MidasDataError as e:
         _fail(e)
     for split, info in summary.get("splits", {}).items():
@@ -162,26 +152,17 @@ def extract_cmd(dataset, features_file, splits, warmup_epochs, batch_size, lr, o
 
 @main.command("mine-misaligned")
 @click.argument("dataset", type=DATASET_ROOT)
-@click.option("--index", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True,
-              help="FAISS on the CPU, on the GPU (the `gpu` extra), or GPU when visible.")
-@click.option("--k", default=16, show_default=True, help="Partners per anchor and modality.")
-@click.option("--splits", default="train", show_default=True)
-@click.option("--approx", type=click.Choice(["ivf"]), default=None,
-              help="Approximate IVF index for very large datasets (recall is reported).")
-@click.option("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(n)).")
-@click.option("--nprobe", type=int, default=None, help="IVF lists probed per query.")
-@click.option("--report", is_flag=True, help="Similarity histograms, class matrix (PNG + JSON).")
+@click_options(MineConfig)
 @click.option("--quiet", is_flag=True)
-def mine_cmd(dataset, index, k, splits, approx, nlist, nprobe, report, quiet) -> None:
+def mine_cmd(dataset, quiet, **options) -> None:
     """FAISS k-NN partners with a different label, per modality, into DATASET/pairs/."""
     from midas_data.mining.stage import mine_misaligned
     from midas_data.storage.publish import remote_stage
 
     try:
         with remote_stage(dataset, ("pairs",)) as ds:  # a URL: pairs uploaded after
-            summary = mine_misaligned(getattr(ds, "root", ds), splits=tuple(splits.split(",")),
-                                      k=k, index=index, approx=approx, nlist=nlist, nprobe=nprobe,
-                                      report=report, progress=not quiet)
+            summary = mine_misaligned(getattr(ds, "root", ds),
+                                      config_from_options(MineConfig, options), progress=not quiet)
     except MidasDataError as e:
         _fail(e)
     click.echo(json.dumps(summary, indent=2, default=str))

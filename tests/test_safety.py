@@ -61,7 +61,7 @@ from midas_data import (
     open_dataset,
 )
 from midas_data.dataset.formats import decode
-from midas_data.dataset.reader import walk_tar
+from midas_data.dataset.verify import walk_tar
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b"]
@@ -130,6 +130,8 @@ def _read(root: Path, how: str, split: str = "train") -> list[dict]:
         out = []
         for batch in MidasDataset(root, split, batch_size=4, policy="random", seed=0):
             for b, key in enumerate(batch["key"]):
+                if not batch["valid"][b]:
+                    continue  # a fill row: a repeat padding the epoch's last batch
                 d = {"__key__": key, "label": int(batch["label"][b])}
                 d.update((m, batch["inputs"][m][b].numpy()) for m in batch["inputs"])
                 out.append(d)
@@ -671,7 +673,7 @@ resource.setrlimit(resource.RLIMIT_AS, (1536 << 20, 1536 << 20))
 sys.path.insert(0, sys.argv[1])
 import crafting
 from midas_data.dataset.formats import decode
-from midas_data.dataset.reader import walk_tar
+from midas_data.dataset.verify import walk_tar
 from midas_data import open_dataset
 from midas_data.pipelines.user_manifest import read_manifest_file
 out = []

@@ -29,6 +29,12 @@ from midas_data.errors import MidasDataError, where
 from midas_data.storage.click_types import DATASET_ROOT, dataset_root
 from midas_data.stream.dataset import MidasDataset, MidasLoader
 
+# `..pipelines.text_encoder` registers `tiny_text_transformer` (and the hook for pretrained
+# text models) in the encoder registry. The trainer builds encoders by name for the text
+# modalities the image-text readers produce, so it depends on their encoder; the library's
+# registry stays free of reader names, and `train()` from Python resolves the same names as
+# `midas-data train`.
+from ..pipelines import text_encoder  # noqa: F401
 from . import artifacts as art
 from .cli_options import config_from_options, train_options
 from .config import TrainConfig
@@ -98,12 +104,9 @@ def _train(root: str | Path, out: Path, config: TrainConfig, resume: bool, progr
     model = MultimodalModel.from_dataset(ds, config).to(device)
     mods = model.modalities
     optimizer, scheduler = build_optimizer(model, config)
-    policy = config.policy if config.method == "midas" else "none"
-    stream = MidasDataset(root, "train", batch_size=config.batch_size, policy=policy,
-                          mined_fraction=config.mined_fraction, temperature=config.temperature,
-                          graph_modalities=config.graph_modalities, mined_swap=config.mined_swap,
-                          mined_ramp=tuple(config.mined_ramp) if config.mined_ramp else None,
-                          seed=config.seed, modalities=mods)
+    stream = MidasDataset(root, "train", batch_size=config.batch_size, seed=config.seed,
+                          modalities=mods, **config.partner_options())
+    policy = stream.policy  # none unless method is midas
     loader = MidasLoader(stream, num_workers=config.num_workers)
     held_out = {s: MidasDataset(root, s, batch_size=config.eval_batch_size, policy="none",
                                 shuffle=False, modalities=mods, rank=0, world_size=1)

@@ -24,7 +24,7 @@ from midas_data.features.tables import (
     table_metadata,
     write_table,
 )
-from midas_data.loss import hard_weight_from_similarity
+from midas_data.loss import hard_weight_from_similarity, normalised_confidences
 from midas_data.mining.knn import MiningInputError, resolve_index, search_different_label
 
 PAIRS_DIR = "pairs"
@@ -94,9 +94,7 @@ def pairs_table(features: Features, results: dict[str, tuple[np.ndarray, np.ndar
         sim = np.clip(D.reshape(-1), -1.0, 1.0)  # float32 rounding can step past +-1
         a_conf = sum(confs[o][anchor] for o in features.modalities if o != m)  # kept modalities
         p_conf = confs[m][partner]
-        denom = a_conf + p_conf
-        # both sources at zero confidence: no evidence either way, split the label evenly
-        w = np.divide(a_conf, denom, out=np.full_like(denom, 0.5), where=denom > 0)
+        w = _swapped_weight(confs, features.modalities, m, anchor, partner)
         cols["anchor_row"].append(anchor)
         cols["partner_row"].append(partner)
         cols["modality"].append(np.full(len(anchor), mi, np.int32))
@@ -106,8 +104,8 @@ def pairs_table(features: Features, results: dict[str, tuple[np.ndarray, np.ndar
         cols["partner_label"].append(labels[partner])
         cols["anchor_conf"].append(a_conf.astype(np.float32))
         cols["partner_conf"].append(p_conf.astype(np.float32))
-        cols["anchor_weight"].append(w.astype(np.float32))
-        cols["partner_weight"].append((1.0 - w).astype(np.float32))
+        cols["anchor_weight"].append((1.0 - w).astype(np.float32))
+        cols["partner_weight"].append(w.astype(np.float32))
         hard = hard_weight_from_similarity(torch.from_numpy(sim.astype(np.float64))).numpy()
         cols["hard_weight"].append(hard.astype(np.float32))
     arrays = {name: np.concatenate(v) for name, v in cols.items() if v}
@@ -118,6 +116,15 @@ def pairs_table(features: Features, results: dict[str, tuple[np.ndarray, np.ndar
     data = {"anchor_key": keys.take(pa.array(anchor_row)), "partner_key": keys.take(pa.array(partner_row)),
             **{name: pa.array(v) for name, v in arrays.items()}, "modality": mod_col}
     return pa.table({f.name: data[f.name] for f in PAIRS_SCHEMA}, schema=PAIRS_SCHEMA)
+
+
+def _swapped_weight(confs: dict[str, np.ndarray], modalities: list[str], swapped: str,
+                    anchor: np.ndarray, partner: np.ndarray) -> np.ndarray:
+    """Normalised confidence of the swapped modality's source (the partner), float64 [N];
+    the anchor's kept modalities share the rest (`normalised_confidences`)."""
+    src = np.stack([confs[o][partner if o == swapped else anchor] for o in modalities], axis=1)
+    w = normalised_confidences(torch.from_numpy(src)).numpy()
+    return w[:, modalities.index(swapped)]
 
 
 def build_pairs(features: Features, k: int = 16, index: str = "cpu", approx: str | None = None,
