@@ -53,13 +53,21 @@ def _shard_path(root: Path, i: int) -> Path:
     return root / "ds" / "shards" / f"train-{i:06d}.tar"
 
 
+def _real(batch: dict) -> list[str]:
+    """Keys of a batch's real rows (a stream that pads its last step marks fill rows, repeats
+    of real samples, with valid == False)."""
+    valid = batch.get("valid")
+    return list(batch["key"]) if valid is None else [
+        k for k, v in zip(batch["key"], valid.tolist()) if v]
+
+
 def _keys_per_rank(root, world: int, workers: int, epoch: int = 0, batch_size: int = 4,
                    **kw) -> list[list[list[str]]]:
     out = []
     for rank in range(world):
         ds = MidasDataset(root, batch_size=batch_size, rank=rank, world_size=world, **kw)
         ds.set_epoch(epoch)
-        out.append([b["key"] for b in MidasLoader(ds, num_workers=workers)])
+        out.append([_real(b) for b in MidasLoader(ds, num_workers=workers)])
     return out
 
 
@@ -125,7 +133,7 @@ def test_resume_on_s3_root_gives_identical_remaining_sequence(served, s3, old_wo
     for ld in loaders:
         ld.dataset.set_epoch(2)
     iters = [iter(ld) for ld in loaders]
-    consumed = [k for _ in range(2) for it in iters for k in next(it)["key"]]
+    consumed = [k for _ in range(2) for it in iters for k in _real(next(it))]
     state = json.loads(json.dumps(loaders[0].state_dict()))
     shutil.rmtree(tmp_path / "shards")  # resume on another node: a cold cache
     resumed = _keys_per_rank(url, new_world, new_workers, epoch=2, batch_size=batch,
@@ -135,7 +143,7 @@ def test_resume_on_s3_root_gives_identical_remaining_sequence(served, s3, old_wo
         ds = MidasDataset(url, batch_size=batch, rank=r, world_size=new_world,
                           storage_options=opts, cache_dir=tmp_path / "other")
         ds.load_state_dict(state)
-        resumed.append([b["key"] for b in MidasLoader(ds, num_workers=new_workers)])
+        resumed.append([_real(b) for b in MidasLoader(ds, num_workers=new_workers)])
     assert len({len(b) for b in resumed}) == 1
     rest = [k for step in range(len(resumed[0])) for r in range(new_world)
             for k in resumed[r][step]]
@@ -174,7 +182,7 @@ def test_ranks_and_workers_sharing_a_cold_cache_fetch_each_shard_once(served, ht
     def run(rank: int) -> None:
         ds = MidasDataset(http.url + "/ds", batch_size=4, rank=rank, world_size=2,
                           cache_dir=tmp_path)
-        results[rank] = [b["key"] for b in MidasLoader(ds, num_workers=2)]
+        results[rank] = [_real(b) for b in MidasLoader(ds, num_workers=2)]
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
     for t in threads:
@@ -199,7 +207,7 @@ def _faulty_epoch(http, tmp_path, faults: dict[int, list[str]], retry=FAST, **kw
 @pytest.mark.parametrize("fault", [["drop", "drop"], ["503", "503", "503"], ["flip"], ["hang"]])
 def test_transient_faults_are_retried_and_the_epoch_completes(served, http, tmp_path, fault):
     batches = _faulty_epoch(http, tmp_path, {3: fault, 5: fault})
-    assert [b["key"] for b in batches] == _keys_per_rank(served / "ds", 1, 0)[0]
+    assert [_real(b) for b in batches] == _keys_per_rank(served / "ds", 1, 0)[0]
     gets = http.shard_gets()
     assert gets["/ds/shards/train-000003.tar"] == len(fault) + 1
     assert _no_partial_files(tmp_path) and len(_cache_files(tmp_path)) == 9
@@ -229,7 +237,7 @@ def test_persistent_faults_stop_with_an_error_naming_url_and_key(served, http, t
 def test_on_error_skip_skips_and_reports_the_keys_it_cannot_fetch(served, http, tmp_path):
     batches = _faulty_epoch(http, tmp_path, {4: ["always-503"]}, on_error="skip")
     skipped = [k for b in batches for k in b["skipped"]]
-    got = [k for b in batches for k in b["key"]]
+    got = [k for b in batches for k in _real(b)]
     assert set(skipped) == _shard_keys(served, 4)
     assert sorted(got + skipped) == sorted(f"s{i:04d}" for i in range(N))
     # the failure is remembered for a while: neither the prefetcher nor later samples of the
@@ -265,12 +273,12 @@ def test_prefetch_fetches_the_next_batches_shards_before_they_are_read(served, h
     stream = MidasDataset(ds, batch_size=2, shuffle=False, policy="none")  # rows in order
     it = iter(stream)
     first = next(it)  # rows 0-1: shard 0 only
-    assert first["key"] == ["s0000", "s0001"]
+    assert _real(first) == ["s0000", "s0001"]
     deadline = time.monotonic() + 20
     while len(_cache_files(tmp_path)) < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
     # shards 1-4 hold rows read only by later batches: the prefetcher brought them
     assert len(_cache_files(tmp_path)) == 5, _cache_files(tmp_path)
-    rest = [k for b in it for k in b["key"]]
-    assert [*first["key"], *rest] == [f"s{i:04d}" for i in range(N)]
+    rest = [k for b in it for k in _real(b)]
+    assert [*_real(first), *rest] == [f"s{i:04d}" for i in range(N)]
     assert set(http.shard_gets().values()) == {1}

@@ -67,20 +67,25 @@ def test_replacing_a_dataset_never_serves_new_bytes_as_old(s3, tmp_path):
 
 
 def test_an_interrupted_upload_is_never_taken_for_a_dataset(s3, tmp_path, monkeypatch):
-    from midas_data.storage.urls import filesystem
+    import midas_data.storage.publish as pub
 
     publish(_build(tmp_path / "old", 0), "s3://out/cut", s3)
-    fs, _ = filesystem("s3://out/cut", s3, RetryPolicy().timeout)  # the instance publish uses
-    real = fs.put_file
-    calls = []
+    calls, real_filesystem = [], pub.filesystem
 
-    def flaky(lpath, rpath, *a, **kw):
-        calls.append(rpath)
-        if "index/" in rpath:
-            raise PermissionError("access denied mid-upload")
-        return real(lpath, rpath, *a, **kw)
+    def flaky_filesystem(*args, **kw):
+        fs, root = real_filesystem(*args, **kw)
+        real = fs.put_file
 
-    monkeypatch.setattr(fs, "put_file", flaky)
+        def put_file(lpath, rpath, *a, **k):
+            calls.append(rpath)
+            if "index/" in rpath:
+                raise PermissionError("access denied mid-upload")
+            return real(lpath, rpath, *a, **k)
+
+        fs.put_file = put_file
+        return fs, root
+
+    monkeypatch.setattr(pub, "filesystem", flaky_filesystem)
     with pytest.raises(FetchError, match="index/train.arrow"):
         publish(_build(tmp_path / "new", 1), "s3://out/cut", s3, overwrite=True)
     monkeypatch.undo()

@@ -81,7 +81,11 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None, timeout:
     proto = scheme(url) or "file"
     try:
         fsspec.get_filesystem_class(proto)
-        fs, path = url_to_fs(url, **with_timeouts(proto, storage_options, timeout))
+        opts = with_timeouts(proto, storage_options, timeout)
+        # A fresh instance: fsspec's instance cache would hand back one made for an endpoint
+        # taken from the environment at that time (AWS_ENDPOINT_URL may have changed since).
+        opts.setdefault("skip_instance_cache", True)
+        fs, path = url_to_fs(url, **opts)
     except (ImportError, ValueError) as e:
         extra = _EXTRA.get(proto)
         hint = (f"pip install 'midas-data[{extra}]'" if extra
