@@ -1,5 +1,6 @@
 """midas-data: MIDAS misaligned-sample augmentation against modality imbalance, as a data pipeline."""
 
+from midas_data.dataset.index_shards import index_shards
 from midas_data.dataset.reader import Dataset, SplitReader, open_dataset
 from midas_data.dataset.shards import Sample, build_dataset
 from midas_data.dataset.verify import verify_dataset
@@ -49,6 +50,7 @@ from midas_data.mining.knn import DifferentLabelIndex, search_different_label
 from midas_data.mining.pairs import read_pairs
 from midas_data.mining.stage import mine_misaligned
 from midas_data.options import SettingError
+from midas_data.storage import FetchError, RetryPolicy, ShardCache
 from midas_data.stream.dataset import MidasDataset, MidasLoader, collate, materialize_misaligned
 from midas_data.stream.partners import POLICIES, RESEARCH_POLICIES, PartnerOptions
 
@@ -108,6 +110,10 @@ __all__ = [
     "StaleArtifactError",
     "UnsafeInputError",
     "build_dataset",
+    "index_shards",
+    "FetchError",
+    "RetryPolicy",
+    "ShardCache",
     "open_dataset",
     "read_features",
     "write_features",

@@ -18,6 +18,7 @@ from midas_data.errors import USER_ERRORS, MidasDataError
 from midas_data.features.config import ExtractConfig
 from midas_data.mining.config import MineConfig
 from midas_data.options import click_options, config_from_options
+from midas_data.storage.click_types import DATASET_ROOT
 
 
 def _fail(e: Exception) -> None:
@@ -68,7 +69,8 @@ class _LazyGroup(click.Group):
     """Resolves `train` (the reference trainer, midas_data.trainers) only when asked for, so
     that `midas-data --version` and the data commands do not pay for importing the trainer."""
 
-    lazy = {"train": "midas_data.trainers.run:main"}
+    lazy = {"train": "midas_data.trainers.run:main",
+            "index-shards": "midas_data.dataset.index_shards:index_shards_cmd"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.lazy])
@@ -132,6 +134,7 @@ def build_shards_cmd(pipeline_name, manifest_file, root, options, skip_bad, moda
     """Turn a dataset into WebDataset shards plus Arrow indexes."""
     from midas_data.dataset.shards import build_dataset
     from midas_data.pipelines import get_pipeline
+    from midas_data.storage.publish import staged
 
     mods = modalities.split(",") if modalities else None
     class_list = classes.split(",") if classes else None
@@ -151,16 +154,17 @@ def build_shards_cmd(pipeline_name, manifest_file, root, options, skip_bad, moda
                 src = reader(modalities=mods, **opts)
     except KeyError as e:  # an unknown pipeline name
         _fail(MidasDataError(e.args[0] if e.args else str(e)))
-    m = build_dataset(src["samples"], out_dir, classes=class_list or src.get("classes"),
-                      modalities=src["modalities"], shard_max_count=shard_samples,
-                      shard_max_mb=shard_mb, split_seed=split_seed, overwrite=overwrite,
-                      source=src.get("source"), progress=not quiet)
+    with staged(out_dir, overwrite=overwrite) as dest:  # a URL: built here, uploaded
+        m = build_dataset(src["samples"], dest, classes=class_list or src.get("classes"),
+                          modalities=src["modalities"], shard_max_count=shard_samples,
+                          shard_max_mb=shard_mb, split_seed=split_seed, overwrite=overwrite,
+                          source=src.get("source"), progress=not quiet)
     counts = ", ".join(f"{k}={v['count']}" for k, v in m["splits"].items())
     click.echo(f"wrote {out_dir}: {len(m['shards'])} shard(s), {counts}, modalities {m['modality_order']}")
 
 
 @main.command("inspect")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.argument("dataset", type=DATASET_ROOT)
 @click.option("--verify", is_flag=True, help="Check every shard's size and sha256.")
 def inspect_cmd(dataset, verify) -> None:
     """Show schema, counts per split and class; --verify checks checksums."""
@@ -173,16 +177,18 @@ def inspect_cmd(dataset, verify) -> None:
 
 
 @main.command("extract")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.argument("dataset", type=DATASET_ROOT)
 @click_options(ExtractConfig)
 @click.option("--quiet", is_flag=True)
 def extract_cmd(dataset, quiet, **options) -> None:
     """Per-modality features and unimodal confidences for every sample."""
     from midas_data.features.extract import extract_features
+    from midas_data.storage.publish import remote_stage
 
     config = config_from_options(ExtractConfig, options)
     config = config.replace(source="user" if config.features_file else "warmup")
-    summary = extract_features(dataset, config, progress=not quiet)
+    with remote_stage(dataset, ("features",)) as target:  # a URL: features uploaded after
+        summary = extract_features(target, config, progress=not quiet)
     for split, info in summary.get("splits", {}).items():
         conf = " ".join(f"{m}={c:.3f}" for m, c in info["mean_conf"].items())
         click.echo(f"features/{split}.arrow: {info['rows']} rows, mean confidence {conf}, "
@@ -190,15 +196,17 @@ def extract_cmd(dataset, quiet, **options) -> None:
 
 
 @main.command("mine-misaligned")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.argument("dataset", type=DATASET_ROOT)
 @click_options(MineConfig)
 @click.option("--quiet", is_flag=True)
 def mine_cmd(dataset, quiet, **options) -> None:
     """FAISS k-NN partners with a different label, per modality, into DATASET/pairs/."""
     from midas_data.mining.stage import mine_misaligned
+    from midas_data.storage.publish import remote_stage
 
-    summary = mine_misaligned(dataset, config_from_options(MineConfig, options),
-                              progress=not quiet)
+    with remote_stage(dataset, ("pairs",)) as ds:  # a URL: pairs uploaded after
+        summary = mine_misaligned(getattr(ds, "root", ds), config_from_options(MineConfig, options),
+                                  progress=not quiet)
     click.echo(json.dumps(summary, indent=2, default=str))
 
 

@@ -29,6 +29,7 @@ from midas_data.dataset.reader import open_dataset
 from midas_data.devices import check_device_available
 from midas_data.errors import USER_ERRORS, MidasDataError, where
 from midas_data.mining.pairs import pairs_fingerprint
+from midas_data.storage.click_types import DATASET_ROOT, dataset_root
 from midas_data.stream.dataset import MidasDataset, MidasLoader
 
 # `..pipelines.text_encoder` registers `tiny_text_transformer` (and the hook for pretrained
@@ -82,14 +83,14 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
     info = setup(config.device)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(Path(dataset_dir), Path(out_dir), config, resume, progress, plots, on_step,
+        return _train(dataset_root(dataset_dir), Path(out_dir), config, resume, progress, plots, on_step,
                       on_epoch, info)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)  # leave the caller's setting
         teardown(info)
 
 
-def _train(root: Path, out: Path, config: TrainConfig, resume: bool, progress: bool, plots: bool,
+def _train(root: str | Path, out: Path, config: TrainConfig, resume: bool, progress: bool, plots: bool,
            on_step, on_epoch, info: DistInfo) -> dict:
     t0 = time.perf_counter()
     device = info.device
@@ -102,7 +103,7 @@ def _train(root: Path, out: Path, config: TrainConfig, resume: bool, progress: b
     ds = open_dataset(root)
     for split in ("train", "val", "test"):
         if split not in ds.splits:
-            raise MidasDataError(f"{where(root / 'manifest.json', field='splits')}: the trainer needs "
+            raise MidasDataError(f"{where(f'{root}/manifest.json', field='splits')}: the trainer needs "
                                  f"train, val and test splits; the dataset has {ds.splits}")
     if config.method == "midas":
         present = np.unique(ds.split("train").labels)
@@ -242,7 +243,7 @@ def _finish(root: Path, out: Path, fingerprint: str, config: TrainConfig, model:
 
 
 @click.command(context_settings={"show_default": True})
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.argument("dataset", type=DATASET_ROOT)
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (mid-epoch too).")
 @click.option("--restart", is_flag=True,

@@ -13,7 +13,7 @@ def describe(path: str | Path, verify: bool = False) -> tuple[str, list[str]]:
     """Return (report text, problems). Problems are non-empty only with verify=True."""
     ds = open_dataset(path)
     m = ds.manifest
-    lines = [f"dataset {ds.root}  (format v{m['format_version']}, fingerprint {ds.fingerprint[:16]})",
+    lines = [f"dataset {getattr(ds, 'url', ds.root)}  (format v{m['format_version']}, fingerprint {ds.fingerprint[:16]})",
              f"source: {m.get('source', {})}", "modalities:"]
     for name in ds.modalities:
         spec = ds.schema[name]

@@ -151,9 +151,17 @@ def _check_structure(m: dict, path: Path) -> None:
                 UnsafeInputError)
         if ext not in KINDS[spec["kind"]]:
             bad(name, f"ext {ext!r} is not one of {list(KINDS[spec['kind']])} for kind {spec['kind']!r}")
+        member = spec.get("member")  # tar member suffix of tars indexed in place
+        if member is not None and (not isinstance(member, str) or member == "cls"
+                                   or not re.fullmatch(r"[a-z0-9_]+(\.[a-z0-9_]+)*", member)
+                                   or member.rsplit(".", 1)[-1] != ext):
+            bad(name, f"member {member!r} must be a tar member suffix ending in .{ext}")
         if not _schema_ok(spec):
             bad(name, f"dtype {spec.get('dtype')!r} and shape {spec.get('shape')!r} are not a "
                       f"valid schema of a {spec['kind']} modality")
+    suffixes = [spec.get("member") or f"{n}.{spec['ext']}" for n, spec in mods.items()]
+    if len(set(suffixes)) != len(suffixes):
+        bad("modalities", "two modalities name the same tar member")
     classes = m["classes"]
     if (not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES
             or not all(isinstance(c, str) for c in classes)):

@@ -53,6 +53,10 @@ class SplitReader:
         self.root, self.manifest, self.split = root, manifest, split
         self.modalities: list[str] = list(manifest["modality_order"])
         self._ext = {m: manifest["modalities"][m]["ext"] for m in self.modalities}
+        # tar member suffix: `<modality>.<ext>` as build-shards writes it, or the manifest's own
+        # `member` for tars indexed in place (index-shards: `<key>.jpg`)
+        self._suffix = {m: manifest["modalities"][m].get("member") or f"{m}.{self._ext[m]}"
+                        for m in self.modalities}
         meta = manifest["splits"][split]
         self.shard_paths = [root / p for p in meta["shards"]]
         by_path = {s["path"]: s for s in manifest["shards"]}
@@ -175,7 +179,7 @@ class SplitReader:
 
     def member_name(self, row: int, modality: str) -> str:
         """The tar member name of a payload: `<key>.<modality>.<ext>`."""
-        return f"{self.keys[row]}.{modality}.{self._ext[modality]}"
+        return f"{self.keys[row]}.{self._suffix[modality]}"
 
     def _check_header(self, hdr: bytes | memoryview, row: int, modality: str, size: int) -> None:
         """The tar header in front of a payload must name it and give the indexed size."""
@@ -246,7 +250,7 @@ class SplitReader:
         Same checks and errors as `get` on each sample; read as a batch (`read_batch`), so
         the arrays of a fixed-shape modality are views into one array per modality.
         """
-        batch = self.read_batch(rows, modalities)
+        batch = SplitReader.read_batch(self, rows, modalities)  # this file's bytes, also in subclasses
         keys, labels, inputs = batch["key"], batch["label"].tolist(), batch["inputs"]
         out = []
         for i, k in enumerate(keys):
@@ -431,6 +435,18 @@ class SplitReader:
             flat[i] = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
         return True
 
+    def batch_of(self, samples: list[dict], modalities: list[str] | None = None) -> dict:
+        """`read_batch`'s layout for decoded samples (as `get_many` returns them): arrays of
+        one shape are stacked, text and ragged values stay lists."""
+        mods = self._mods(modalities)
+        inputs: dict = {}
+        for m in mods:
+            values = [d[m] for d in samples]
+            stack = self._ext[m] != "txt" and _same_shapes(values)
+            inputs[m] = np.stack(values) if stack else values
+        return {"key": [d["__key__"] for d in samples],
+                "label": np.array([d["label"] for d in samples], dtype=np.int64), "inputs": inputs}
+
     def get_many_per_sample(self, rows: np.ndarray, modalities: list[str] | None = None) -> list[dict]:
         """`get_many` one sample at a time (one pread each): the reference path, and the one
         whose errors a batch read reports."""
@@ -537,6 +553,16 @@ def _chunks(sizes: np.ndarray) -> Iterator[tuple[int, int]]:
         lo = hi
 
 
-def open_dataset(path: str | Path) -> Dataset:
-    """Open a dataset directory written by `midas-data build-shards`."""
-    return Dataset(path)
+def open_dataset(path: str | Path, **remote) -> Dataset:
+    """Open a dataset directory written by `midas-data build-shards`, or a URL (s3://, gs://,
+    https://...; `remote` options: storage_options, cache_dir, cache_limit, retry, prefetch,
+    see midas_data.storage.remote.RemoteDataset)."""
+    from midas_data.storage.urls import is_remote, local_path
+
+    if isinstance(path, Dataset):  # already open (a remote root staged for writing, say)
+        return path
+    if is_remote(path):
+        from midas_data.storage.remote import RemoteDataset
+
+        return RemoteDataset(str(path), **remote)
+    return Dataset(local_path(path))

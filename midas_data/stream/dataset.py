@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from midas_data.dataset.reader import open_dataset
+from midas_data.dataset.reader import Dataset, open_dataset
 from midas_data.dataset.transport import pack_batch, torch_batch, unpack_batch
 from midas_data.distributed import rank_and_world_size
 from midas_data.errors import CorruptShardError, MidasDataError, SchemaError, where
@@ -63,9 +63,12 @@ class MidasDataset(IterableDataset):
     only for loops that handle both). `drop_last=True` is the same as `last_batch="drop"`.
     Every mode keeps equal batch counts on every rank and each real sample once per epoch.
     rank, world_size: default to torch.distributed or the torchrun environment.
+    root may be a URL (s3://, gs://, https://): shards are then read through a local cache
+    (`cache_dir`, bounded by `cache_limit` bytes; `storage_options` go to fsspec), or a
+    dataset already opened with `open_dataset(url, ...)` for the other remote options.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", *, batch_size: int = 64,
+    def __init__(self, root: str | Path | Dataset, split: str = "train", *, batch_size: int = 64,
                  policy: str = "random", seed: int = 0, shuffle: bool = True,
                  last_batch: str = "pad", drop_last: bool = False,
                  modalities: list[str] | None = None,
@@ -74,7 +77,9 @@ class MidasDataset(IterableDataset):
                  swap_modalities: Sequence[str] = (), knn_modalities: Sequence[str] = (),
                  knn_temperature: float = 0.1, similarity_modalities: Sequence[str] = (),
                  similarity_temperature: float = 0.1, mined_fraction: float = 0.5,
-                 mined_ramp: Sequence[int] | None = None):
+                 mined_ramp: Sequence[int] | None = None,
+                 storage_options: dict | None = None, cache_dir: str | Path | None = None,
+                 cache_limit: int | str | None = None):
         options = PartnerOptions(
             policy=policy, swap_modalities=swap_modalities, knn_modalities=knn_modalities,
             knn_temperature=knn_temperature, similarity_modalities=similarity_modalities,
@@ -90,8 +95,10 @@ class MidasDataset(IterableDataset):
                              f"last_batch={last_batch!r}: give only one of them")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        self.root, self.split = Path(root), split
-        self.ds = open_dataset(self.root)
+        self.split = split  # root may be a URL: open_dataset caches it, self.root is local
+        self.ds = root if isinstance(root, Dataset) else open_dataset(
+            root, storage_options=storage_options, cache_dir=cache_dir, cache_limit=cache_limit)
+        self.root = self.ds.root
         self.reader = self.ds.split(split)
         self.modalities = list(modalities or self.ds.modalities)
         unknown = [m for m in self.modalities if m not in self.ds.modalities]
@@ -169,11 +176,18 @@ class MidasDataset(IterableDataset):
                                  pair_aligned=paired)
         fill = (plan.fill_positions(n, start, self.batch_size, world, rank, pair_aligned=paired)
                 if self.last_batch == "pad" else np.empty(0, np.int64))
-        for k in plan.worker_batches(range(len(spans)), worker, workers):
+
+        def rows_of(k: int) -> np.ndarray:
             lo, hi = (int(v) for v in spans[k])
             extra = fill if k == len(spans) - 1 else fill[:0]  # fill pads only the final batch
-            batch = self._make_batch(np.concatenate([order[lo:hi], order[extra]]), hi - lo,
-                                     partner_of, lo)
+            return np.concatenate([order[lo:hi], order[extra]])
+
+        mine = plan.worker_batches(range(len(spans)), worker, workers)
+        if hasattr(self.reader, "plan_reads"):  # remote root: fetch this worker's shards ahead
+            self.reader.plan_reads([rows_of(k) for k in mine])
+        for k in mine:
+            lo, hi = (int(v) for v in spans[k])
+            batch = self._make_batch(rows_of(k), hi - lo, partner_of, lo)
             offset = plan.offset_after_step(n, start, self.batch_size, world, k)
             batch["stream_state"] = {"seed": self.seed, "epoch": self.epoch, "offset": offset}
             if info is None:
