@@ -429,7 +429,7 @@ def _command():
                   help="Tars whose file name matches GLOB go to SPLIT (train/val/test); repeatable.")
     @click.option("--split-fraction", "split_fractions", multiple=True, metavar="SPLIT=FRACTION",
                   help="Send this fraction of the tars (seeded) to val or test; the rest is train.")
-    @click.option("--split-seed", default=0, show_default=True)
+    @click.option("--split-seed", default=0, show_default=True, type=click.IntRange(min=0))
     @click.option("--classes", help="Comma-separated class names, in index order (default: inferred).")
     @click.option("--strict", is_flag=True, help="Refuse a sample missing a modality or label.")
     @click.option("--overwrite", is_flag=True, help="Replace an existing dataset at --out.")
