@@ -19,6 +19,8 @@ setup: $(BIN)/midas-data
 demo: setup
 	$(BIN)/midas-data demo --out $(OUT)
 
+# `-m "not gpu"` replaces the fast default selection in pyproject.toml (which leaves out
+# the crash, ddp, slow and gpu markers): CI runs everything but the GPU tests.
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not gpu"

@@ -1,13 +1,16 @@
-"""Different-label mining vs an unconstrained IndexFlatIP self-search, same data, same run.
+"""Different-label mining (FAISS and torch backends) vs an unconstrained IndexFlatIP
+self-search, same data, same run.
 
 Run: .venv/bin/python bench/mine.py [--n 100000] [--d 256] [--classes 10] [--k 16]
+                                    [--backends faiss,torch] [--precision fp32]
      .venv/bin/python bench/mine.py --big        # 1M x 256: time and peak RSS only
 
 Random float32 data (seeded), labels uniform over the classes, k=16, all FAISS threads.
 Both sides count their setup once (baseline: normalised copy + IndexFlatIP.add; mining:
 DifferentLabelIndex, which normalises and sorts by class) and then search all n rows as
 queries in `--chunks` slices, alternating baseline / mining slice by slice (ABBA order),
-so that load from other processes on a shared machine hits both sides alike. `--full`
+so that load from other processes on a shared machine hits both sides alike (with both
+backends, three sides rotate). torch uses its own threads (torch.get_num_threads()). `--full`
 N adds N end-to-end runs each (`search_different_label` vs normalise + add + search).
 CPU seconds (all threads) are printed too.
 """
@@ -20,6 +23,7 @@ import time
 
 import faiss
 import numpy as np
+import torch
 
 from midas_data.mining.knn import DifferentLabelIndex, search_different_label
 
@@ -53,22 +57,34 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def chunked(x, y, k: int, chunks: int) -> None:
-    base, mine = Clock(), Clock()
-    xn, index = base(build_baseline, x)
-    dli = mine(DifferentLabelIndex, x, y)
-    print(f"setup: baseline {base.wall:.2f} s, mining {mine.wall:.2f} s", flush=True)
+def chunked(x, y, k: int, chunks: int, backends: list[str], precision: str) -> None:
+    """Build each side once, then search all rows in `chunks` slices, rotating the order of
+    the sides from slice to slice so that load from other processes hits all alike."""
+    clocks = {"baseline": Clock(), **{b: Clock() for b in backends}}
+    xn, index = clocks["baseline"](build_baseline, x)
+    searchers = {"baseline": lambda q: index.search(xn[q], k)}
+    for b in backends:
+        kind = "cpu" if b == "faiss" else "torch"
+        dli = clocks[b](lambda kind=kind: DifferentLabelIndex(x, y, index=kind, torch_device="cpu",
+                                                              precision=precision))
+        searchers[b] = lambda q, dli=dli: dli.search(k, q)
+    print("setup: " + ", ".join(f"{s} {c.wall:.2f} s" for s, c in clocks.items()), flush=True)
+    sides = list(clocks)
     for j, q in enumerate(np.array_split(np.arange(len(x)), chunks)):
-        for side in ((base, mine) if j % 2 == 0 else (mine, base)):
-            if side is base:
-                base(index.search, xn[q], k)
-            else:
-                mine(dli.search, k, q)
-        print(f"  chunk {j + 1}/{chunks}: baseline {base.wall:.1f} s, mining {mine.wall:.1f} s "
-              f"so far", flush=True)
+        for side in sides[j % len(sides):] + sides[:j % len(sides)]:
+            clocks[side](searchers[side], q)
+        print(f"  chunk {j + 1}/{chunks}: " + ", ".join(f"{s} {c.wall:.1f} s" for s, c in
+                                                       clocks.items()) + " so far", flush=True)
+    base = clocks["baseline"]
     print(f"IndexFlatIP self-search (k={k}): {base.wall:.2f} s wall, {base.cpu:.1f} CPU s")
-    print(f"different-label mining  (k={k}): {mine.wall:.2f} s wall, {mine.cpu:.1f} CPU s")
-    print(f"ratio mining / baseline: {mine.wall / base.wall:.3f} wall, {mine.cpu / base.cpu:.3f} CPU")
+    for b in backends:
+        c = clocks[b]
+        name = "FAISS" if b == "faiss" else f"torch ({precision})"
+        print(f"different-label mining, {name} (k={k}): {c.wall:.2f} s wall, {c.cpu:.1f} CPU s; "
+              f"ratio / baseline {c.wall / base.wall:.3f} wall, {c.cpu / base.cpu:.3f} CPU")
+    if len(backends) == 2:
+        t, f = clocks["torch"], clocks["faiss"]
+        print(f"ratio torch / FAISS mining: {t.wall / f.wall:.3f} wall, {t.cpu / f.cpu:.3f} CPU")
 
 
 def full(x, y, k: int, reps: int) -> None:
@@ -97,11 +113,16 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--chunks", type=int, default=10)
+    ap.add_argument("--backends", default="faiss,torch",
+                    help="mining backends timed against the baseline: faiss, torch or both")
+    ap.add_argument("--precision", default="fp32", help="torch backend's candidate pass (fp32 "
+                    "on the CPU; tf32/bf16 re-rank in fp32)")
     ap.add_argument("--full", type=int, default=0, metavar="REPS",
                     help="also time REPS end-to-end calls each (ABBA order)")
     ap.add_argument("--big", action="store_true", help="mine 1M x d once; print time and peak RSS")
     a = ap.parse_args()
-    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
+    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads")
     if a.big:
         x, y = data(1_000_000, a.d, a.classes)
         print(f"data: {x.nbytes / 2**30:.2f} GiB, peak RSS so far {peak_rss_gib():.2f} GiB", flush=True)
@@ -112,7 +133,7 @@ def main() -> None:
         return
     x, y = data(a.n, a.d, a.classes)
     print(f"n={a.n} d={a.d} C={a.classes} k={a.k}")
-    chunked(x, y, a.k, a.chunks)
+    chunked(x, y, a.k, a.chunks, [b for b in a.backends.split(",") if b], a.precision)
     if a.full:
         full(x, y, a.k, a.full)
     print(f"peak RSS {peak_rss_gib():.2f} GiB")

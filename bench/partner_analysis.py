@@ -6,7 +6,7 @@ random different-label partners: cosine similarity in view m, the swapped-in vie
 stored unimodal confidence in its own label (c^m_j), the soft-label weight it gets
 (w_partner = c^m_j / (c_kept_i + c^m_j)), and how often the swapped-in view's unimodal
 head would rather predict the anchor's label than the partner's (a near-duplicate view
-with the "wrong" label: the label noise suspected in CALIBRATION.md).
+with the "wrong" label: the label noise suspected in docs/REFERENCE_RESULTS.md).
 
     python bench/partner_analysis.py --data out/results/data --out docs/partner_analysis.md
 """

@@ -29,6 +29,7 @@ from midas_data.trainers.run import train
 from tqdm import tqdm
 
 from midas_data.features.tables import Features
+from midas_data.loss import normalised_confidences
 from midas_data.mining.pairs import read_pairs
 from midas_data.stream.dataset import MidasDataset
 
@@ -89,7 +90,7 @@ def run_set(root: Path, policy: str, epochs: int) -> list[dict]:
     for kind, p in parts.items():
         cj = f.confs[weak][np.maximum(p, 0)].astype(np.float64)
         ci = f.confs[strong].astype(np.float64)
-        w_partner[kind] = cj / np.maximum(ci + cj, 1e-12)
+        w_partner[kind] = normalised_confidences(torch.from_numpy(np.stack([ci, cj], 1))).numpy()[:, 1]
     cfg = TrainConfig.from_preset("mfeat", seed=0, epochs=epochs, method="midas", policy=policy)
     weak_k = data.modalities.index(weak)
     history: list[dict] = []

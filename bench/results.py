@@ -3,13 +3,13 @@
 Data sets: UCI Multiple Features view pairs (strong view + weak view) and AV digits
 (8x8 digit images paired by class with spoken-digit MFCCs; "av-noisy" adds noise to the
 image). Per set: build shards (stratified 70/10/20, split seed 0), extract warm-up
-features, mine k-NN partners; then train every (method, seed) with the mfeat preset
-(CALIBRATION.md's protocol: Adam 1e-3, batch 64, 60 epochs, warm-up 10, lambda 1, best
-epoch on validation) and report test metrics. Runs are cached (results.json per run), so
-an interrupted protocol resumes. Paired comparisons use an exact sign-flip permutation
-test over seeds.
+features, mine k-NN partners; then train every (method, seed) with the mfeat preset (the
+independent prototype's protocol, docs/REFERENCE_RESULTS.md: Adam 1e-3, batch 64, 60
+epochs, warm-up 10, lambda 1, best epoch on validation) and report test metrics. Runs are
+cached (results.json per run), so an interrupted protocol resumes. Paired comparisons use
+an exact sign-flip permutation test over seeds.
 
-    python bench/results.py --out out/results              # issue protocol: 3 seeds
+    python bench/results.py --out out/results              # the default protocol: 3 seeds
     python bench/results.py --seeds 0-9 --methods random,soft --out out/policies
     python bench/results.py --methods joint,random,midas-stored --out out/results
 """
@@ -43,25 +43,27 @@ METHODS = {
     "mined": {"method": "midas", "policy": "mined"},
     "mixed": {"method": "midas", "policy": "mixed", "mined_fraction": 0.5},
     "soft": {"method": "midas", "policy": "soft"},
-    # Issue 10 candidates: a matched pair swaps only the weak modality (the other swap gets a
-    # random partner, so no misaligned sample is repeated). "cross" pairs anchors that are
-    # near in the strong view, so the strong view is ambiguous and the weak one decides;
-    # "self" pairs anchors that are near in the weak view (the swapped view itself).
-    "cross": {"method": "midas", "policy": "mined", "graph_modalities": ["strong"], "mined_swap": ["weak"]},
-    "self": {"method": "midas", "policy": "mined", "graph_modalities": ["weak"], "mined_swap": ["weak"]},
-    "cross-soft": {"method": "midas", "policy": "soft", "temperature": 0.05,
-                   "graph_modalities": ["strong"], "mined_swap": ["weak"]},
-    # Second round: the weak view's partner drawn among all other-label rows of the batch by
-    # softmax(strong-view cosine / T) (from random at large T to nearest at small T); half
-    # the anchors on the cross graph; a curriculum from random to cross partners.
-    "cross-t0.1": {"method": "midas", "policy": "tempered", "temperature": 0.1,
-                   "graph_modalities": ["strong"], "mined_swap": ["weak"]},
-    "cross-t0.03": {"method": "midas", "policy": "tempered", "temperature": 0.03,
-                    "graph_modalities": ["strong"], "mined_swap": ["weak"]},
+    # First round (docs/partner_study.md): a matched pair swaps only the weak modality (the
+    # other swap gets a random partner, so no misaligned sample is repeated). "cross" pairs
+    # anchors that are near in the strong view, so the strong view is ambiguous and the weak
+    # one decides; "self" pairs anchors that are near in the weak view (the swapped view).
+    "cross": {"method": "midas", "policy": "mined", "knn_modalities": ["strong"],
+              "swap_modalities": ["weak"]},
+    "self": {"method": "midas", "policy": "mined", "knn_modalities": ["weak"], "swap_modalities": ["weak"]},
+    "cross-soft": {"method": "midas", "policy": "soft", "knn_temperature": 0.05,
+                   "knn_modalities": ["strong"], "swap_modalities": ["weak"]},
+    # Second round (docs/partner_selection.md): the weak view's partner drawn among all
+    # other-label rows of the batch by softmax(strong-view cosine / T) (from random at large T
+    # to nearest at small T); half the anchors on the cross graph; a curriculum from random
+    # to cross partners.
+    "cross-t0.1": {"method": "midas", "policy": "tempered", "similarity_temperature": 0.1,
+                   "similarity_modalities": ["strong"], "swap_modalities": ["weak"]},
+    "cross-t0.03": {"method": "midas", "policy": "tempered", "similarity_temperature": 0.03,
+                    "similarity_modalities": ["strong"], "swap_modalities": ["weak"]},
     "cross-mixed": {"method": "midas", "policy": "mixed", "mined_fraction": 0.5,
-                    "graph_modalities": ["strong"], "mined_swap": ["weak"]},
+                    "knn_modalities": ["strong"], "swap_modalities": ["weak"]},
     "cross-ramp": {"method": "midas", "policy": "mixed", "mined_fraction": 1.0, "mined_ramp": [10, 60],
-                   "graph_modalities": ["strong"], "mined_swap": ["weak"]},
+                   "knn_modalities": ["strong"], "swap_modalities": ["weak"]},
 }
 
 

@@ -34,11 +34,15 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from midas_data.loss.alpha import DirectionSums, authors_alpha_update, direction_sums
-from midas_data.loss.batch import batch_alpha_stats, batch_misaligned_loss, misaligned_targets
+from midas_data.loss.batch import (
+    aligned_loss,
+    batch_alpha_stats,
+    batch_misaligned_loss,
+    misaligned_targets,
+)
 from midas_data.loss.terms import AlphaStats, strong_modality, update_alpha, weak_modality
 
 ALPHA_UPDATES = ("epoch", "batch", "fixed")
@@ -93,10 +97,11 @@ class MidasObjective:
         ``mis["inputs"]`` with ``mis = materialize_misaligned(batch)`` (None, None: aligned
         CE only). Returns a scalar to call ``backward()`` on.
         """
-        y = batch["label"].to(logits.device)
-        # an empty batch (a rank's share of the epoch's last step) still returns an attached zero
-        ce = F.cross_entropy(logits, y) if len(y) else logits.sum() * 0.0
-        conf = self._stored_conf(batch) if len(y) else None
+        # the mean over the real rows: fill rows (valid False, the epoch's last step) weigh 0,
+        # and a batch without real rows still returns an attached zero
+        ce = aligned_loss(logits, batch)
+        real = int(batch["valid"].sum()) if "valid" in batch else len(batch["label"])
+        conf = self._stored_conf(batch) if real else None
         self._choose_pair(conf, batch["partner"].shape[1])  # in batch mode every rank joins this sum on every call
         rows = 0 if mis is None or mis_logits is None else len(mis["anchor"])
         if rows == 0:
@@ -117,7 +122,10 @@ class MidasObjective:
         return ce + self.lam * l_mis
 
     def _stored_conf(self, batch: dict) -> Tensor | None:
+        """The real rows' stored confidences [n, M] in float64 (fill rows left out)."""
         conf = batch.get("conf")
+        if conf is not None and "valid" in batch:
+            conf = conf[batch["valid"]]
         ok = conf is not None and bool(torch.isfinite(conf).all())
         if not ok and self.alpha_update != "fixed":
             raise ValueError("MidasObjective: the batch has no stored confidences (field 'conf' missing or "

@@ -3,7 +3,7 @@
 Both sources are real and independent (see data/README.md), so a pair shares only its
 label, as in AV-MNIST. Pairing is seeded: within each class, images and recordings are
 shuffled and zipped, giving min(#images, #recordings) samples per class. `noise_std`
-adds Gaussian noise to the image (0..16 scale), CALIBRATION.md's AV-noisy variant.
+adds Gaussian noise to the image (0..16 scale), the AV-noisy variant of docs/REFERENCE_RESULTS.md.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from midas_data.errors import MidasDataError, SchemaError, where
 
 from .common import (
     BadInput,
+    authors_recipe,
     check_modalities,
     check_options,
     drop_header,
@@ -46,10 +47,10 @@ MODALITIES = ("text", "audio", "video")
 ALIASES = {"text": ("text", "language"), "audio": ("audio", "acoustic"),
            "video": ("video", "vision", "visual")}
 SPLIT_FILES = {"train": ("train",), "val": ("valid", "val", "dev"), "test": ("test",)}
-# Not in DESIGN.md (the paper reports no MOSI/MOSEI run): the authors' SGD settings with the
-# Food-101 schedule, a starting point to tune.
-RECIPE = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64,
-          "epochs": 30, "step_size": 15, "gamma": 0.1, "warmup_epochs": 2, "lam": 1.0}
+# The paper reports no MOSI/MOSEI run: the authors' SGD settings (docs/METHOD.md, "Authors'
+# settings") with the Food-101 schedule, a starting point to tune.
+RECIPE = authors_recipe(lr=1e-3, epochs=30, step_size=15,
+                        warmup_epochs=2, lam=1.0)
 
 
 def summarize(x: np.ndarray, sequence: str, max_len: int, file: object, key: str, field: str) -> np.ndarray:

@@ -66,6 +66,16 @@ class BadInput:
         return {"skip_bad": self.skip_bad, "skipped_count": self.count, "skipped": self.items}
 
 
+def authors_recipe(*, lr: float, epochs: int, step_size: int, warmup_epochs: int,
+                   lam: float) -> dict:
+    """The MIDAS authors' training settings for one dataset (docs/METHOD.md, "Authors'
+    settings"): SGD with momentum 0.9, weight decay 1e-4, batch 64, StepLR gamma 0.1; only
+    the learning rate, schedule, warm-up and lambda vary per dataset."""
+    return {"optimizer": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64,
+            "epochs": epochs, "step_size": step_size, "gamma": 0.1,
+            "warmup_epochs": warmup_epochs, "lam": lam}
+
+
 def safe_key(name: str) -> str:
     """A WebDataset-safe key (letters, digits, '_', '-') from a clip or file name."""
     key = _BAD_KEY_CHARS.sub("-", name).strip("-")

@@ -29,6 +29,7 @@ from midas_data.errors import SchemaError, where
 from .common import (
     BadInput,
     PayloadStore,
+    authors_recipe,
     carve_val,
     check_modalities,
     check_options,
@@ -36,13 +37,13 @@ from .common import (
     output,
     safe_key,
 )
-from .media import load_frames, wav_log_mel
+from .media import audio_visual_payloads
 
 CLASSES = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
 MODALITIES = ("audio", "visual")
-# The MIDAS authors' settings (DESIGN.md section 1), as TrainConfig fields.
-RECIPE = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64,
-          "epochs": 70, "step_size": 50, "gamma": 0.1, "warmup_epochs": 10, "lam": 1.0}
+# The MIDAS authors' settings (docs/METHOD.md, "Authors' settings"), as TrainConfig fields.
+RECIPE = authors_recipe(lr=1e-3, epochs=70, step_size=50,
+                        warmup_epochs=10, lam=1.0)
 
 
 def emotion_of(clip: str, file: object = None) -> str:
@@ -63,6 +64,8 @@ def read_cremad(root: str | Path, modalities: list[str] | None = None, skip_bad:
     """CREMA-D clips as samples with `audio` and `visual` payloads (see the module docstring)."""
     options = {k: v for k, v in locals().items() if k not in ("root", "modalities", "skip_bad")}
     check_options("cremad", options)
+    media_options = dict(n_mels=n_mels, audio_frames=audio_frames, num_frames=num_frames,
+                         frame_size=frame_size, allow_short=allow_short, frame_layout=frame_layout)
     root = Path(root)
     mods = check_modalities(modalities, MODALITIES, "cremad")
     bad, store = BadInput(skip_bad), PayloadStore(cache_dir)
@@ -89,17 +92,11 @@ def read_cremad(root: str | Path, modalities: list[str] | None = None, skip_bad:
         if listed_label is not None and listed_label not in (label, str(CLASSES.index(label))):
             raise SchemaError(f"{where(list_file, clip, 'label')}: list says {listed_label!r}, the "
                               f"clip name says {label!r}")
-        payloads = {}
-        if "audio" in mods:
-            wav = audio_root / f"{clip}.wav"
-            if not wav.is_file():
-                raise SchemaError(f"{where(list_file or wav, clip, 'audio')}: no audio file {wav} "
-                                  "(modality missing, or the split list names an absent clip)")
-            payloads["audio"] = store.put(key, "audio",
-                                          wav_log_mel(wav, clip, "audio", n_mels, audio_frames))
-        if "visual" in mods:
-            payloads["visual"] = store.put(key, "visual", load_frames(
-                frame_root / clip, num_frames, frame_size, clip, "visual", allow_short, frame_layout))
+        wav = audio_root / f"{clip}.wav"
+        payloads = audio_visual_payloads(
+            store, key, clip, mods, wav, frame_root / clip,
+            f"{where(list_file or wav, clip, 'audio')}: no audio file {wav} "
+            "(modality missing, or the split list names an absent clip)", **media_options)
         return Sample(key=key, label=label, payloads=payloads, split=split,
                       source=str(list_file or root))
 

@@ -29,6 +29,7 @@ from midas_data.errors import MidasDataError, SchemaError, where
 from .common import (
     BadInput,
     PayloadStore,
+    authors_recipe,
     carve_val,
     check_modalities,
     check_options,
@@ -40,8 +41,8 @@ from .text_encoder import text_to_bytes
 
 MODALITIES = ("image", "text")
 TEXT_FORMATS = ("txt", "bytes")
-RECIPE = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64,
-          "epochs": 30, "step_size": 15, "gamma": 0.1, "warmup_epochs": 2, "lam": 1.0}
+RECIPE = authors_recipe(lr=1e-3, epochs=30, step_size=15,
+                        warmup_epochs=2, lam=1.0)
 
 
 def read_text_csv(path: Path) -> list[tuple[int, list[str]]]:

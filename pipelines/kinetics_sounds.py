@@ -28,6 +28,7 @@ from midas_data.errors import MidasDataError, SchemaError, where
 from .common import (
     BadInput,
     PayloadStore,
+    authors_recipe,
     carve_val,
     check_modalities,
     check_options,
@@ -36,11 +37,11 @@ from .common import (
     read_rows,
     safe_key,
 )
-from .media import load_frames, wav_log_mel
+from .media import audio_visual_payloads
 
 MODALITIES = ("audio", "visual")
-RECIPE = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64,
-          "epochs": 70, "step_size": 50, "gamma": 0.1, "warmup_epochs": 10, "lam": 5.0}
+RECIPE = authors_recipe(lr=1e-3, epochs=70, step_size=50,
+                        warmup_epochs=10, lam=5.0)
 
 
 def read_kinetics_sounds(root: str | Path, modalities: list[str] | None = None,
@@ -53,6 +54,8 @@ def read_kinetics_sounds(root: str | Path, modalities: list[str] | None = None,
     """Kinetics-Sounds clips as samples with `audio` and `visual` payloads (module docstring)."""
     options = {k: v for k, v in locals().items() if k not in ("root", "modalities", "skip_bad")}
     check_options("kinetics_sounds", options)
+    media_options = dict(n_mels=n_mels, audio_frames=audio_frames, num_frames=num_frames,
+                         frame_size=frame_size, allow_short=allow_short, frame_layout=frame_layout)
     root = Path(root)
     mods = check_modalities(modalities, MODALITIES, "kinetics_sounds")
     bad, store = BadInput(skip_bad), PayloadStore(cache_dir)
@@ -71,17 +74,11 @@ def read_kinetics_sounds(root: str | Path, modalities: list[str] | None = None,
         if label not in class_names:
             raise SchemaError(f"{where(list_file, clip, 'label')}: unknown class {label!r}; "
                               f"known: {class_names[:8]}{'...' if len(class_names) > 8 else ''}")
-        payloads = {}
-        if "audio" in mods:
-            wav = audio_root / f"{clip}.wav"
-            if not wav.is_file():
-                raise SchemaError(f"{where(wav, clip, 'audio')}: named in {list_file} but the audio "
-                                  "file does not exist (modality missing)")
-            payloads["audio"] = store.put(key, "audio",
-                                          wav_log_mel(wav, clip, "audio", n_mels, audio_frames))
-        if "visual" in mods:
-            payloads["visual"] = store.put(key, "visual", load_frames(
-                frame_root / clip, num_frames, frame_size, clip, "visual", allow_short, frame_layout))
+        wav = audio_root / f"{clip}.wav"
+        payloads = audio_visual_payloads(
+            store, key, clip, mods, wav, frame_root / clip,
+            f"{where(wav, clip, 'audio')}: named in {list_file} but the audio "
+            "file does not exist (modality missing)", **media_options)
         return Sample(key=key, label=label, payloads=payloads, split=split, source=str(list_file))
 
     samples = bad.run(sorted(listed), one)

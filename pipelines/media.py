@@ -203,3 +203,20 @@ def load_flow(x_folder: Path, y_folder: Path, num_frames: int, stack: int, size:
             out[t, 2 * j] = load_image(xs[s + j], size, key, field, gray=True)
             out[t, 2 * j + 1] = load_image(ys[s + j], size, key, field, gray=True)
     return out if layout == "tchw" else np.ascontiguousarray(out.transpose(0, 2, 3, 1))
+
+
+def audio_visual_payloads(store, key: str, clip: str, mods: list[str], wav: Path, frames: Path,
+                          missing_audio: str, *, n_mels: int, audio_frames: int, num_frames: int,
+                          frame_size: int, allow_short: bool, frame_layout: str) -> dict:
+    """The `audio` (log-mel of `wav`) and `visual` (frames under `frames`) payloads of one
+    clip, for the modalities in `mods`, put into `store` (a `PayloadStore`). A missing wav
+    raises SchemaError(`missing_audio`): each reader says where the clip was listed."""
+    payloads = {}
+    if "audio" in mods:
+        if not wav.is_file():
+            raise SchemaError(missing_audio)
+        payloads["audio"] = store.put(key, "audio", wav_log_mel(wav, clip, "audio", n_mels, audio_frames))
+    if "visual" in mods:
+        payloads["visual"] = store.put(key, "visual", load_frames(
+            frames, num_frames, frame_size, clip, "visual", allow_short, frame_layout))
+    return payloads

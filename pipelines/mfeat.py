@@ -9,8 +9,13 @@ import numpy as np
 from midas_data.dataset.shards import Sample
 
 VIEWS = {"fac": 216, "pix": 240, "kar": 64, "fou": 76, "zer": 47, "mor": 6}
-# One strong view and the weak 6-feature morphological view (CALIBRATION.md: fac/mor).
+# One strong view and the weak 6-feature morphological view (docs/REFERENCE_RESULTS.md: fac/mor).
 DEFAULT_MODALITIES = ("fac", "mor")
+# The independent prototype's protocol on mfeat (docs/REFERENCE_RESULTS.md), as TrainConfig
+# fields: Adam without weight decay, constant lr, MLP in -> 128 -> 64 encoders.
+RECIPE = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 64, "epochs": 60,
+          "step_size": 0, "warmup_epochs": 10, "lam": 1.0, "eta": 0.05, "feature_dim": 64,
+          "hidden": [128], "encoders": {}}
 
 
 def load_mfeat() -> tuple[dict[str, np.ndarray], np.ndarray]:

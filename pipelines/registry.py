@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Callable
 
@@ -11,7 +12,7 @@ PIPELINES: dict[str, str] = {
     "av_digits": "midas_data.pipelines.av_digits:read_av_digits",
     "manifest": "midas_data.pipelines.user_manifest:read_manifest_file",
     # Real datasets from their standard on-disk layouts:
-    # reader(root, modalities=None, skip_bad=False, **options); each module holds a RECIPE.
+    # reader(root, modalities=None, skip_bad=False, **options).
     "cremad": "midas_data.pipelines.cremad:read_cremad",
     "kinetics_sounds": "midas_data.pipelines.kinetics_sounds:read_kinetics_sounds",
     "ucf101": "midas_data.pipelines.ucf101:read_ucf101",
@@ -35,3 +36,16 @@ def get_pipeline(name: str) -> Callable:
         return target
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)
+
+
+def recipes() -> dict[str, dict]:
+    """Each built-in pipeline's RECIPE (TrainConfig fields: the training settings that go with
+    its data), keyed by pipeline name; the reference trainer's presets are these. A copy, so
+    a caller editing one changes no module's RECIPE."""
+    out = {}
+    for name, target in PIPELINES.items():
+        if isinstance(target, str):
+            recipe = getattr(importlib.import_module(target.split(":")[0]), "RECIPE", None)
+            if recipe is not None:
+                out[name] = copy.deepcopy(recipe)
+    return out

@@ -20,7 +20,8 @@ other file with `torch.jit.load` (TorchScript). Only load files you trust. Give 
 width differs from `out_dim`: a trainable linear layer then projects it.
 
 Note: the reference trainer and warm-up standardise every tensor input before the encoder;
-token inputs must reach this encoder unstandardised (see the report to the lead).
+token inputs must reach this encoder unstandardised, so it refuses non-integral float
+inputs with an error that says so rather than embedding scaled tokens.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from midas_data.errors import MidasDataError, SchemaError, where
 from .common import (
     BadInput,
     PayloadStore,
+    authors_recipe,
     carve_val,
     check_modalities,
     check_options,
@@ -38,8 +39,8 @@ from .common import (
 from .media import load_flow, load_frames
 
 MODALITIES = ("rgb", "flow")
-RECIPE = {"optimizer": "sgd", "lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64,
-          "epochs": 70, "step_size": 50, "gamma": 0.1, "warmup_epochs": 0, "lam": 1.0}
+RECIPE = authors_recipe(lr=1e-2, epochs=70, step_size=50,
+                        warmup_epochs=0, lam=1.0)
 
 
 def _lists_dir(root: Path, lists_dir: str) -> Path:

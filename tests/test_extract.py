@@ -314,3 +314,64 @@ def test_user_features_refuse_pickled_npz_and_unknown_formats(tiny_dataset, tmp_
         extract_features(tiny_dataset, source="user", features_file=tmp_path / "f.csv", progress=False)
     with pytest.raises(MidasDataError, match="features_file"):
         extract_features(tiny_dataset, source="user", progress=False)
+
+
+# ---------------------------------------------------------------- settings: CLI, API, artifacts
+def test_cli_and_python_api_take_the_same_settings_and_record_them(tiny_dataset):
+    from click.testing import CliRunner
+
+    from midas_data.cli import main
+    from midas_data.features.config import ExtractConfig
+
+    r = CliRunner().invoke(main, ["extract", str(tiny_dataset), "--warmup-epochs", "2",
+                                  "--batch-size", "16", "--feature-dim", "8", "--device", "cpu",
+                                  "--splits", "train,val", "--quiet"])
+    assert r.exit_code == 0, r.output
+    want = ExtractConfig(warmup_epochs=2, batch_size=16, feature_dim=8, device="cpu",
+                         splits=("train", "val"))
+    meta = table_metadata(read_table(tiny_dataset / "features" / "train.arrow"))
+    cfg = json.loads(meta["config"])
+    assert cfg["settings"] == want.to_dict() and cfg["settings"]["num_threads"] == 1
+    assert cfg["torch_threads"] == 1
+    fp_cli = meta["features_fingerprint"]
+    by_keywords = extract_features(tiny_dataset, warmup_epochs=2, batch_size=16, feature_dim=8,
+                                   device="cpu", splits=("train", "val"), progress=False)
+    by_config = extract_features(tiny_dataset, want, progress=False)
+    assert by_keywords["splits"]["train"]["features_fingerprint"] == fp_cli
+    assert by_config["splits"]["train"]["features_fingerprint"] == fp_cli
+    assert by_config["config"]["settings"] == want.to_dict()
+
+
+def test_bad_extract_settings_are_refused_before_any_work(tiny_dataset):
+    from click.testing import CliRunner
+
+    from midas_data.cli import main
+    from midas_data.options import SettingError
+
+    for args, needle in ((["--threads", "-1"], "-1 is not in the range x>=0"),
+                         (["--optimizer", "lbfgs"], "'lbfgs' is not one of"),
+                         (["--lr", "0"], "0.0 is not in the range x>0")):
+        r = CliRunner().invoke(main, ["extract", str(tiny_dataset), *args, "--quiet"])
+        assert r.exit_code == 2 and needle in r.output, r.output
+    with pytest.raises(SettingError, match="ExtractConfig.optimizer='lbfgs'"):
+        extract_features(tiny_dataset, optimizer="lbfgs", progress=False)
+    with pytest.raises(TypeError, match="warmup_epoch"):
+        extract_features(tiny_dataset, warmup_epoch=2, progress=False)
+    assert not (tiny_dataset / "features").exists()
+
+
+def test_mine_cli_records_its_settings_in_the_pairs(tiny_dataset):
+    from click.testing import CliRunner
+
+    from midas_data.cli import main
+    from midas_data.mining.config import MineConfig
+
+    extract_features(tiny_dataset, splits=("train",), **FAST)
+    r = CliRunner().invoke(main, ["mine-misaligned", str(tiny_dataset), "--k", "0", "--quiet"])
+    assert r.exit_code == 2 and "0 is not in the range x>=1" in r.output, r.output
+    r = CliRunner().invoke(main, ["mine-misaligned", str(tiny_dataset), "--k", "3", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["k"] == 3
+    part = tiny_dataset / "pairs" / "train" / "part-00000-of-00001.arrow"
+    cfg = json.loads(table_metadata(read_table(part))["config"])
+    assert cfg["settings"] == MineConfig(k=3).to_dict() and cfg["k"] == 3

@@ -1,4 +1,4 @@
-"""Tests for midas_data.loss.terms against float64 references written from DESIGN.md section 1."""
+"""Tests for midas_data.loss.terms against float64 references written from docs/METHOD.md."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ from midas_data.loss import (
     misaligned_top2_correct,
     modality_weights,
     normalised_confidences,
+    source_rows,
     strong_modality,
     unimodal_confidence,
     update_alpha,
+    weak_and_strong,
     weak_modality,
 )
 
@@ -100,9 +102,29 @@ def test_normalised_confidences_two_modalities_is_paper_w1():
     assert got[0, 1].item() == pytest.approx(1 - c1_i / (c1_i + c2_j), rel=1e-12)
 
 
-def test_normalised_confidences_zero_row_is_finite():
-    got = normalised_confidences(torch.zeros(2, 3))
-    assert torch.isfinite(got).all() and (got == 0).all()
+def test_normalised_confidences_zero_row_is_uniform():
+    """The one rule for a row without evidence: 1/M each, so every row sums to 1."""
+    got = normalised_confidences(torch.tensor([[0.0, 0.0, 0.0], [0.2, 0.0, 0.6]], dtype=torch.float64))
+    assert torch.isfinite(got).all()
+    assert torch.equal(got[0], torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert torch.allclose(got[1], torch.tensor([0.25, 0.0, 0.75], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert torch.equal(normalised_confidences(torch.zeros(1, 2)), torch.tensor([[0.5, 0.5]]))
+    assert torch.isnan(normalised_confidences(torch.tensor([[float("nan"), 0.5]]))).all(), \
+        "a missing confidence must not pass for a zero one"
+
+
+def test_normalised_confidences_tiny_rows_still_sum_to_one():
+    got = normalised_confidences(torch.tensor([[1e-300, 3e-300]], dtype=torch.float64))
+    assert got[0].tolist() == pytest.approx([0.25, 0.75], rel=1e-12)
+
+
+@pytest.mark.parametrize("m", MODALITIES)
+def test_source_rows_take_the_swapped_modality_from_the_partner(m):
+    rng = np.random.default_rng(m)
+    anchor, swapped, partner = rng.integers(0, 9, 12), rng.integers(0, m, 12), rng.integers(0, 9, 12)
+    got = source_rows(*(torch.from_numpy(a) for a in (anchor, swapped, partner)), m)
+    want = [[partner[n] if k == swapped[n] else anchor[n] for k in range(m)] for n in range(12)]
+    assert got.tolist() == want
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -287,6 +309,20 @@ def test_total_loss_without_misaligned_rows_and_missing_fused_after_warmup():
 
 
 # ----- weak modality and alpha -----
+
+
+def test_weak_and_strong_differ_with_the_first_index_on_ties():
+    assert weak_and_strong([0.9, 0.4]) == (1, 0)
+    assert weak_and_strong([0.6, 0.7, 0.2]) == (2, 1)
+    assert weak_and_strong([0.5, 0.5]) == (0, 1), "all equal: weak is the first, strong the next"
+    assert weak_and_strong([0.3, 0.8, 0.8]) == (0, 1)
+    assert weak_and_strong([0.2, 0.2, 0.9]) == (0, 2)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        v = rng.random(4)
+        assert weak_and_strong(v) == (int(np.argmin(v)), int(np.argmax(v)))
+    with pytest.raises(ValueError, match="two or more"):
+        weak_and_strong([0.4])
 
 
 def test_weak_modality_is_argmin_and_strong_is_argmax():

@@ -98,10 +98,15 @@ def test_metadata_records_fingerprints_and_config(feats):
 
 
 def test_zero_confidences_split_evenly(feats):
+    """No evidence: every modality's source weighs 1/M (normalised_confidences' zero-row
+    rule), so with three views the anchor's two kept views get 2/3 and the partner 1/3."""
     for m in feats.modalities:
         feats.confs[m][:] = 0
     t = build_pairs(feats, 2)
-    assert np.allclose(t.column("anchor_weight").to_numpy(), 0.5)
+    m = len(feats.modalities)
+    assert m == 3
+    assert np.allclose(t.column("anchor_weight").to_numpy(), (m - 1) / m)
+    assert np.allclose(t.column("partner_weight").to_numpy(), 1 / m)
 
 
 def test_bad_features(feats):

@@ -41,7 +41,7 @@ def test_recipe_runs_end_to_end(name, tmp_path):
     from midas_data.trainers.run import train
 
     module, make, opts = E2E[name]
-    recipe = importlib.import_module(f"pipelines.{module}").RECIPE
+    recipe = importlib.import_module(f"midas_data.pipelines.{module}").RECIPE
     src = get_pipeline(name)(make(tmp_path / "raw"), **opts)
     ds_dir = tmp_path / "ds"
     build_dataset(src["samples"], ds_dir, classes=src["classes"], modalities=src["modalities"],

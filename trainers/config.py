@@ -12,11 +12,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from midas_data.stream.dataset import POLICIES
+from midas_data.pipelines.registry import recipes
+
+from midas_data.devices import check_device_name
+from midas_data.options import check_settings
+from midas_data.stream.partners import POLICIES, PartnerOptions
 
 METHODS = ("midas", "joint", "unimodal")
 ALPHA_UPDATES = ("epoch", "batch")
 OPTIMIZERS = ("sgd", "adam")
+PARTNER_FIELDS = ("swap_modalities", "knn_modalities", "knn_temperature", "similarity_modalities",
+                  "similarity_temperature", "mined_fraction", "mined_ramp")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -27,61 +33,72 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Settings of one training run. Defaults are the MIDAS authors' (DESIGN.md section 1)."""
+    """Settings of one training run. Defaults are the MIDAS authors' (docs/METHOD.md,
+    "Authors' settings")."""
 
     method: str = _opt("midas", "midas (aligned CE + unimodal CE + lam * misaligned loss), "
                                 "joint (aligned CE only) or unimodal (unimodal heads only)")
-    policy: str = _opt("random", "partner policy of the stream: random (the paper), mined, "
+    policy: str = _opt("random", "partner policy of the stream: random (the paper's, the default); "
+                                 "research policies (no significant gain over random): mined, "
                                  "mixed, soft, tempered")
-    mined_fraction: float = _opt(0.5, "policy mixed: fraction of anchors paired on the mined graph")
-    temperature: float = _opt(0.1, "policies soft and tempered: softmax temperature over "
-                                   "similarities")
-    mined_ramp: list[int] = _opt([], "policy mixed: [start, end] epochs over which the mined "
+    swap_modalities: list[str] = _opt([], "mined, mixed, soft, tempered: modalities that take the "
+                                          "policy's partner (others get a random in-batch partner; "
+                                          "names or weak/strong; empty: all)")
+    knn_modalities: list[str] = _opt([], "mined, mixed, soft: modalities whose mined k-NN lists form "
+                                         "the matching graph (names or weak/strong; empty: all)")
+    knn_temperature: float = _opt(0.1, "soft: neighbours drawn by softmax(mined similarity / T)")
+    similarity_modalities: list[str] = _opt([], "tempered: modalities whose stored-feature cosines "
+                                                "weigh the draw (names or weak/strong; empty: all)")
+    similarity_temperature: float = _opt(0.1, "tempered: in-batch partner drawn by "
+                                              "softmax(feature cosine / T)")
+    mined_fraction: float = _opt(0.5, "mixed: fraction of anchors paired on the mined graph")
+    mined_ramp: list[int] = _opt([], "mixed: [start, end] epochs over which the mined "
                                      "fraction ramps up from 0 (empty: constant)")
-    graph_modalities: list[str] = _opt([], "mined policies: modalities whose k-NN lists form the "
-                                           "matching graph; tempered: whose feature cosines "
-                                           "weigh the draw (names or weak/strong; empty: all)")
-    mined_swap: list[str] = _opt([], "mined and tempered policies: modalities swapped with the chosen partner "
-                                     "(others get a random in-batch partner; empty: all)")
-    epochs: int = _opt(70, "training epochs (warm-up included)")
-    warmup_epochs: int = _opt(10, "midas: first epochs train the unimodal heads only")
-    lam: float = _opt(1.0, "midas: weight lambda of the misaligned loss")
-    eta: float = _opt(0.05, "midas: step of the weak-modality weight alpha")
+    epochs: int = _opt(70, "training epochs (warm-up included)", min=1)
+    warmup_epochs: int = _opt(10, "midas: first epochs train the unimodal heads only", min=0)
+    lam: float = _opt(1.0, "midas: weight lambda of the misaligned loss", min=0)
+    eta: float = _opt(0.05, "midas: step of the weak-modality weight alpha", min=0)
     alpha_update: str = _opt("epoch", "midas: refresh alpha once per epoch (epoch) or after "
                                       "every batch as the authors' code does (batch)")
     hard_weighting: bool = _opt(True, "midas: weight misaligned rows by 1 + (cos + 1) / 2")
     optimizer: str = _opt("sgd", "sgd (momentum, the authors') or adam")
-    lr: float = _opt(1e-3, "learning rate")
-    momentum: float = _opt(0.9, "sgd momentum")
-    weight_decay: float = _opt(1e-4, "weight decay (sgd and adam)")
-    batch_size: int = _opt(64, "anchors (aligned samples) per batch per rank")
-    step_size: int = _opt(50, "StepLR: multiply the lr by gamma every step_size epochs (0 = never)")
-    gamma: float = _opt(0.1, "StepLR decay factor")
-    feature_dim: int = _opt(64, "encoder output (shared feature) dimension")
+    lr: float = _opt(1e-3, "learning rate", min=0, min_open=True)
+    momentum: float = _opt(0.9, "sgd momentum", min=0, max=1, max_open=True)
+    weight_decay: float = _opt(1e-4, "weight decay (sgd and adam)", min=0)
+    batch_size: int = _opt(64, "anchors (aligned samples) per batch per rank", min=1)
+    step_size: int = _opt(50, "StepLR: multiply the lr by gamma every step_size epochs (0 = never)",
+                          min=0)
+    gamma: float = _opt(0.1, "StepLR decay factor", min=0, min_open=True)
+    feature_dim: int = _opt(64, "encoder output (shared feature) dimension", min=1)
     hidden: list[int] = _opt([128], "hidden layer sizes of mlp encoders")
     encoders: dict[str, str] = _opt({}, "encoder per modality (name in the midas_data.features.encoders "
                                         "registry); a modality left out is chosen automatically")
     modalities: list[str] = _opt([], "modalities to train on, in order (empty: all of the dataset)")
-    seed: int = _opt(0, "seed of the model init, the stream order and the misaligned evaluation")
+    seed: int = _opt(0, "seed of the model init, the stream order and the misaligned evaluation",
+                     min=0)
     device: str = _opt("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
-    num_workers: int = _opt(0, "DataLoader workers for the train stream (0: in-process)")
-    checkpoint_every: int = _opt(0, "also write last.pt every this many steps (0: once per epoch)")
-    eval_batch_size: int = _opt(256, "batch size of validation and test passes")
-    stats_samples: int = _opt(100_000, "train samples used for the input standardisation statistics")
+    num_workers: int = _opt(0, "DataLoader workers for the train stream (0: in-process)", min=0)
+    checkpoint_every: int = _opt(0, "also write last.pt every this many steps (0: once per epoch)",
+                                 min=0)
+    eval_batch_size: int = _opt(256, "batch size of validation and test passes", min=1)
+    stats_samples: int = _opt(100_000, "train samples used for the input standardisation statistics",
+                              min=0)
     deterministic: bool = _opt(True, "torch.use_deterministic_algorithms (exact resume on CPU)")
     preset: str = _opt("", "name of the preset these settings started from (for the record)")
 
     def __post_init__(self) -> None:
         self.hidden = [int(h) for h in self.hidden]
         self.modalities = [str(m) for m in self.modalities]
-        self.graph_modalities = [str(m) for m in self.graph_modalities]
-        self.mined_swap = [str(m) for m in self.mined_swap]
+        for name in ("swap_modalities", "knn_modalities", "similarity_modalities"):
+            setattr(self, name, [str(m) for m in getattr(self, name)])
         self.mined_ramp = [int(e) for e in self.mined_ramp]
         self.encoders = {str(k): str(v) for k, v in dict(self.encoders).items() if v is not None}
         self.validate()
 
     def validate(self) -> None:
         """Reject bad settings up front, saying what to use instead."""
+        check_settings(self)  # the ranges in the fields' metadata (also the CLI's ranges)
+        check_device_name(self.device, "TrainConfig.device")
         choices = {"method": METHODS, "alpha_update": ALPHA_UPDATES, "optimizer": OPTIMIZERS,
                    "policy": tuple(p for p in POLICIES if p != "none")}
         for name, allowed in choices.items():
@@ -94,18 +111,24 @@ class TrainConfig:
         for name in ("batch_size", "feature_dim", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.mined_ramp and (len(self.mined_ramp) != 2 or not 0 <= self.mined_ramp[0] <= self.mined_ramp[1]):
-            raise ValueError(f"TrainConfig.mined_ramp must be [start, end] with 0 <= start <= end, "
-                             f"got {self.mined_ramp}")
-        if self.mined_ramp and self.policy != "mixed":
-            raise ValueError(f"TrainConfig.mined_ramp applies to policy 'mixed' only; policy is {self.policy!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"TrainConfig.temperature must be > 0, got {self.temperature}")
+        try:  # the stream's own check of the policy options
+            options = {name: getattr(self, name) for name in PARTNER_FIELDS}
+            PartnerOptions(self.policy, **options).validate(
+                self.batch_size if self.method == "midas" else None)
+        except ValueError as e:
+            raise ValueError(f"TrainConfig.{e}") from None
         if self.lr <= 0 or self.eta < 0 or self.lam < 0:
             raise ValueError("TrainConfig: lr must be > 0, eta and lam >= 0")
         if self.method == "midas" and self.epochs and self.warmup_epochs >= self.epochs:
             raise ValueError(f"TrainConfig: warmup_epochs={self.warmup_epochs} leaves no MIDAS epoch "
                              f"of epochs={self.epochs}; lower warmup_epochs or raise epochs")
+
+    def partner_options(self) -> dict[str, Any]:
+        """Keyword arguments of the train stream's partner policy (`MidasDataset`); methods
+        other than midas build no misaligned samples and get policy none."""
+        if self.method != "midas":
+            return {"policy": "none"}
+        return {"policy": self.policy, **{name: getattr(self, name) for name in PARTNER_FIELDS}}
 
     # -- (de)serialisation: plain dicts, so checkpoints load with torch.load(weights_only=True)
     def to_dict(self) -> dict:
@@ -132,24 +155,10 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# The authors' settings (DESIGN.md section 1): SGD, momentum 0.9, weight decay 1e-4, batch 64,
-# StepLR gamma 0.1. `mfeat` is the independent prototype's protocol (CALIBRATION.md): Adam
-# without weight decay, constant lr, MLP in -> 128 -> 64 encoders.
-_AUTHORS = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64,
-            "gamma": 0.1}
-PAPER_PRESETS: dict[str, dict[str, Any]] = {
-    "cremad": {**_AUTHORS, "lr": 1e-3, "epochs": 70, "step_size": 50, "warmup_epochs": 10,
-               "lam": 1.0},
-    "kinetics_sounds": {**_AUTHORS, "lr": 1e-3, "epochs": 70, "step_size": 50,
-                        "warmup_epochs": 10, "lam": 5.0},
-    "ucf101": {**_AUTHORS, "lr": 1e-2, "epochs": 70, "step_size": 50, "warmup_epochs": 0,
-               "lam": 1.0},
-    "food101": {**_AUTHORS, "lr": 1e-3, "epochs": 30, "step_size": 15, "warmup_epochs": 2,
-                "lam": 1.0},
-    "mfeat": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 64,
-              "epochs": 60, "step_size": 0, "warmup_epochs": 10, "lam": 1.0, "eta": 0.05,
-              "feature_dim": 64, "hidden": [128], "encoders": {}},
-}
+# Each pipeline's RECIPE, keyed by pipeline name (the authors' settings for the paper's data
+# sets, docs/METHOD.md "Authors' settings"; the independent prototype's protocol for mfeat,
+# docs/REFERENCE_RESULTS.md). The recipes live beside their readers, so there is one copy.
+PAPER_PRESETS: dict[str, dict[str, Any]] = recipes()
 
 
 # -- settings for a run without --preset ---------------------------------------------------

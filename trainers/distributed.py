@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,26 @@ def all_sum(values: list[float], info: DistInfo) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=info.device)  # nccl needs CUDA tensors
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_sum_named(values: Mapping[str, float | Sequence[float]],
+                  info: DistInfo) -> dict[str, float | list[float]]:
+    """Sum named scalars and vectors over ranks in one all_reduce; same names and shapes back.
+
+    The values are packed in sorted-name order, so the layout depends only on the names and
+    lengths, which every rank builds with the same code; a reader finds `out["loss"]`, not
+    `s[1]`.
+    """
+    flat: list[float] = []
+    spans: dict[str, tuple[int, int, bool]] = {}
+    for name in sorted(values):
+        v = values[name]
+        scalar = isinstance(v, (int, float))
+        items = [float(v)] if scalar else [float(x) for x in v]  # type: ignore[union-attr]
+        spans[name] = (len(flat), len(flat) + len(items), scalar)
+        flat += items
+    total = all_sum(flat, info)
+    return {name: total[lo] if scalar else total[lo:hi] for name, (lo, hi, scalar) in spans.items()}
 
 
 def barrier(info: DistInfo) -> None:

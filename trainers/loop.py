@@ -21,15 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from midas_data.loss import (
     AlphaStats,
     DirectionSums,
     LossTerms,
     accumulate,
+    aligned_loss,
     authors_alpha_update,
     direction_sums,
     hard_sample_weight,
@@ -37,15 +36,15 @@ from midas_data.loss import (
     misaligned_loss,
     modality_weights,
     normalised_confidences,
-    strong_modality,
     unimodal_confidence,
     update_alpha,
-    weak_modality,
+    weak_and_strong,
 )
+from midas_data.progress import progress_bar as tqdm
 from midas_data.stream.dataset import MidasLoader
 
 from .config import TrainConfig
-from .distributed import DistInfo, all_sum
+from .distributed import DistInfo, all_sum, all_sum_named
 
 ALPHA_CHUNK = 16  # batches of misaligned rows per `accumulate` call (epoch-mode alpha)
 
@@ -112,9 +111,7 @@ def is_warmup(config: TrainConfig, epoch: int) -> bool:
 
 def set_weak(tracker: EpochTracker, mean_conf: list[float]) -> None:
     """The weak modality has the lowest mean confidence; the strong one the highest other."""
-    tracker.weak = weak_modality(mean_conf)
-    strong = strong_modality(mean_conf)
-    tracker.strong = strong if strong != tracker.weak else (tracker.weak + 1) % len(mean_conf)
+    tracker.weak, tracker.strong = weak_and_strong(mean_conf)
 
 
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
@@ -124,17 +121,24 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
     use_fused = config.method != "unimodal" and not warmup
     use_mis = config.method == "midas" and not warmup
     y = batch["label"].to(info.device)
-    n = len(y)
+    size = len(y)
+    # Fill rows (repeats padding the epoch's last batches) go through the model, so that
+    # BatchNorm sees two rows and DDP sees every parameter, but count nowhere: the losses
+    # weight them 0 (`aligned_loss`), they have no misaligned partner, and the sums below
+    # take the real rows only, so each real sample counts once per epoch.
+    valid = batch["valid"].to(info.device) if "valid" in batch else torch.ones_like(y, dtype=torch.bool)
+    n = int(valid.sum())
 
-    if n == 0:  # this rank got no items in the epoch's last step; it must still join DDP's all-reduce
-        loss = model(None, fused=use_fused)["zero"]
+    if size == 0:  # an unpadded stream (last_batch="uneven") gave this rank an empty last batch;
+        loss = model(None, fused=use_fused)["zero"]  # it must still join DDP's all-reduce
         conf = torch.zeros(0, M, device=info.device)
         terms = LossTerms(loss, loss, loss, loss)
     else:
         out = model(batch["inputs"], batch["partner"] if use_mis else None, fused=use_fused,
                     detach_unimodal=config.method == "joint")
         # Live confidences c^m = softmax(g_m(f^m))[y], detached (the paper's, not the stored ones).
-        conf = torch.stack([unimodal_confidence(z, y) for z in out["uni"]], dim=1)  # [B, M]
+        all_conf = torch.stack([unimodal_confidence(z, y) for z in out["uni"]], dim=1)  # [B, M]
+        conf = all_conf[valid]  # [n, M]
 
     if use_mis and (config.alpha_update == "batch" or tracker.weak is None):
         # Per batch (or the first batch when no earlier epoch exists): weak modality from this
@@ -143,14 +147,14 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
         set_weak(tracker, [c / max(s[M], 1.0) for c in s[:M]])
 
     batch_stats, batch_sums = AlphaStats(), DirectionSums()
-    if n > 0:
-        uni_ces = [F.cross_entropy(z, y) for z in out["uni"]]
-        fused_ce = F.cross_entropy(out["fused"], y) if use_fused else None
+    if size > 0:
+        uni_ces = [aligned_loss(z, batch) for z in out["uni"]]
+        fused_ce = aligned_loss(out["fused"], batch) if use_fused else None
         mis = None
         if use_mis:
             idx = out["mis_index"]  # row n: anchor idx.b[n], modality idx.m[n] from row idx.src[n]
-            src_labels = y[idx.rows]  # [N, M] label of each modality's source
-            src_conf = conf[idx.rows, torch.arange(M, device=y.device)]  # its c^m
+            src_labels = y[idx.rows]  # [N, M] label of each modality's source (real rows only)
+            src_conf = all_conf[idx.rows, torch.arange(M, device=y.device)]  # its c^m
             h = None
             if config.hard_weighting:  # cosine on the swapped modality's features
                 feats = torch.stack(out["feats"])  # [M, B, D]
@@ -186,9 +190,9 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
         tracker.mis += float(terms.misaligned.detach()) * n
         if use_fused:
             tracker.n_fused += n
-            tracker.correct_fused += float((out["fused"].argmax(1) == y).sum())
+            tracker.correct_fused += float((out["fused"].argmax(1) == y)[valid].sum())
         for k, z in enumerate(out["uni"]):
-            tracker.correct_uni[k] += float((z.argmax(1) == y).sum())
+            tracker.correct_uni[k] += float((z.argmax(1) == y)[valid].sum())
         for k, c in enumerate(conf.sum(0).tolist()):
             tracker.conf[k] += c
     return terms
@@ -225,21 +229,24 @@ def train_epoch(model: nn.Module, loader: MidasLoader, optimizer: torch.optim.Op
 def finish_epoch(tracker: EpochTracker, info: DistInfo) -> dict:
     """Epoch summary summed over ranks: losses, train accuracies, mean confidences, alpha
     statistics and each rank's batch count (equal on every rank, or DDP would hang)."""
-    M = tracker.num_modalities
     tracker.flush_alpha_rows()
-    local = [tracker.n, tracker.loss, tracker.fused, tracker.uni, tracker.mis, tracker.correct_fused,
-             *tracker.correct_uni, *tracker.conf, *_stats_list(tracker.alpha_stats), tracker.n_fused]
     batches = [0.0] * info.world_size
     batches[info.rank] = float(tracker.steps)
-    s = all_sum(local + batches, info)
-    n, n_fused = max(s[0], 1.0), s[11 + 2 * M]
-    stats = AlphaStats(*s[6 + 2 * M: 10 + 2 * M], int(s[10 + 2 * M]))
-    return {"samples": int(s[0]), "loss": s[1] / n, "loss_fused": s[2] / n,
-            "loss_unimodal": s[3] / n, "loss_misaligned": s[4] / n,
-            "acc": s[5] / n_fused if n_fused else math.nan,  # NaN: the fused head did not train
-            "unimodal_acc": [c / n for c in s[6:6 + M]],
-            "mean_conf": [c / n for c in s[6 + M:6 + 2 * M]],
-            "alpha_stats": stats, "batches_per_rank": [int(b) for b in s[12 + 2 * M:]]}
+    alpha_fields = [f.name for f in dataclasses.fields(AlphaStats)]
+    s = all_sum_named({
+        "n": tracker.n, "loss": tracker.loss, "fused": tracker.fused, "uni": tracker.uni,
+        "mis": tracker.mis, "n_fused": tracker.n_fused, "correct_fused": tracker.correct_fused,
+        "correct_uni": tracker.correct_uni, "conf": tracker.conf, "batches": batches,
+        **{f"alpha.{f}": getattr(tracker.alpha_stats, f) for f in alpha_fields}}, info)
+    n, n_fused = max(s["n"], 1.0), s["n_fused"]
+    stats = AlphaStats(**{f: s[f"alpha.{f}"] for f in alpha_fields})
+    stats = dataclasses.replace(stats, count=int(stats.count))
+    return {"samples": int(s["n"]), "loss": s["loss"] / n, "loss_fused": s["fused"] / n,
+            "loss_unimodal": s["uni"] / n, "loss_misaligned": s["mis"] / n,
+            "acc": s["correct_fused"] / n_fused if n_fused else math.nan,  # NaN: the fused head did not train
+            "unimodal_acc": [c / n for c in s["correct_uni"]],
+            "mean_conf": [c / n for c in s["conf"]],
+            "alpha_stats": stats, "batches_per_rank": [int(b) for b in s["batches"]]}
 
 
 def end_of_epoch_alpha(run: RunState, summary: dict, config: TrainConfig, epoch: int) -> None:

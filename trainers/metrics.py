@@ -21,10 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from midas_data.loss import misaligned_top2_correct, unimodal_confidence
+from midas_data.loss import (
+    misaligned_top2_correct,
+    normalised_confidences,
+    source_rows,
+    unimodal_confidence,
+)
 from midas_data.stream.dataset import MidasDataset
 
-from .models import MultimodalModel, source_rows, swap_features
+from .models import MultimodalModel, swap_features
 
 _PERM_TAG = 0x3A11
 
@@ -71,8 +76,7 @@ def misaligned_metrics(fuse: Callable[[list[Tensor]], Tensor], feats: Sequence[T
         p = torch.softmax(logits.double(), dim=1)
         # modality k's source is j for the swapped modality, i for the others
         src_labels = torch.stack([y[j] if k == m else y[i] for k in range(M)], dim=1)
-        pk = p.gather(1, src_labels)
-        prob += (pk / pk.sum(1, keepdim=True).clamp_min(1e-300)).sum(0).cpu() if len(i) else 0.0
+        prob += normalised_confidences(p.gather(1, src_labels)).sum(0).cpu() if len(i) else 0.0
     rows = max(len(i) * M, 1)
     acc["mean"] = float(np.mean([acc[m] for m in modalities]))
     return {"misaligned_acc": acc, "misaligned_pairs": int(len(i)),
@@ -82,15 +86,16 @@ def misaligned_metrics(fuse: Callable[[list[Tensor]], Tensor], feats: Sequence[T
 @torch.no_grad()
 def encode_split(model: MultimodalModel, data: MidasDataset, device: torch.device
                  ) -> tuple[list[Tensor], Tensor]:
-    """Features of every sample of the split, in index order, and the labels."""
+    """Features of every real sample of the split, in index order, and the labels."""
     feats: list[list[Tensor]] = [[] for _ in model.modalities]
     labels = []
     for batch in data:
-        if len(batch["label"]) == 0:
+        if len(batch["label"]) == 0:  # an unpadded stream's empty last batch
             continue
+        valid = batch["valid"].to(device) if "valid" in batch else slice(None)
         for k, f in enumerate(model.encode(batch["inputs"])):
-            feats[k].append(f)
-        labels.append(batch["label"].to(device))
+            feats[k].append(f[valid])  # fill rows (repeats padding the last batch) count nowhere
+        labels.append(batch["label"].to(device)[valid])
     if not labels:
         raise ValueError(f"split {data.split!r} of {data.root} is empty; nothing to evaluate")
     return [torch.cat(f) for f in feats], torch.cat(labels)
@@ -107,8 +112,7 @@ def evaluate(model: MultimodalModel, data: MidasDataset, seed: int, device: torc
         logits = model.fuse(feats)
         pred = logits.argmax(1)
         uni = model.unimodal_logits(feats)
-        conf = torch.stack([unimodal_confidence(z, y).double() for z in uni], 1)
-        conf = conf / conf.sum(1, keepdim=True).clamp_min(1e-300)
+        conf = normalised_confidences(torch.stack([unimodal_confidence(z, y).double() for z in uni], 1))
         only = {}
         for k, m in enumerate(mods):  # fused head with every other modality zeroed
             kept = [f if i == k else torch.zeros_like(f) for i, f in enumerate(feats)]

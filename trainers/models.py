@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from midas_data.dataset.reader import Dataset
 from midas_data.errors import MidasDataError, where
 from midas_data.features.encoders import Standardize, build_encoder, default_encoder_for
+from midas_data.loss import source_rows
 from midas_data.stream.dataset import collate
 
 from .config import TrainConfig
@@ -156,12 +157,6 @@ def misaligned_index(partner: Tensor) -> MisalignedIndex:
     b_idx, m_idx = torch.nonzero(partner >= 0, as_tuple=True)
     src = partner[b_idx, m_idx]
     return MisalignedIndex(b_idx, m_idx, src, source_rows(b_idx, m_idx, src, partner.shape[1]))
-
-
-def source_rows(b_idx: Tensor, m_idx: Tensor, src: Tensor, num_modalities: int) -> Tensor:
-    """[N, M]: modality m_idx[n] comes from row src[n], every other modality from row b_idx[n]."""
-    k = torch.arange(num_modalities, device=b_idx.device)
-    return torch.where(m_idx[:, None] == k[None, :], src[:, None], b_idx[:, None])
 
 
 def swap_features(feats: Sequence[Tensor], rows: Tensor) -> list[Tensor]:

@@ -15,22 +15,26 @@ The reference warm-up holds each split's decoded inputs in memory (float32).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from tqdm.auto import tqdm
 
-from midas_data.atomic import atomic_file
+from midas_data.atomic import write_bytes_atomic
 from midas_data.dataset.manifest import file_sha256
 from midas_data.dataset.reader import Dataset, SplitReader, open_dataset
+from midas_data.devices import check_device_available
+from midas_data.diskspace import disk_full_guard
 from midas_data.errors import MidasDataError, SchemaError, UnsafeInputError, where
+from midas_data.features.config import ExtractConfig
 from midas_data.features.encoders import (
     Standardize,
     UnimodalModel,
@@ -42,41 +46,39 @@ from midas_data.features.encoders import (
 )
 from midas_data.features.probe import crossfit_probes, ensemble_confidences
 from midas_data.features.tables import Features, write_features
+from midas_data.locking import output_lock
+from midas_data.options import resolve_settings
+from midas_data.progress import progress_bar as tqdm
 
 MODELS_FILE = "warmup_models.pt"
 
 
-def extract_features(dataset_dir: str | os.PathLike, source: str = "warmup",
-                     features_file: str | os.PathLike | None = None,
-                     splits: tuple[str, ...] = ("train", "val", "test"), warmup_epochs: int = 10,
-                     batch_size: int = 64, lr: float = 1e-3, seed: int = 0, feature_dim: int = 64,
-                     encoders: dict | None = None, device: str = "auto", progress: bool = True,
-                     optimizer: str = "adam", probe_folds: int = 5, probe_epochs: int = 100,
-                     probe_l2: float = 1e-3, num_threads: int | None = None) -> dict:
-    """Write `features/{split}.arrow` for `splits` of the dataset at `dataset_dir`; return a summary.
+def extract_features(dataset_dir: str | os.PathLike, config: ExtractConfig | None = None, *,
+                     progress: bool = True, **settings: Any) -> dict:
+    """Write `features/{split}.arrow` for the splits of the dataset at `dataset_dir`; return a summary.
 
+    `config` holds the settings (`ExtractConfig`, whose field help says what each does); any
+    of its fields may instead, or in addition, be given by name (`warmup_epochs=2`), so
+    `extract_features(root, source="user", features_file=path)` works as before.
     `encoders` maps a modality to a registered encoder name or `{"name": ..., **kwargs}`
-    (default: `default_encoder_for`). `optimizer` is `adam` (weight decay 0) or `sgd`
-    (momentum 0.9, weight decay 1e-4, as the MIDAS authors). Deterministic for a seed on CPU
-    with a fixed thread count (float sums depend on it; the config records it).
-    Splits the dataset does not have are skipped and listed in the summary. `num_threads`
-    sets torch's CPU threads for the call (1 is fastest for the small reference models).
+    (default: `default_encoder_for`). Deterministic for a seed on CPU with a fixed thread
+    count (float sums depend on it; the default is 1 thread and the config records it).
+    Splits the dataset does not have are skipped and listed in the summary.
     """
+    cfg = resolve_settings(ExtractConfig, config, settings)
     threads = torch.get_num_threads()
-    if num_threads:
-        torch.set_num_threads(num_threads)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     try:
-        return _extract(dataset_dir, source, features_file, splits, warmup_epochs, batch_size, lr,
-                        seed, feature_dim, encoders, device, progress, optimizer, probe_folds,
-                        probe_epochs, probe_l2)
+        with output_lock(dataset_dir, "extract"):
+            return _extract(dataset_dir, cfg, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _extract(dataset_dir, source, features_file, splits, warmup_epochs, batch_size, lr, seed,
-             feature_dim, encoders, device, progress, optimizer, probe_folds, probe_epochs,
-             probe_l2) -> dict:
+def _extract(dataset_dir, cfg: ExtractConfig, progress: bool) -> dict:
     t0 = time.perf_counter()
+    splits, source = cfg.splits, cfg.source
     ds = open_dataset(dataset_dir)
     todo = [s for s in splits if s in ds.splits]
     if not todo:
@@ -86,36 +88,42 @@ def _extract(dataset_dir, source, features_file, splits, warmup_epochs, batch_si
         raise MidasDataError(f"{where(file=ds.root / 'manifest.json', field='splits')}: extract "
                              "fits on the train split, and the dataset has none")
     if source == "warmup":
-        if optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        device = cfg.device
+        check_device_available(device, "extract --device")
         dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        feats, confs, config, models = _warmup(ds, todo, encoders or {}, warmup_epochs, batch_size,
-                                               lr, seed, feature_dim, optimizer, dev, progress)
-    elif source == "user":
-        if features_file is None:
-            raise MidasDataError("source='user' needs features_file (Arrow, Parquet or .npz)")
-        feats, confs, config = _user(ds, todo, Path(features_file), probe_folds, seed,
-                                     probe_epochs, probe_l2, progress)
-        models = None
+        feats, confs, config, models = _warmup(ds, todo, cfg.encoders, cfg.warmup_epochs,
+                                               cfg.batch_size, cfg.lr, cfg.seed, cfg.feature_dim,
+                                               cfg.optimizer, dev, progress)
     else:
-        raise ValueError(f"source must be 'warmup' or 'user', got {source!r}")
+        if cfg.features_file is None:
+            raise MidasDataError("source='user' needs features_file (Arrow, Parquet or .npz)")
+        feats, confs, config = _user(ds, todo, Path(cfg.features_file), cfg.probe_folds, cfg.seed,
+                                     cfg.probe_epochs, cfg.probe_l2, progress)
+        models = None
+    config["settings"] = cfg.to_dict()  # every setting of the run, as given
 
     out_dir = ds.root / "features"
     summary: dict = {"source": source, "dataset": str(ds.root), "modalities": ds.modalities,
                      "skipped_splits": [s for s in splits if s not in todo], "splits": {}}
-    for sp in todo:  # all splits are computed first: a failed run leaves the old tables as they were
-        sr = ds.split(sp)
-        f = Features(list(sr.keys), sr.labels.copy(), feats[sp], confs[sp])
-        path = out_dir / f"{sp}.arrow"
-        fp = write_features(path, f, ds.fingerprint, source, config)
-        summary["splits"][sp] = {"path": str(path), "rows": len(sr), "features_fingerprint": fp,
-                                 "mean_conf": {m: float(confs[sp][m].mean()) for m in ds.modalities}}
-    if models is not None:
+    blob = None
+    if models is not None:  # serialised in memory: a full disk is then our own, sized, error
         payload = {"format_version": 1, "dataset_fingerprint": ds.fingerprint,
                    "config": json.dumps(config, sort_keys=True), "models": models}
-        with atomic_file(out_dir / MODELS_FILE, "wb") as fh:
-            torch.save(payload, fh)
-        summary["models_path"] = str(out_dir / MODELS_FILE)
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        blob = buf.getvalue()
+    need = sum(a.nbytes for sp in todo for d in (feats[sp], confs[sp]) for a in d.values())
+    with disk_full_guard("extract", out_dir, need=need + len(blob or b"")):
+        for sp in todo:  # all splits are computed first: a failed run leaves the old tables
+            sr = ds.split(sp)
+            f = Features(list(sr.keys), sr.labels.copy(), feats[sp], confs[sp])
+            path = out_dir / f"{sp}.arrow"
+            fp = write_features(path, f, ds.fingerprint, source, config)
+            summary["splits"][sp] = {"path": str(path), "rows": len(sr), "features_fingerprint": fp,
+                                     "mean_conf": {m: float(confs[sp][m].mean()) for m in ds.modalities}}
+        if blob is not None:
+            write_bytes_atomic(out_dir / MODELS_FILE, blob)
+            summary["models_path"] = str(out_dir / MODELS_FILE)
     summary["feature_dims"] = {m: int(feats[todo[0]][m].shape[1]) for m in ds.modalities}
     summary["config"] = config
     summary["seconds"] = round(time.perf_counter() - t0, 3)

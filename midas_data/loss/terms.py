@@ -1,4 +1,4 @@
-"""MIDAS loss terms as pure torch functions (DESIGN.md section 1).
+"""MIDAS loss terms as pure torch functions (the equations of docs/METHOD.md).
 
 Shapes: B aligned samples, N misaligned rows, M modalities, C classes, D feature dim.
 A misaligned row draws modality m from a source sample with label ``src_labels[:, m]``
@@ -31,13 +31,13 @@ __all__ = [
     "misaligned_top2_correct",
     "modality_weights",
     "normalised_confidences",
+    "source_rows",
     "strong_modality",
     "unimodal_confidence",
     "update_alpha",
+    "weak_and_strong",
     "weak_modality",
 ]
-
-_EPS = 1e-12
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -57,17 +57,42 @@ def unimodal_confidence(logits: Tensor, y: Tensor) -> Tensor:
     return probs.gather(1, y.long().unsqueeze(1)).squeeze(1)
 
 
-def normalised_confidences(src_conf: Tensor, eps: float = _EPS) -> Tensor:
-    """c~^m = c^m / sum_m' c^m' per misaligned row (paper appendix A.2).
+def normalised_confidences(src_conf: Tensor) -> Tensor:
+    """c~^m = c^m / sum_m' c^m' per misaligned row (docs/METHOD.md, "Confidences and soft labels").
 
-    src_conf: [N, M], confidence of each modality's source. Returns [N, M], detached, rows
-    summing to 1. For M = 2 this is w1 = c^1_i / (c^1_i + c^2_j). The sum is clamped at
-    ``eps`` (not offset by it) so ordinary rows are exact; an all-zero row gets zero weights
-    and so contributes no loss instead of NaN.
+    src_conf: [N, M], confidence of each modality's source (see :func:`source_rows`).
+    Returns [N, M] in src_conf's dtype, detached. For M = 2 this is the paper's
+    w1 = c^1_i / (c^1_i + c^2_j). This is the one implementation: the loss, the stream's
+    anchor/partner weights, the mined pairs table and the trainer's metrics all call it
+    (NumPy callers through ``torch.from_numpy``).
+
+    Every row sums to 1. A row whose confidences are all zero carries no evidence for any
+    source, so it gets the uniform weights 1/M (0.5/0.5 for two modalities): the soft label
+    stays a distribution and the loss stays finite. Rows with a positive sum are divided
+    exactly (no epsilon), so ordinary rows match a float64 reference bit for bit.
     """
     _check(src_conf.dim() == 2, f"normalised_confidences: src_conf must be [N,M], got {tuple(src_conf.shape)}")
     c = src_conf.detach()
-    return c / c.sum(dim=1, keepdim=True).clamp_min(eps)
+    total = c.sum(dim=1, keepdim=True)
+    zero = total == 0  # NaN rows stay NaN: a missing confidence is not a zero one
+    uniform = torch.full_like(c, 1.0 / max(c.shape[1], 1))
+    return torch.where(zero, uniform, c / torch.where(zero, torch.ones_like(total), total))
+
+
+def source_rows(anchor: Tensor, swapped: Tensor, partner: Tensor, num_modalities: int) -> Tensor:
+    """Batch row that each modality of each misaligned row comes from, int64 [N, M].
+
+    Misaligned row n is anchor ``anchor[n]`` with modality ``swapped[n]`` taken from batch
+    row ``partner[n]``: its modality ``swapped[n]`` comes from ``partner[n]``, every other
+    modality from ``anchor[n]``. anchor, swapped, partner: int64 [N]. With
+    ``src = source_rows(...)``, ``labels[src]`` are the source labels and
+    ``conf[src, arange(M)]`` the source confidences of the misaligned rows.
+    """
+    _check(anchor.dim() == 1 and swapped.shape == anchor.shape and partner.shape == anchor.shape,
+           f"source_rows: three [N] tensors, got {tuple(anchor.shape)}, {tuple(swapped.shape)}, "
+           f"{tuple(partner.shape)}")
+    k = torch.arange(num_modalities, device=anchor.device)
+    return torch.where(swapped[:, None] == k[None, :], partner[:, None], anchor[:, None])
 
 
 def hard_weight_from_similarity(similarity: Tensor) -> Tensor:
@@ -200,10 +225,29 @@ def weak_modality(mean_conf: Tensor | Sequence[float]) -> int:
 
 
 def strong_modality(mean_conf: Tensor | Sequence[float]) -> int:
-    """Index of the modality with the highest mean confidence (first one on ties)."""
+    """Index of the modality with the highest mean confidence (first one on ties).
+
+    Use :func:`weak_and_strong` when the strong modality must differ from the weak one.
+    """
     t = torch.as_tensor(mean_conf, dtype=torch.float64).flatten()
     _check(t.numel() >= 1, "strong_modality: no modalities")
     return int(torch.argmax(t))
+
+
+def weak_and_strong(mean_conf: Tensor | Sequence[float]) -> tuple[int, int]:
+    """(weak, strong) modality indices from each modality's mean confidence: the one tie rule.
+
+    weak = the lowest mean (first one on ties); strong = the highest mean among the *other*
+    modalities (first one on ties), so the two always differ, even when every mean is
+    equal (then weak = 0, strong = 1). Needs at least two modalities. The trainer's alpha
+    rule and the stream's "weak"/"strong" modality names both resolve through this.
+    """
+    t = torch.as_tensor(mean_conf, dtype=torch.float64).flatten()
+    _check(t.numel() >= 2, f"weak_and_strong: needs two or more modalities, got {t.numel()}")
+    weak = int(torch.argmin(t))
+    others = t.clone()
+    others[weak] = -torch.inf
+    return weak, int(torch.argmax(others))
 
 
 @dataclass(frozen=True)

@@ -8,19 +8,25 @@ contiguous slice of the anchors against the full data and writes its own part.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from midas_data.atomic import write_bytes_atomic, write_text_atomic
 from midas_data.dataset.manifest import read_manifest
+from midas_data.diskspace import disk_full_guard
+from midas_data.distributed import rank_and_world_size
 from midas_data.errors import MidasDataError, SchemaError, where
 from midas_data.features.tables import Features, read_features, read_table, table_metadata
+from midas_data.locking import output_lock
+from midas_data.mining.config import MineConfig
 from midas_data.mining.knn import (
     MiningInputError,
     recall_at_k,
@@ -36,17 +42,9 @@ from midas_data.mining.pairs import (
     with_metadata,
     write_pairs,
 )
+from midas_data.options import resolve_settings
 
 HIST_BINS = 100  # over [-1, 1]: mined partners crowd near 1, so keep the bins fine
-
-
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed if initialised, else torchrun's env, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _barrier() -> bool:
@@ -58,30 +56,34 @@ def _barrier() -> bool:
     return False
 
 
-def mine_misaligned(dataset_dir: str | os.PathLike, splits: tuple[str, ...] | list[str] = ("train",),
-                    k: int = 16, index: str = "cpu", approx: str | None = None,
-                    nlist: int | None = None, nprobe: int | None = None, report: bool = False,
-                    progress: bool = True, block_size: int = 16384,
-                    recall_queries: int = 1000, seed: int = 0) -> dict:
-    """Mine pairs for `splits`; return a summary {dataset, rank, world_size, splits: {...}}.
+def mine_misaligned(dataset_dir: str | os.PathLike, config: MineConfig | None = None, *,
+                    progress: bool = True, **settings: Any) -> dict:
+    """Mine pairs for the configured splits; return a summary {dataset, rank, world_size, splits: {...}}.
 
-    index: cpu | gpu | auto; approx: None | 'ivf' (then recall@k against exact search on
+    `config` holds the settings (`MineConfig`, whose field help says what each does); any of
+    its fields may instead, or in addition, be given by name (`k=8, index="auto"`).
+    index: one of `INDEX_CHOICES`; approx: None | 'ivf' (then recall@k against exact search on
     `recall_queries` sampled anchors is measured and reported). report=True writes
     pairs/{split}/report.json, similarity_hist.png and class_matrix.png (rank 0).
     """
+    cfg = resolve_settings(MineConfig, config, settings)
     root = Path(dataset_dir)
     manifest = read_manifest(root)
-    device = resolve_index(index)  # resolve once: 'auto' warns once, every split agrees
-    rank, world = dist_rank_world()
+    device = resolve_index(cfg.index)  # resolve once: 'auto' warns once, every split agrees
+    rank, world = rank_and_world_size()
     summary: dict = {"dataset": str(root), "rank": rank, "world_size": world, "index": device,
-                     "approx": approx, "k": k, "splits": {}}
-    for split in splits:
+                     "approx": cfg.approx, "k": cfg.k, "splits": {}}
+    for split in cfg.splits:
         if split not in manifest["splits"]:
             raise MidasDataError(f"{where(file=root / 'manifest.json', field='splits')}: no split "
                                  f"{split!r}; the dataset has {sorted(manifest['splits'])}")
-        summary["splits"][split] = _mine_split(root, manifest, split, k, device, approx, nlist,
-                                               nprobe, report, progress and rank == 0, block_size,
-                                               recall_queries, seed, rank, world)
+    # Rank 0 holds the dataset's lock for the whole job; the others start writing only after
+    # it has it (the barrier), so two jobs never mix their parts.
+    with output_lock(root, "mine-misaligned") if rank == 0 else contextlib.nullcontext():
+        _barrier()
+        for split in cfg.splits:
+            summary["splits"][split] = _mine_split(root, manifest, split, cfg, device,
+                                                   progress and rank == 0, rank, world)
     return summary
 
 
@@ -110,15 +112,20 @@ def _check_against_manifest(f: Features, manifest: dict, split: str, path: Path)
                           f"is outside the dataset's {n_cls} classes")
 
 
-def _mine_split(root, manifest, split, k, device, approx, nlist, nprobe, report, progress,
-                block_size, recall_queries, seed, rank, world) -> dict:
+def _mine_split(root, manifest, split, cfg: MineConfig, device, progress, rank, world) -> dict:
     t0 = time.perf_counter()
+    k, approx, nlist, nprobe, block_size = cfg.k, cfg.approx, cfg.nlist, cfg.nprobe, cfg.block_size
     path = root / "features" / f"{split}.arrow"
     if not path.exists():
         raise MidasDataError(f"{where(file=path)}: no features for split {split!r}; run "
                              "`midas-data extract` first")
     f = read_features(path, manifest["fingerprint"])
     _check_against_manifest(f, manifest, split, path)
+    present = np.unique(f.labels)
+    if len(present) < 2:
+        raise MidasDataError(f"{where(file=path, field='label')}: every sample of split {split!r} "
+                             f"is class {manifest['classes'][int(present[0])] if len(present) else '?'!r}; "
+                             "different-label partners need at least two classes")
     n = len(f.keys)
     lo, hi = rank * n // world, (rank + 1) * n // world
     queries = np.arange(lo, hi, dtype=np.int64)
@@ -127,8 +134,8 @@ def _mine_split(root, manifest, split, k, device, approx, nlist, nprobe, report,
         results = mine_modalities(f, k, device, approx, nlist, nprobe, block_size, queries, progress)
         recall = None
         if approx is not None and hi > lo:
-            rng = np.random.default_rng([seed, rank])
-            sample = np.sort(rng.choice(queries, min(recall_queries, hi - lo), replace=False))
+            rng = np.random.default_rng([cfg.seed, rank])
+            sample = np.sort(rng.choice(queries, min(cfg.recall_queries, hi - lo), replace=False))
             recall = {m: recall_at_k(results[m][1][sample - lo],
                                      search_different_label(f.feats[m], f.labels, k, index=device,
                                                             queries=sample, name=m)[1])
@@ -137,17 +144,20 @@ def _mine_split(root, manifest, split, k, device, approx, nlist, nprobe, report,
         key = f.keys[e.row] if e.row is not None else None
         raise type(e)(f"{where(file=path, key=key)}: {e}", e.row) from e
     table = with_metadata(pairs_table(f, results, queries), f, k, device, approx, nlist, nprobe,
-                          block_size, {"split": split, "anchors": [lo, hi]})
-    part = write_pairs(root, split, table, rank, world)
+                          block_size, {"split": split, "anchors": [lo, hi],
+                                       "settings": cfg.to_dict()})
+    with disk_full_guard("mine-misaligned", pairs_dir(root, split), need=table.nbytes):
+        part = write_pairs(root, split, table, rank, world)
     synced = _barrier()  # every part exists before rank 0 reads them all for the report
     out = {"path": str(part), "anchors": [lo, hi], "rows": table.num_rows, "k": k,
            "modalities": f.modalities, "features_fingerprint": f.fingerprint,
            "recall_at_k": recall}
-    if report and rank == 0:
+    if cfg.report and rank == 0:
         full = read_pairs(root, split, f.fingerprint) if world > 1 and synced else table
         scope = "all parts" if full is not table or world == 1 else f"rank 0 part (anchors {lo}..{hi})"
-        out["report"] = str(write_report(pairs_dir(root, split), full, manifest["classes"], k,
-                                         recall, scope))
+        with disk_full_guard("mine-misaligned (report)", pairs_dir(root, split)):
+            out["report"] = str(write_report(pairs_dir(root, split), full, manifest["classes"],
+                                             k, recall, scope))
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
 

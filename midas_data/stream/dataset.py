@@ -3,96 +3,113 @@
 It yields whole batches (use it with `DataLoader(ds, batch_size=None, num_workers=...)` or
 `MidasLoader`), because exactly-once delivery with equal batch counts per rank is decided
 per batch: every rank and worker recomputes the epoch plan from (seed, epoch) and keeps
-its own batches (midas_data.stream.epoch_plan). Misaligned samples are expressed by an in-batch
-partner index per swapped modality (`partner[b, m]`), the paper's in-batch construction,
-so a trainer can swap encoder features at no extra cost; `materialize_misaligned` turns
-them into ready-made inputs for model-agnostic users. See docs/CONTRACTS.md for the layout.
+its own batches (`midas_data.stream.epoch_plan`: `batch_spans` for the rank,
+`worker_batches` for the worker, `offset_after_step` for the resume state). Which row
+lends each anchor its swapped modality is the partner policy's job
+(`midas_data.stream.partners`); misaligned samples are expressed by an in-batch partner
+index per swapped modality (`partner[b, m]`), the paper's in-batch construction, so a
+trainer can swap encoder features at no extra cost; `materialize_misaligned` turns them
+into ready-made inputs for model-agnostic users. See docs/CONTRACTS.md for the layout.
+
+The epoch's last step (`last_batch`): by default ("pad") every rank's final batch holds at
+least two rows; where too few real samples remain, it is topped up with repeated samples
+marked `batch["valid"] == False` and `batch["weight"] == 0` (fill rows), which get no
+misaligned partner and lend none. The mask-aware helpers (`aligned_loss`,
+`batch_misaligned_loss`, `materialize_misaligned`, `batch_alpha_stats`) ignore them.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from midas_data.dataset.reader import open_dataset
+from midas_data.dataset.reader import Dataset, open_dataset
+from midas_data.dataset.transport import pack_batch, torch_batch, unpack_batch
+from midas_data.distributed import rank_and_world_size
 from midas_data.errors import CorruptShardError, MidasDataError, SchemaError, where
 from midas_data.features.tables import read_features
-from midas_data.loss import hard_weight_from_similarity
+from midas_data.loss import hard_weight_from_similarity, normalised_confidences, source_rows
 
 from . import epoch_plan as plan
-
-POLICIES = ("none", "random", "mined", "mixed", "soft", "tempered")
-_TEMPERED_TAG = 0x7E3D
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed, else the torchrun environment, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+from .partners import PartnerOptions, PartnerPolicy, SplitData, make_policy, resolve_modalities
 
 
 class MidasDataset(IterableDataset):
     """Batches of one split: aligned inputs, labels, and misaligned partners with weights.
 
-    policy: `random` (a different-label in-batch partner, drawn afresh each epoch: the
-    paper), `mined` (the epoch is ordered as a random matching on the mined k-NN graph so
-    that each anchor's partner is one of its mined neighbours, in the same batch), `mixed`
-    (`mined_fraction` of the anchors matched on the graph, the rest random), `soft`
-    (matching on the graph with neighbours drawn with probability softmax(s / temperature)),
-    `tempered` (each anchor draws its in-batch different-label partner with probability
-    softmax(cos / temperature) over the stored features of `graph_modalities`: uniform, the
-    paper's random partner, as temperature grows; the batch's nearest as it shrinks; no
-    mined pairs needed, only features), `none` (aligned only).
-    mined_ramp: (start, end) epochs: policy `mixed` ramps its fraction linearly from 0 at
-    `start` to `mined_fraction` at `end` (a curriculum from random to mined partners).
-    graph_modalities: whose mined k-NN lists form the matching graph (default: all);
-    mined_swap: which modalities take the mined partner (default: all; the others get a
-    random in-batch partner, so a matched pair yields distinct misaligned samples). Both
-    accept modality names or "weak"/"strong" (lowest/highest mean stored confidence).
+    policy: who lends each anchor its swapped modality (`midas_data.stream.partners`):
+    `random` (the default and the paper's: a different-label partner from the same batch,
+    drawn afresh each epoch) or `none` (aligned samples only). The research policies
+    `mined`, `mixed`, `soft` and `tempered` and their options (`swap_modalities`,
+    `knn_modalities`, `knn_temperature`, `similarity_modalities`,
+    `similarity_temperature`, `mined_fraction`, `mined_ramp`) are described in
+    `PartnerOptions`; they showed no significant gain over `random`.
+    shuffle: False keeps the index order (evaluation); the paired research policies
+    always use their matched order.
     on_error: `raise` (default: a damaged shard stops the epoch naming shard and key) or
-    `skip` (drop the sample, and report its key in `batch["skipped"]`).
+    `skip` (drop the sample, and report its key in `batch["skipped"]`; a batch may then
+    hold fewer rows).
+    last_batch: how the epoch's final, partial global step is delivered. Its items are
+    spread over the ranks as evenly as possible (real sizes differ by at most one) and:
+    `pad` (default) tops every rank's final batch up to two rows with fill rows, repeats of
+    real samples of the split (deterministic for seed and epoch) marked
+    `batch["valid"] == False` and `batch["weight"] == 0`, so no batch is empty or of one
+    row; `drop` leaves the partial step out (every batch full, those samples unseen this
+    epoch); `uneven` delivers it unpadded (a rank may get a batch of one or an empty batch:
+    only for loops that handle both). `drop_last=True` is the same as `last_batch="drop"`.
+    Every mode keeps equal batch counts on every rank and each real sample once per epoch.
+    rank, world_size: default to torch.distributed or the torchrun environment.
+    root may be a URL (s3://, gs://, https://): shards are then read through a local cache
+    (`cache_dir`, bounded by `cache_limit` bytes; `storage_options` go to fsspec), or a
+    dataset already opened with `open_dataset(url, ...)` for the other remote options.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", *, batch_size: int = 64,
-                 policy: str = "random", mined_fraction: float = 0.5, temperature: float = 0.1,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = False,
-                 modalities: list[str] | None = None, transform: Callable | None = None,
-                 on_error: str = "raise", rank: int | None = None, world_size: int | None = None,
-                 use_features: bool = True, graph_modalities: list[str] | None = None,
-                 mined_swap: list[str] | None = None, mined_ramp: tuple[int, int] | None = None):
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
+    def __init__(self, root: str | Path | Dataset, split: str = "train", *, batch_size: int = 64,
+                 policy: str = "random", seed: int = 0, shuffle: bool = True,
+                 last_batch: str = "pad", drop_last: bool = False,
+                 modalities: list[str] | None = None,
+                 transform: Callable | None = None, on_error: str = "raise",
+                 rank: int | None = None, world_size: int | None = None, use_features: bool = True,
+                 swap_modalities: Sequence[str] = (), knn_modalities: Sequence[str] = (),
+                 knn_temperature: float = 0.1, similarity_modalities: Sequence[str] = (),
+                 similarity_temperature: float = 0.1, mined_fraction: float = 0.5,
+                 mined_ramp: Sequence[int] | None = None,
+                 storage_options: dict | None = None, cache_dir: str | Path | None = None,
+                 cache_limit: int | str | None = None):
+        options = PartnerOptions(
+            policy=policy, swap_modalities=swap_modalities, knn_modalities=knn_modalities,
+            knn_temperature=knn_temperature, similarity_modalities=similarity_modalities,
+            similarity_temperature=similarity_temperature, mined_fraction=mined_fraction,
+            mined_ramp=mined_ramp)
+        options.validate(batch_size)
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
+        if last_batch not in plan.LAST_BATCH_MODES:
+            raise ValueError(f"last_batch must be one of {plan.LAST_BATCH_MODES}, got {last_batch!r}")
+        if drop_last and last_batch not in ("pad", "drop"):
+            raise ValueError(f"drop_last=True means last_batch='drop'; it contradicts "
+                             f"last_batch={last_batch!r}: give only one of them")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        if mined_ramp is not None and (len(mined_ramp) != 2 or not 0 <= mined_ramp[0] <= mined_ramp[1]):
-            raise ValueError(f"mined_ramp must be (start, end) epochs with 0 <= start <= end, got {mined_ramp}")
-        if mined_ramp is not None and policy != "mixed":
-            raise ValueError(f"mined_ramp ramps the mined fraction of policy 'mixed'; policy is {policy!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if policy in ("mined", "mixed", "soft") and batch_size % 2:
-            raise ValueError("mined partner policies pair anchors inside a batch: use an even batch_size")
-        self.root, self.split = Path(root), split
-        self.ds = open_dataset(self.root)
+        self.split = split  # root may be a URL: open_dataset caches it, self.root is local
+        self.ds = root if isinstance(root, Dataset) else open_dataset(
+            root, storage_options=storage_options, cache_dir=cache_dir, cache_limit=cache_limit)
+        self.root = self.ds.root
         self.reader = self.ds.split(split)
         self.modalities = list(modalities or self.ds.modalities)
         unknown = [m for m in self.modalities if m not in self.ds.modalities]
         if unknown:
             raise SchemaError(f"{where(self.root / 'manifest.json', field=unknown[0])}: no such modality")
         self.batch_size, self.policy, self.seed = batch_size, policy, seed
-        self.mined_fraction, self.temperature = mined_fraction, temperature
-        self.mined_ramp = None if mined_ramp is None else (int(mined_ramp[0]), int(mined_ramp[1]))
-        self.shuffle, self.drop_last, self.transform, self.on_error = shuffle, drop_last, transform, on_error
+        self.last_batch = "drop" if drop_last else last_batch
+        self.shuffle, self.transform, self.on_error = shuffle, transform, on_error
         self._rank, self._world = rank, world_size
         self.epoch, self.offset = 0, 0
+        self._pack_in_workers = False  # set by MidasLoader while it starts its workers
         self._exhausted = False  # set when an iteration ran to the end of the epoch
         self.features = None
         feat_path = self.root / "features" / f"{split}.arrow"
@@ -101,92 +118,23 @@ class MidasDataset(IterableDataset):
             if self.features.keys != self.reader.keys:
                 raise SchemaError(f"{where(feat_path, field='key')}: rows do not match the split's "
                                   "index; rerun `midas-data extract`")
-        self.neighbours = self.neighbour_sims = None
-        self.graph_modalities = self.resolve_modalities(graph_modalities)
-        self.mined_swap = self.resolve_modalities(mined_swap)
-        if policy in ("mined", "mixed", "soft"):
-            self._load_neighbours()
-        if policy == "tempered" and self.features is None:
-            raise MidasDataError(f"{where(self.root / 'features' / f'{split}.arrow')}: policy "
-                                 "'tempered' needs stored features; run `midas-data extract`")
+        self.partners: PartnerPolicy = make_policy(options, SplitData(
+            self.root, split, self.modalities, list(self.ds.modalities), len(self.reader),
+            self.features, shuffle))
 
-    def resolve_modalities(self, names: list[str] | None) -> list[str]:
+    @property
+    def drop_last(self) -> bool:
+        """True when the final partial step is dropped (`last_batch == "drop"`)."""
+        return self.last_batch == "drop"
+
+    @property
+    def options(self) -> PartnerOptions:
+        """The partner policy's options, modality names resolved."""
+        return self.partners.options
+
+    def resolve_modalities(self, names: Sequence[str]) -> list[str]:
         """Modality names, with 'weak'/'strong' chosen by mean stored train confidence."""
-        if not names:
-            return list(self.modalities)
-        out = []
-        for name in names:
-            if name in ("weak", "strong"):
-                if self.features is None:
-                    raise MidasDataError(f"{where(self.root / 'features')}: '{name}' needs stored "
-                                         "confidences; run `midas-data extract`")
-                conf = [float(np.mean(self.features.confs[m])) for m in self.modalities]
-                name = self.modalities[int(np.argmin(conf) if name == "weak" else np.argmax(conf))]
-            if name not in self.modalities:
-                raise SchemaError(f"{where(self.root / 'manifest.json', field=name)}: no such modality")
-            out.append(name)
-        return out
-
-    # -- mined graph ---------------------------------------------------------------------
-    def _load_neighbours(self) -> None:
-        from midas_data.mining.pairs import read_pairs
-
-        if self.features is None:
-            raise MidasDataError(f"{where(self.root / 'features')}: policy {self.policy!r} needs "
-                                 "features and mined pairs; run `midas-data extract` then "
-                                 "`midas-data mine-misaligned`")
-        t = read_pairs(self.root, self.split, self.features.fingerprint)
-        self._check_pairs(t)
-        keep = np.isin(np.asarray(t.column("modality").to_pylist()), self.graph_modalities)
-        anchor = t.column("anchor_row").to_numpy()[keep]
-        partner = t.column("partner_row").to_numpy()[keep]
-        sim = t.column("similarity").to_numpy().astype(np.float64)[keep]
-        n = len(self.reader)
-        counts = np.bincount(anchor, minlength=n)
-        width = int(counts.max()) if len(counts) else 0
-        order = np.argsort(anchor, kind="stable")
-        slot = np.arange(len(anchor)) - np.repeat(np.cumsum(counts) - counts, counts)
-        nb = np.full((n, width), -1, np.int64)
-        sims = np.full((n, width), -np.inf)
-        nb[anchor[order], slot] = partner[order]
-        sims[anchor[order], slot] = sim[order]
-        self.neighbours, self.neighbour_sims = nb, sims
-
-    def _check_pairs(self, t) -> None:
-        """Rows in range, no nulls, labels that agree with the features and always differ."""
-        parts = sorted((self.root / "pairs" / self.split).glob("part-*.arrow"))
-        path = ", ".join(str(q) for q in parts) or self.root / "pairs" / self.split
-        n = len(self.reader)
-        for col in ("anchor_row", "partner_row", "similarity", "modality", "anchor_label", "partner_label"):
-            if col not in t.column_names or t.column(col).null_count:
-                raise SchemaError(f"{where(path, field=col)}: column missing or has nulls; "
-                                  "rerun `midas-data mine-misaligned`")
-        a, p = t.column("anchor_row").to_numpy(), t.column("partner_row").to_numpy()
-        bad = np.flatnonzero((a < 0) | (a >= n) | (p < 0) | (p >= n))
-        if len(bad):
-            raise SchemaError(f"{where(path, field='anchor_row/partner_row')}: row {int(bad[0])} points "
-                              f"outside the split's {n} samples; rerun `midas-data mine-misaligned`")
-        labels = self.features.labels
-        la, lp = t.column("anchor_label").to_numpy(), t.column("partner_label").to_numpy()
-        bad = np.flatnonzero((labels[a] != la) | (labels[p] != lp) | (la == lp))
-        if len(bad):
-            key = self.reader.keys[int(a[bad[0]])]
-            raise SchemaError(f"{where(path, key, 'anchor_label/partner_label')}: labels disagree with "
-                              "the features table or coincide; rerun `midas-data mine-misaligned`")
-        sim = t.column("similarity").to_numpy()
-        if not np.all(np.isfinite(sim)):
-            raise SchemaError(f"{where(path, field='similarity')}: non-finite values")
-        unknown = set(t.column("modality").unique().to_pylist()) - set(self.ds.modalities)
-        if unknown:
-            raise SchemaError(f"{where(path, field='modality')}: unknown modalities {sorted(unknown)}")
-
-    def _neighbour_probs(self) -> np.ndarray | None:
-        if self.policy != "soft":
-            return None
-        z = self.neighbour_sims / max(self.temperature, 1e-6)
-        z = z - z.max(axis=1, keepdims=True)
-        p = np.where(self.neighbours >= 0, np.exp(z), 0.0)
-        return p / np.maximum(p.sum(axis=1, keepdims=True), 1e-300)
+        return list(resolve_modalities(names, self.modalities, self.features, self.root))
 
     # -- epoch plan ----------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -194,39 +142,17 @@ class MidasDataset(IterableDataset):
         if epoch != self.epoch:
             self.epoch, self.offset, self._exhausted = int(epoch), 0, False
 
-    def _order(self) -> tuple[np.ndarray, np.ndarray | None]:
-        n = len(self.reader)
-        if self.policy in ("mined", "mixed", "soft"):
-            nb = self.neighbours
-            if self.policy == "mixed":
-                rng = np.random.default_rng([self.seed, self.epoch, 0x313D])
-                nb = np.where((rng.random(n) < self.fraction_at(self.epoch))[:, None], nb, -1)
-            order, partner_of = plan.matched_order(n, nb, self.seed, self.epoch, self._neighbour_probs())
-            return order, partner_of
-        if not self.shuffle:
-            return np.arange(n, dtype=np.int64), None
-        return plan.epoch_order(n, self.seed, self.epoch), None
-
-    def fraction_at(self, epoch: int) -> float:
-        """Policy `mixed`: the fraction of anchors paired on the mined graph in `epoch`."""
-        if self.mined_ramp is None:
-            return self.mined_fraction
-        start, end = self.mined_ramp
-        ramp = 1.0 if end == start else (epoch - start) / (end - start)
-        return self.mined_fraction * float(np.clip(ramp, 0.0, 1.0))
-
     def rank_world(self) -> tuple[int, int]:
-        rank, world = dist_info()
+        rank, world = rank_and_world_size()
         return (self._rank if self._rank is not None else rank,
                 self._world if self._world is not None else world)
 
-    def _paired(self) -> bool:
-        return self.policy in ("mined", "mixed", "soft")
-
     def __len__(self) -> int:
-        """Batches this rank yields for the rest of the current epoch."""
+        """Batches this rank's next pass yields: the rest of the current epoch, or the whole
+        next epoch when a pass ran to the end of this one (it rolls over)."""
         _, world = self.rank_world()
-        return plan.num_batches(len(self.reader) - self.offset, self.batch_size, world, self.drop_last)
+        consumed = 0 if self._exhausted else self.offset
+        return plan.num_batches(len(self.reader) - consumed, self.batch_size, world, self.drop_last)
 
     def begin_epoch(self) -> None:
         """An epoch that an iteration ran to its end rolls over when iteration starts again.
@@ -238,27 +164,39 @@ class MidasDataset(IterableDataset):
             self.epoch, self.offset, self._exhausted = self.epoch + 1, 0, False
 
     def __iter__(self):
+        """This rank's and worker's batches of the rest of the epoch (`epoch_plan`)."""
         rank, world = self.rank_world()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is None:
             self.begin_epoch()
-        order, partner_of = self._order()
-        start = self.offset
-        spans = plan.batch_spans(len(order), start, self.batch_size, world, rank,
-                                 self.drop_last, pair_aligned=self._paired())
-        step = self.batch_size * world
-        for k in range(worker, len(spans), workers):
+        order, partner_of = self.partners.order(self.seed, self.epoch)
+        start, n, paired = self.offset, len(order), self.partners.paired
+        spans = plan.batch_spans(n, start, self.batch_size, world, rank, self.drop_last,
+                                 pair_aligned=paired)
+        fill = (plan.fill_positions(n, start, self.batch_size, world, rank, pair_aligned=paired)
+                if self.last_batch == "pad" else np.empty(0, np.int64))
+
+        def rows_of(k: int) -> np.ndarray:
             lo, hi = (int(v) for v in spans[k])
-            batch = self._make_batch(order, partner_of, lo, hi)
-            # Global items consumed once every rank has finished this step (DDP lockstep).
-            batch["stream_state"] = {"seed": self.seed, "epoch": self.epoch,
-                                     "offset": min(start + (k + 1) * step, len(order))}
+            extra = fill if k == len(spans) - 1 else fill[:0]  # fill pads only the final batch
+            return np.concatenate([order[lo:hi], order[extra]])
+
+        mine = plan.worker_batches(range(len(spans)), worker, workers)
+        if hasattr(self.reader, "plan_reads"):  # remote root: fetch this worker's shards ahead
+            self.reader.plan_reads([rows_of(k) for k in mine])
+        for k in mine:
+            lo, hi = (int(v) for v in spans[k])
+            batch = self._make_batch(rows_of(k), hi - lo, partner_of, lo)
+            offset = plan.offset_after_step(n, start, self.batch_size, world, k)
+            batch["stream_state"] = {"seed": self.seed, "epoch": self.epoch, "offset": offset}
             if info is None:
-                self.offset = batch["stream_state"]["offset"]
-            yield batch
+                self.offset = offset
+            # In a MidasLoader worker, one shared-memory segment per batch instead of one per
+            # tensor (see midas_data.dataset.transport); a plain DataLoader gets the dict.
+            yield pack_batch(batch) if info is not None and self._pack_in_workers else batch
         if info is None:
-            self.offset = len(order)  # epoch done (items dropped by drop_last included)
+            self.offset = n  # epoch done (items dropped by drop_last included)
             self._exhausted = True
 
     # -- state ---------------------------------------------------------------------------
@@ -279,39 +217,68 @@ class MidasDataset(IterableDataset):
             raise MidasDataError(f"stream state has policy {state['policy']!r}, dataset has {self.policy!r}")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self._exhausted = False
-        if self._paired() and self.offset % 2:
+        if self.partners.paired and self.offset % 2:
             raise MidasDataError("a paired policy cannot resume from an odd offset")
 
     # -- batch assembly ------------------------------------------------------------------
-    def _read(self, rows: np.ndarray) -> tuple[list[dict], list[str]]:
+    def _read(self, rows: np.ndarray) -> tuple[list[dict], np.ndarray]:
+        """Decoded samples of `rows` and which rows they are (bool [len(rows)]: False = skipped)."""
         try:
-            return self.reader.get_many(rows, self.modalities), []
+            return self.reader.get_many(rows, self.modalities), np.ones(len(rows), bool)
         except (CorruptShardError, SchemaError):
             if self.on_error == "raise":
                 raise
-        good, skipped = [], []  # slow path: find exactly which samples are damaged
-        for r in rows:
+        good, ok = [], np.ones(len(rows), bool)  # slow path: find exactly which samples are damaged
+        for i, r in enumerate(rows):
             try:
                 good.extend(self.reader.get_many(np.array([r]), self.modalities))
             except (CorruptShardError, SchemaError):
-                skipped.append(self.reader.keys[int(r)])
-        return good, skipped
+                ok[i] = False
+        return good, ok
 
-    def _make_batch(self, order: np.ndarray, partner_of: np.ndarray | None, lo: int, hi: int) -> dict:
-        rows = order[lo:hi]
-        samples, skipped = self._read(rows)
-        if skipped:
-            keep = ~np.isin(np.array([self.reader.keys[int(r)] for r in rows]), skipped)
-            rows = rows[keep]
+    def _read_batch(self, rows: np.ndarray) -> tuple[dict, np.ndarray]:
+        """The collated batch of `rows` and which rows it holds (bool [len(rows)]).
+
+        Without a transform the reader decodes the whole batch at once into batch arrays
+        (`SplitReader.read_batch`: the same checks, far fewer system calls); a damaged
+        sample under on_error="skip", or a transform, takes the per-sample path."""
+        if self.transform is None:
+            try:
+                return torch_batch(self.reader.read_batch(rows, self.modalities)), np.ones(len(rows), bool)
+            except (CorruptShardError, SchemaError):
+                if self.on_error == "raise":
+                    raise
+        samples, ok = self._read(rows)
         if self.transform is not None:
             samples = [self.transform(s) for s in samples]
-        batch = collate(samples, self.modalities)
-        if not samples:  # an empty final batch keeps ranks in step; give it the right shapes
+        return collate(samples, self.modalities), ok
+
+    def _make_batch(self, rows: np.ndarray, real: int, partner_of: np.ndarray | None,
+                    first: int) -> dict:
+        """The batch of `rows`: the first `real` are the items at global positions `first`...
+        of the order, the rest fill rows (repeats that pad the final batch)."""
+        valid = np.arange(len(rows)) < real
+        batch, ok = self._read_batch(rows)
+        skipped = [self.reader.keys[int(r)] for r in rows[~ok & valid]]  # a fill row's own turn reports it
+        rows, valid = rows[ok], valid[ok]
+        if not len(rows):  # an empty final batch keeps ranks in step; give it the right shapes
             batch["inputs"] = {m: self._empty(m) for m in self.modalities}
         batch["row"] = torch.from_numpy(rows.copy())
+        batch["valid"] = torch.from_numpy(valid)
+        batch["weight"] = torch.from_numpy(valid.astype(np.float32))
         batch["skipped"] = skipped
-        if self.policy != "none":
-            self._add_partners(batch, rows, partner_of, lo)
+        labels = self.reader.labels[rows]
+        # Partners among the real rows only (they come first): fill rows lend and get none.
+        partner = self.partners.assign(rows[valid], labels[valid], partner_of, self.seed,
+                                       self.epoch, first)
+        if partner is not None:
+            partner = np.concatenate([partner, np.full((int((~valid).sum()), partner.shape[1]), -1,
+                                                       dtype=np.int64)])
+            conf = feats = None
+            if self.features is not None:
+                conf = np.stack([self.features.confs[m][rows] for m in self.modalities], axis=1)
+                feats = [self.features.feats[m][rows] for m in self.modalities]
+            batch.update(partner_fields(partner, labels, conf, feats))
         return batch
 
     def _empty(self, m: str) -> torch.Tensor | list:
@@ -320,64 +287,45 @@ class MidasDataset(IterableDataset):
             return []
         return torch.from_numpy(np.zeros((0, *spec["shape"]), dtype=np.dtype(spec["dtype"])))
 
-    def _add_partners(self, batch: dict, rows: np.ndarray, partner_of, lo: int) -> None:
-        labels = self.reader.labels[rows]
-        M, b = len(self.modalities), len(rows)
-        partner = plan.assign_partners(labels, M, plan.partner_rng(self.seed, self.epoch, lo))
-        if partner_of is not None:  # mined pairs sit in the same batch: use them
-            pos = {int(r): i for i, r in enumerate(rows)}
-            swap = [self.modalities.index(m) for m in self.mined_swap]
-            for i, r in enumerate(rows):
-                j = pos.get(int(partner_of[r]), -1)
-                if j >= 0 and labels[j] != labels[i]:
-                    partner[i, swap] = j
-        if self.policy == "tempered":
-            self._tempered_partners(partner, rows, labels, lo)
-        batch["partner"] = torch.from_numpy(partner)
-        valid = partner >= 0
-        safe = np.where(valid, partner, 0)
-        batch["partner_label"] = torch.from_numpy(np.where(valid, labels[safe], -1))
-        conf = np.full((b, M), np.nan, np.float32)
-        sim = np.full((b, M), np.nan, np.float32)
-        if self.features is not None:
-            for mi, m in enumerate(self.modalities):
-                conf[:, mi] = self.features.confs[m][rows]
-                f = self.features.feats[m][rows]
-                f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-                sim[:, mi] = np.einsum("bd,bd->b", f, f[safe[:, mi]])
-        kept = np.nansum(conf, axis=1, keepdims=True) - conf  # anchor's kept modalities
-        partner_c = np.take_along_axis(conf, safe, axis=0) if b else conf
-        with np.errstate(invalid="ignore", divide="ignore"):
-            w = kept / (kept + partner_c)
-        w = np.where(np.isfinite(w), w, 0.5).astype(np.float32)
-        batch["conf"] = torch.from_numpy(conf)
-        batch["similarity"] = torch.from_numpy(np.where(valid, sim, np.nan).astype(np.float32))
-        hard = np.where(np.isfinite(sim), hard_weight_from_similarity(torch.from_numpy(sim)).numpy(), 1.0)
-        batch["hard_weight"] = torch.from_numpy(np.where(valid, hard, 0.0).astype(np.float32))
-        batch["anchor_weight"] = torch.from_numpy(np.where(valid, w, 0.0).astype(np.float32))
-        batch["partner_weight"] = torch.from_numpy(np.where(valid, 1.0 - w, 0.0).astype(np.float32))
 
-    def _tempered_partners(self, partner: np.ndarray, rows: np.ndarray, labels: np.ndarray,
-                           lo: int) -> None:
-        """Overwrite the `mined_swap` columns of `partner` with partners drawn by
-        softmax(mean cosine over `graph_modalities` / temperature) among the batch's rows of
-        another label (Gumbel-max sampling; the RNG depends on seed, epoch and the batch's
-        global position only, so any worker count or world size draws the same)."""
-        b = len(rows)
-        if b < 2:
-            return
-        sim = np.zeros((b, b))
-        for m in self.graph_modalities:
-            f = self.features.feats[m][rows].astype(np.float64)
-            f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-            sim += f @ f.T
-        logits = sim / (len(self.graph_modalities) * self.temperature)
-        logits[labels[:, None] == labels[None, :]] = -np.inf  # same label, and self
-        rng = np.random.default_rng([int(self.seed), int(self.epoch), int(lo), _TEMPERED_TAG])
-        choice = np.argmax(logits + rng.gumbel(size=(b, b)), axis=1)
-        has = np.flatnonzero(np.isfinite(logits).any(axis=1))
-        swap = [self.modalities.index(m) for m in self.mined_swap]
-        partner[np.ix_(has, swap)] = choice[has][:, None]
+def partner_fields(partner: np.ndarray, labels: np.ndarray, conf: np.ndarray | None,
+                   feats: list[np.ndarray] | None) -> dict:
+    """The batch's fields for its misaligned samples (docs/CONTRACTS.md, "Stream batch layout").
+
+    partner: int64 [b, M] in-batch partners (-1 = none); labels: int64 [b]; conf: float
+    [b, M] stored confidences and feats: M arrays [b, d_m] of stored features, or None
+    without a features table. Misaligned sample (b, m) has the sources `source_rows`;
+    `partner_weight` is the swapped modality's `normalised_confidences`, `anchor_weight`
+    the rest; without confidences both are 0.5. Invalid (b, m) get weight 0.
+    """
+    b, M = partner.shape
+    valid = partner >= 0
+    safe = np.where(valid, partner, 0)
+    partner_label = torch.from_numpy(np.where(valid, labels[safe], -1))
+    if conf is None and not feats:  # no features table: even split, hard weight 1 (fast path)
+        half = np.where(valid, 0.5, 0.0).astype(np.float32)
+        nan = np.full((b, M), np.nan, np.float32)
+        return {"partner": torch.from_numpy(partner), "partner_label": partner_label,
+                "conf": torch.from_numpy(nan), "similarity": torch.from_numpy(nan.copy()),
+                "hard_weight": torch.from_numpy(valid.astype(np.float32)),
+                "anchor_weight": torch.from_numpy(half), "partner_weight": torch.from_numpy(half.copy())}
+    conf = np.full((b, M), np.nan, np.float32) if conf is None else conf.astype(np.float32)
+    sim = np.full((b, M), np.nan, np.float32)
+    for mi, f in enumerate(feats or ()):
+        f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        sim[:, mi] = np.einsum("bd,bd->b", f, f[safe[:, mi]])
+    anchor, swapped = np.repeat(np.arange(b), M), np.tile(np.arange(M), b)
+    src = source_rows(*(torch.from_numpy(a) for a in (anchor, swapped, safe.reshape(-1))), M).numpy()
+    w = normalised_confidences(torch.from_numpy(conf[src, np.arange(M)].astype(np.float64)))
+    w = w.numpy()[np.arange(b * M), swapped].reshape(b, M)
+    w = np.where(np.isfinite(w), w, 0.5)  # no stored confidences: split the label evenly
+    hard = np.where(np.isfinite(sim), hard_weight_from_similarity(torch.from_numpy(sim)).numpy(), 1.0)
+    return {"partner": torch.from_numpy(partner), "partner_label": partner_label,
+            "conf": torch.from_numpy(conf),
+            "similarity": torch.from_numpy(np.where(valid, sim, np.nan).astype(np.float32)),
+            "hard_weight": torch.from_numpy(np.where(valid, hard, 0.0).astype(np.float32)),
+            "anchor_weight": torch.from_numpy(np.where(valid, 1.0 - w, 0.0).astype(np.float32)),
+            "partner_weight": torch.from_numpy(np.where(valid, w, 0.0).astype(np.float32))}
 
 
 def collate(samples: list[dict], modalities: list[str]) -> dict:
@@ -401,16 +349,21 @@ def materialize_misaligned(batch: dict, modalities: list[str] | None = None) -> 
 
     Returns {'inputs': {m: [N, ...]}, 'anchor': [N], 'swapped': [N] (modality index),
     'labels': [N, 2] (anchor label, partner label), 'weights': [N, 2], 'hard_weight': [N]}
-    for the N = number of valid (b, m) pairs, ordered b-major.
+    for the N (b, m) with a partner (`partner[b, m] >= 0`), ordered b-major. Fill rows
+    (`batch["valid"] == False`) take part in none of them, so every misaligned row is real.
     """
     mods = modalities or list(batch["inputs"])
     partner = batch["partner"]
-    b_idx, m_idx = torch.nonzero(partner >= 0, as_tuple=True)
-    src = partner[b_idx, m_idx]
+    has = partner >= 0
+    valid = batch.get("valid")
+    if valid is not None:  # fill rows neither get nor lend a modality (the stream never pairs them)
+        has &= valid.unsqueeze(1) & valid[partner.clamp(min=0)]
+    b_idx, m_idx = torch.nonzero(has, as_tuple=True)
+    rows = source_rows(b_idx, m_idx, partner[b_idx, m_idx], len(mods))
     out_inputs = {}
     for mi, m in enumerate(mods):
         x = batch["inputs"][m]
-        take = torch.where(m_idx == mi, src, b_idx)
+        take = rows[:, mi]
         out_inputs[m] = x[take] if isinstance(x, torch.Tensor) else [x[int(i)] for i in take]
     return {"inputs": out_inputs, "anchor": b_idx, "swapped": m_idx,
             "labels": torch.stack([batch["label"][b_idx], batch["partner_label"][b_idx, m_idx]], 1),
@@ -424,29 +377,42 @@ class MidasLoader(DataLoader):
 
     `state_dict()` after any batch resumes, via `load_state_dict`, to the identical
     remaining sequence, with any num_workers (and, through the dataset, any world size).
+    Iterating again after leaving a pass early (`break`) continues from the batches consumed,
+    for every num_workers, as `state_dict()` reports; a pass run to its end rolls over to
+    the next epoch. Workers are started afresh for every pass (they copy the dataset's
+    epoch and offset then), so `persistent_workers=True` is refused.
     """
 
     def __init__(self, dataset: MidasDataset, num_workers: int = 0, **kwargs):
-        kwargs.setdefault("persistent_workers", False)
+        if kwargs.get("persistent_workers"):
+            raise ValueError("MidasLoader starts its workers afresh for every pass so that they see "
+                             "set_epoch() and the resume offset; leave persistent_workers=False")
         super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
-        self._last_state: dict | None = None
 
     def __iter__(self):
-        self.dataset.begin_epoch()  # type: ignore[attr-defined]  # before workers copy it
-        for batch in super().__iter__():
-            self._last_state = batch["stream_state"]
-            yield batch
         ds: MidasDataset = self.dataset  # type: ignore[assignment]
+        ds.begin_epoch()  # before workers copy it
+        ds._pack_in_workers = self.num_workers > 0
+        try:
+            batches = super().__iter__()
+        finally:
+            ds._pack_in_workers = False  # the dataset's own iteration (and plain DataLoaders) gets dicts
+        for batch in batches:
+            batch = unpack_batch(batch)
+            # The consumed position lives in the dataset, whatever process built the batch, so
+            # a pass left early continues from here and state_dict() reports the same point.
+            state = batch["stream_state"]
+            ds.epoch, ds.offset = int(state["epoch"]), int(state["offset"])
+            yield batch
         ds.offset, ds._exhausted = len(ds.reader), True  # epoch finished
-        self._last_state = None
+
+    def __len__(self) -> int:
+        # The dataset's length shrinks as the epoch is consumed, so DataLoader's own __len__,
+        # which records it to warn about replicas yielding more, would warn after a resume.
+        return len(self.dataset)  # type: ignore[arg-type]
 
     def state_dict(self) -> dict:
-        ds: MidasDataset = self.dataset  # type: ignore[assignment]
-        state = ds.state_dict()
-        if self._last_state is not None:
-            state.update(self._last_state)
-        return state
+        return self.dataset.state_dict()  # type: ignore[attr-defined]
 
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state)  # type: ignore[attr-defined]
-        self._last_state = None
