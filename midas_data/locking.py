@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import filelock
 
@@ -68,10 +69,11 @@ def _lock_wait() -> float:
 
 
 @contextlib.contextmanager
-def output_lock(target: str | os.PathLike, stage: str, wait: float | None = None) -> Iterator[None]:
-    """Hold the lock of `target` for the block; wait up to `wait` seconds (None: the
-    environment's or the default), then raise OutputLockedError naming the holder."""
-    path = lock_path(target)
+def output_lock(target: str | os.PathLike | Any, stage: str, wait: float | None = None) -> Iterator[None]:
+    """Hold the lock of `target` (a path, or an open dataset: its local root) for the block;
+    wait up to `wait` seconds (None: the environment's or the default), then raise
+    OutputLockedError naming the holder."""
+    path = lock_path(getattr(target, "root", target))
     wait = _lock_wait() if wait is None else wait
     lock = filelock.FileLock(str(path), timeout=wait, mode=0o666)
     info = path.with_name(path.name + ".owner")
