@@ -11,6 +11,7 @@ an exact sign-flip permutation test over seeds.
 
     python bench/results.py --out out/results              # the default protocol: 3 seeds
     python bench/results.py --seeds 0-9 --methods random,soft --out out/policies
+    python bench/results.py --methods joint,random,midas-stored --out out/results
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ SETS = {
 METHODS = {
     "joint": {"method": "joint"},
     "random": {"method": "midas", "policy": "random"},
+    # trained by train_stored, not the trainer; no warm-up: its confidences come from extract
+    "midas-stored": {"method": "midas", "policy": "random", "warmup_epochs": 0},
     "mined": {"method": "midas", "policy": "mined"},
     "mixed": {"method": "midas", "policy": "mixed", "mined_fraction": 0.5},
     "soft": {"method": "midas", "policy": "soft"},
@@ -64,12 +67,28 @@ METHODS = {
 }
 
 
-def set_dir(out: Path, name: str) -> Path:
-    return out / "data" / name.replace("/", "-")
+STORED = "midas-stored"
+EXTRACT_WARMUP = 10  # warm-up epochs of the models whose confidences `extract` stores
 
 
-def prepare_set(out: Path, name: str, k: int) -> Path:
-    """Shards, warm-up features and mined pairs of one data set (cached)."""
+def stored_warmup(method: str) -> int | None:
+    """Extract warm-up epochs a `midas-stored[-wN]` method reads confidences from, else None."""
+    if not method.startswith(STORED):
+        return None
+    tail = method[len(STORED):]
+    if tail and not (tail.startswith("-w") and tail[2:].isdigit()):
+        raise ValueError(f"method {method!r}: use {STORED} or {STORED}-wN (N extract warm-up epochs)")
+    return int(tail[2:]) if tail else EXTRACT_WARMUP
+
+
+def set_dir(out: Path, name: str, warmup: int = EXTRACT_WARMUP) -> Path:
+    suffix = "" if warmup == EXTRACT_WARMUP else f"@w{warmup}"
+    return out / "data" / (name.replace("/", "-") + suffix)
+
+
+def prepare_set(out: Path, name: str, k: int, warmup: int = EXTRACT_WARMUP) -> Path:
+    """Shards, warm-up features (confidences from `warmup`-epoch models) and mined pairs of
+    one data set (cached)."""
     import torch
     from midas_data.pipelines import get_pipeline
 
@@ -78,14 +97,14 @@ def prepare_set(out: Path, name: str, k: int) -> Path:
     from midas_data.mining.stage import mine_misaligned
 
     torch.set_num_threads(1)
-    root = set_dir(out, name)
+    root = set_dir(out, name, warmup)
     if (root / "pairs" / "train").exists():
         return root
     pipeline, mods, opts = SETS[name]
     src = get_pipeline(pipeline)(modalities=list(mods), **opts)
     build_dataset(src["samples"], root, classes=src["classes"], modalities=src["modalities"],
                   overwrite=True, source=src["source"], progress=False)
-    extract_features(root, warmup_epochs=10, seed=0, progress=False, num_threads=1)
+    extract_features(root, warmup_epochs=warmup, seed=0, progress=False, num_threads=1)
     mine_misaligned(root, splits=("train",), k=k, report=True, progress=False)
     return root
 
@@ -101,11 +120,78 @@ def run_one(out: str, name: str, method: str, seed: int, epochs: int, overrides:
     cached = run_dir / "results.json"
     if cached.exists():
         return json.loads(cached.read_text())
-    cfg = TrainConfig.from_preset("mfeat", seed=seed, epochs=epochs, **{**METHODS.get(method, {}), **overrides})
+    settings = METHODS.get(STORED if stored_warmup(method) is not None else method, {})
+    cfg = TrainConfig.from_preset("mfeat", seed=seed, epochs=epochs, **{**settings, **overrides})
+    warm = stored_warmup(method)
+    if warm is not None:
+        res = train_stored(set_dir(Path(out), name, warm), run_dir, cfg)
+        res["extract_warmup_epochs"] = warm
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(res))
+        return res
     res = train(set_dir(Path(out), name), run_dir, cfg, progress=False, plots=seed == 0)
     for p in run_dir.glob("*.pt"):  # checkpoints are not needed for the report
         p.unlink()
     return res
+
+
+def train_stored(root: Path, run_dir: Path, cfg) -> dict:
+    """A user's loop: MidasObjective on the stream's stored confidences, no unimodal heads.
+
+    The model is the reference trainer's (same encoders, input standardisation and fused
+    head, so only the training path differs); its unimodal heads are never trained or used.
+    Same protocol otherwise: optimizer and batch size of `cfg`, `cfg.epochs` epochs (all of
+    them MIDAS epochs: the confidences come from `extract`'s warm-up models), best epoch on
+    validation accuracy (ties to the later epoch), test metrics of that epoch.
+    """
+    import copy
+    import math
+
+    import torch
+    from midas_data.trainers.metrics import evaluate
+    from midas_data.trainers.models import MultimodalModel
+
+    from midas_data import MidasDataset, MidasObjective, materialize_misaligned, open_dataset
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    cpu = torch.device("cpu")
+    model = MultimodalModel.from_dataset(open_dataset(root), cfg)
+    mods = model.modalities
+    params = [*model.encoders.parameters(), *model.fused_head.parameters()]
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stream = MidasDataset(root, "train", batch_size=cfg.batch_size, policy=cfg.policy, seed=cfg.seed,
+                          modalities=mods)
+    held = {s: MidasDataset(root, s, batch_size=cfg.eval_batch_size, policy="none", shuffle=False,
+                            modalities=mods, rank=0, world_size=1) for s in ("val", "test")}
+    objective = MidasObjective(lam=cfg.lam, eta=cfg.eta, alpha_update=cfg.alpha_update)
+
+    def fused(inputs: dict) -> torch.Tensor:
+        return model.fuse(model.encode(inputs))
+
+    best: dict = {"value": -math.inf, "epoch": -1}
+    alphas = []
+    for epoch in range(cfg.epochs):
+        stream.set_epoch(epoch)
+        model.train()
+        for batch in stream:
+            mis = materialize_misaligned(batch, mods)
+            loss = objective(fused(batch["inputs"]), fused(mis["inputs"]), batch, mis)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        alphas.append(objective.end_epoch())
+        val = evaluate(model, held["val"], cfg.seed, cpu)
+        if val["accuracy"] >= best["value"]:
+            best = {"value": val["accuracy"], "epoch": epoch, "val": val,
+                    "state": copy.deepcopy(model.state_dict())}
+    model.load_state_dict(best["state"])
+    test = evaluate(model, held["test"], cfg.seed, cpu)
+    test["unimodal_acc"] = {m: math.nan for m in mods}  # no unimodal heads on this path
+    test["uni_conf"] = {m: math.nan for m in mods}
+    return {"dataset": str(root), "config": cfg.to_dict(), "method": STORED, "modalities": mods,
+            "best_epoch": best["epoch"], "val": best["val"], "test": test, "alpha_trajectory": alphas,
+            "epochs_run": cfg.epochs, "wall_time_s": time.perf_counter() - t0}
 
 
 def sign_flip_p(diff: np.ndarray) -> float:
@@ -149,6 +235,7 @@ def summarise(all_results: dict, seeds: list[int], methods: list[str]) -> tuple[
             agg["per_seed_accuracy"] = [100 * r["accuracy"] for r in rows]
             agg["per_seed_misaligned"] = [100 * r["misaligned"] for r in rows]
             agg["per_seed_weak_only"] = [100 * r[f"only_{mods[1]}"] for r in rows]
+            agg["per_seed_only"] = {m: [100 * r[f"only_{m}"] for r in rows] for m in mods}
             summary[name][method] = agg
 
             def f(key: str, agg=agg) -> str:
@@ -159,9 +246,20 @@ def summarise(all_results: dict, seeds: list[int], methods: list[str]) -> tuple[
     return "\n".join(lines), summary
 
 
+def weak_view(joint: dict) -> str:
+    """A set's weak view: the modality whose unimodal probe is less accurate under Joint (the
+    second modality on the mfeat pairs and av, the noisy image on av-noisy)."""
+    return min(joint["per_seed_only"], key=lambda m: joint[f"uni_{m}"][0])
+
+
+def _kept(value: float, base: float, joint: float) -> str:
+    """The share of `base`'s gain over Joint that `value` keeps; n/a when `base` gains nothing."""
+    return f"{100 * (value - joint) / (base - joint):.0f}%" if base - joint > 0.05 else "n/a (no base gain)"
+
+
 def paired_table(summary: dict, base: str, methods: list[str]) -> str:
     lines = [f"| set | method | Δ val acc vs {base} | Δ accuracy vs {base} (points) | seeds better / tied / worse | "
-             "p (sign-flip) | Δ needed for p < 0.05 | misaligned kept | weak-only gain kept |",
+             "p (sign-flip) | Δ needed for p < 0.05 | misaligned gain kept | weak-view gain kept |",
              "|---|---|---|---|---|---|---|---|---|"]
     pooled: dict[str, list[float]] = {}
     for name, by_method in summary.items():
@@ -174,9 +272,8 @@ def paired_table(summary: dict, base: str, methods: list[str]) -> str:
             a = by_method[m]
             n = min(len(a["per_seed_accuracy"]), len(b["per_seed_accuracy"]))
             d = np.array(a["per_seed_accuracy"][:n]) - np.array(b["per_seed_accuracy"][:n])
-            gain_mis = (a["misaligned"][0] - j["misaligned"][0]) / max(b["misaligned"][0] - j["misaligned"][0], 1e-9)
-            wk = [k for k in a if k.startswith("only_")][-1]
-            gain_wk = (a[wk][0] - j[wk][0]) / max(b[wk][0] - j[wk][0], 1e-9)
+            wk = f"only_{weak_view(j)}"
+            kept_mis, kept_wk = (_kept(a[k][0], b[k][0], j[k][0]) for k in ("misaligned", wk))
             dv = a["val_accuracy"][0] - b["val_accuracy"][0]
             wins = f"{int((d > 1e-9).sum())} / {int((np.abs(d) <= 1e-9).sum())} / {int((d < -1e-9).sum())}"
             # about the smallest mean difference this seed-to-seed spread lets a paired test detect
@@ -184,12 +281,44 @@ def paired_table(summary: dict, base: str, methods: list[str]) -> str:
             need = f"{2.262 * sd / np.sqrt(n):.2f}" if sd > 0 else "n/a (no spread)"
             pooled.setdefault(m, []).extend(d.tolist())
             lines.append(f"| {name} | {m} | {dv:+.2f} | {d.mean():+.2f} | {wins} | {sign_flip_p(d):.3f} | "
-                         f"{need} | {100 * gain_mis:.0f}% | {100 * gain_wk:.0f}% |")
+                         f"{need} | {kept_mis} | {kept_wk} |")
     for m, d in pooled.items():  # every (set, seed) pair together: a weaker claim than per set
         d = np.asarray(d)
         lines.append(f"| all sets pooled | {m} | | {d.mean():+.2f} | {int((d > 1e-9).sum())} / "
                      f"{int((np.abs(d) <= 1e-9).sum())} / {int((d < -1e-9).sum())} | "
                      f"{sign_flip_p(d):.3f} | | | |")
+    return "\n".join(lines)
+
+
+def joint_table(summary: dict, methods: list[str]) -> str:
+    """Every method against Joint, paired by seed: accuracy, misaligned and weak-view accuracy.
+
+    The weak view is :func:`weak_view` of the set's Joint runs."""
+    head = " | ".join(f"Δ {k} (points) | better/tied/worse | p" for k in ("accuracy", "misaligned", "weak-only"))
+    lines = [f"| set | weak view | method | {head} |", "|---|---|---|" + "---|---|---|" * 3]
+    pooled: dict[str, list[list[float]]] = {}
+    for name, by_method in summary.items():
+        if "joint" not in by_method:
+            continue
+        j = by_method["joint"]
+        weak = weak_view(j)
+        for m in methods:
+            if m == "joint" or m not in by_method:
+                continue
+            a, cells = by_method[m], []
+            for x, y in ((a["per_seed_accuracy"], j["per_seed_accuracy"]),
+                         (a["per_seed_misaligned"], j["per_seed_misaligned"]),
+                         (a["per_seed_only"][weak], j["per_seed_only"][weak])):
+                n = min(len(x), len(y))
+                d = np.array(x[:n]) - np.array(y[:n])
+                pooled.setdefault(m, [[], [], []])[len(cells)].extend(d.tolist())
+                cells.append(f"{d.mean():+.2f} | {int((d > 1e-9).sum())}/{int((np.abs(d) <= 1e-9).sum())}/"
+                             f"{int((d < -1e-9).sum())} | {sign_flip_p(d):.3f}")
+            lines.append(f"| {name} | {weak} | {m} | {' | '.join(cells)} |")
+    for m, diffs in pooled.items():  # every (set, seed) pair together: a weaker claim than per set
+        cells = [f"{np.mean(d):+.2f} | {int((np.array(d) > 1e-9).sum())}/{int((np.abs(d) <= 1e-9).sum())}/"
+                 f"{int((np.array(d) < -1e-9).sum())} | {sign_flip_p(np.array(d)):.3f}" for d in diffs]
+        lines.append(f"| all sets pooled | | {m} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -228,7 +357,8 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     with ProcessPoolExecutor(args.jobs) as pool:
-        for f in as_completed([pool.submit(prepare_set, out, s, args.k) for s in sets]):
+        warmups = {EXTRACT_WARMUP} | {w for w in map(stored_warmup, methods) if w is not None}
+        for f in as_completed([pool.submit(prepare_set, out, s, args.k, w) for s in sets for w in warmups]):
             f.result()
         seeds_of = {m: parse_seeds(args.joint_seeds) if m == "joint" and args.joint_seeds else seeds
                     for m in methods}
@@ -241,9 +371,11 @@ def main() -> None:
     table, summary = summarise(results, sorted(set().union(*seeds_of.values())), methods)
     base = "random" if "random" in methods else methods[0]
     paired = paired_table(summary, base, methods)
+    versus_joint = joint_table(summary, methods)
     wall = time.perf_counter() - t0
     text = (f"Test metrics (%), mean ± std over seeds {seeds}; {args.epochs} epochs, best epoch on "
             f"validation.\n\n{table}\n\nPaired against {base} over seeds:\n\n{paired}\n\n"
+            f"Paired against joint over seeds:\n\n{versus_joint}\n\n"
             f"wall time {wall / 60:.1f} min on {args.jobs} process(es)\n")
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"seeds": seeds, "methods": methods, "epochs": args.epochs,

@@ -1,10 +1,12 @@
 """midas-data: MIDAS misaligned-sample augmentation against modality imbalance, as a data pipeline."""
 
+from midas_data.dataset.index_shards import index_shards
 from midas_data.dataset.reader import Dataset, SplitReader, open_dataset
 from midas_data.dataset.shards import Sample, build_dataset
 from midas_data.dataset.verify import verify_dataset
 from midas_data.errors import (
     CorruptShardError,
+    DiskFullError,
     MidasDataError,
     SchemaError,
     StaleArtifactError,
@@ -21,6 +23,7 @@ from midas_data.features.encoders import (
 from midas_data.features.extract import extract_features
 from midas_data.features.probe import crossfit_confidences
 from midas_data.features.tables import Features, read_features, write_features
+from midas_data.locking import OutputLockedError
 from midas_data.loss import (
     AlphaStats,
     accumulate,
@@ -36,12 +39,26 @@ from midas_data.loss import (
     weak_and_strong,
     weak_modality,
 )
-from midas_data.loss.batch import batch_alpha_stats, batch_misaligned_loss, misaligned_targets
+from midas_data.loss.alpha import (
+    DirectionSums,
+    authors_alpha_step,
+    authors_alpha_update,
+    authors_batch_ratios,
+    direction_sums,
+)
+from midas_data.loss.batch import (
+    aligned_loss,
+    batch_alpha_stats,
+    batch_misaligned_loss,
+    misaligned_targets,
+)
 from midas_data.mining.config import MineConfig
 from midas_data.mining.knn import DifferentLabelIndex, search_different_label
 from midas_data.mining.pairs import read_pairs
 from midas_data.mining.stage import mine_misaligned
+from midas_data.objective import MidasObjective
 from midas_data.options import SettingError
+from midas_data.storage import FetchError, RetryPolicy, ShardCache
 from midas_data.stream.dataset import MidasDataset, MidasLoader, collate, materialize_misaligned
 from midas_data.stream.partners import POLICIES, RESEARCH_POLICIES, PartnerOptions
 
@@ -66,9 +83,16 @@ __all__ = [
     "read_pairs",
     "register_encoder",
     "AlphaStats",
+    "DirectionSums",
+    "authors_alpha_step",
+    "authors_alpha_update",
+    "authors_batch_ratios",
+    "direction_sums",
     "MidasDataset",
     "MidasLoader",
+    "MidasObjective",
     "accumulate",
+    "aligned_loss",
     "batch_alpha_stats",
     "batch_misaligned_loss",
     "collate",
@@ -89,6 +113,8 @@ __all__ = [
     "RESEARCH_POLICIES",
     "PartnerOptions",
     "CorruptShardError",
+    "DiskFullError",
+    "OutputLockedError",
     "Dataset",
     "Features",
     "MidasDataError",
@@ -98,6 +124,10 @@ __all__ = [
     "StaleArtifactError",
     "UnsafeInputError",
     "build_dataset",
+    "index_shards",
+    "FetchError",
+    "RetryPolicy",
+    "ShardCache",
     "open_dataset",
     "read_features",
     "write_features",

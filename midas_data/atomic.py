@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from midas_data.locking import clear_owner, owner_is_gone, write_owner
+
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
@@ -82,15 +84,21 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     leaves the old or the new directory at `path`, never neither (plus, at worst, a `.tmp`
     sibling that the next run cleans up). Where the exchange is unsupported the old directory
     is moved aside first, which leaves a moment with no directory at `path`.
+
+    The temp directory records its owner (pid and host) until the swap; a leftover one is
+    removed only when its owner no longer runs, never while another writer fills it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if owner_is_gone(stale):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o755)
     try:
+        write_owner(tmp)
         yield tmp
+        clear_owner(tmp)
         _fsync_dir(tmp)
         if path.exists():
             if not overwrite:

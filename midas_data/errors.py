@@ -33,3 +33,12 @@ def where(file: object = None, key: object = None, field: object = None) -> str:
     if field is not None:
         parts.append(f"field {field!r}")
     return ", ".join(parts)
+
+
+class DiskFullError(MidasDataError):
+    """A write ran out of space (ENOSPC or a quota); the message says where and how much."""
+
+
+# What the command line reports as `error: ...` (exit 2) instead of a traceback: our own
+# errors, and the OS and value errors a stage raises on bad input or a broken file system.
+USER_ERRORS = (MidasDataError, OSError, ValueError)

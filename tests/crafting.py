@@ -178,7 +178,8 @@ def resign(root: Path, m: dict | None = None) -> dict:
             p = root / meta["index"]
             if p.is_file():
                 meta["index_sha256"] = file_sha256(p)
-        m["fingerprint"] = dataset_fingerprint(m["modalities"], m["classes"], m["shards"])
+        m["fingerprint"] = dataset_fingerprint(m["modalities"], m["classes"], m["shards"],
+                                               m["splits"])
     except (KeyError, TypeError, AttributeError, OSError, ValueError):
         pass  # a manifest broken on purpose: leave the rest as it is
     write_manifest(root, m)

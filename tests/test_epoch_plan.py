@@ -10,9 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from midas_data.stream.epoch_plan import (
+    MIN_ROWS,
     assign_partners,
     batch_spans,
     epoch_order,
+    fill_positions,
     matched_order,
     num_batches,
     offset_after_step,
@@ -21,6 +23,10 @@ from midas_data.stream.epoch_plan import (
 )
 
 N_VALUES = (0, 1, 2, 5, 17, 100, 101)
+# Sizes whose final step leaves fewer items than ranks (13, 14, 25, 26 with B=4, W=3; 15 with
+# B=7, W=2) or a rank a batch of one (17 with B=4, W=3; 9 with B=4, W=2; 29 with B=7, W=2),
+# besides those of N_VALUES; `test_last_step_cases_cover_the_traps` checks the coverage.
+LAST_STEP_N = (*N_VALUES, 9, 13, 14, 15, 25, 26, 29)
 BATCH_SIZES = (1, 4, 7)
 WORLD_SIZES = (1, 2, 3)
 WORKER_COUNTS = (0, 1, 2, 3)
@@ -73,6 +79,64 @@ def round_robin(per_worker: list[list[np.ndarray]]) -> list[np.ndarray]:
 def read_rank(order, offset, b, world, rank, workers) -> list[np.ndarray]:
     batches = rank_batches(order, offset, b, world, rank)
     return round_robin([worker_batches(batches, w, workers) for w in range(max(workers, 1))])
+
+
+def padded_rank_batches(order: np.ndarray, offset: int, batch_size: int, world_size: int,
+                        rank: int, *, pair_aligned: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``rank``'s batches as the stream builds them with ``last_batch="pad"``: (rows, valid),
+    the final batch's real items followed by its fill rows."""
+    n = len(order)
+    spans = batch_spans(n, offset, batch_size, world_size, rank, pair_aligned=pair_aligned)
+    fill = fill_positions(n, offset, batch_size, world_size, rank, pair_aligned=pair_aligned)
+    out = []
+    for k, (lo, hi) in enumerate(spans):
+        extra = fill if k == len(spans) - 1 else fill[:0]
+        rows = np.concatenate([order[lo:hi], order[extra]]).astype(np.int64)
+        out.append((rows, np.arange(len(rows)) < hi - lo))
+    return out
+
+
+def read_padded_rank(order, offset, b, world, rank, workers, *, pair_aligned=False):
+    batches = padded_rank_batches(order, offset, b, world, rank, pair_aligned=pair_aligned)
+    return round_robin([worker_batches(batches, w, workers) for w in range(max(workers, 1))])
+
+
+def check_padded_epoch(order: np.ndarray, offset: int, b: int, world: int, workers: int,
+                       case: str, *, pair_aligned: bool = False) -> list[list[tuple]]:
+    """The last-step contract of ``last_batch="pad"`` for one (offset, B, W, workers): every
+    real item of ``order[offset:]`` exactly once and in order, equal batch counts, no batch
+    empty or (for B >= 2) of one row, fill rows only in the final batch, after its real rows,
+    and only repeats of the split's items; the final step's real sizes (and padded sizes)
+    differ by at most one (two in units of pairs). Returns the ranks' batches."""
+    per_rank = [read_padded_rank(order, offset, b, world, r, workers, pair_aligned=pair_aligned)
+                for r in range(world)]
+    counts = [len(x) for x in per_rank]
+    assert len(set(counts)) == 1 and counts[0] == num_batches(len(order) - offset, b, world), (
+        f"Unequal batch counts {counts} ({case})")
+    smallest = min(MIN_ROWS, b)
+    real = []
+    for k in range(counts[0]):
+        for r in range(world):
+            rows, valid = per_rank[r][k]
+            assert len(rows) >= smallest, f"Batch of {len(rows)} rows on rank {r} ({case})"
+            assert len(rows) <= max(b, smallest), f"Oversized batch ({case})"
+            nv = int(valid.sum())
+            assert np.all(valid[:nv]) and not np.any(valid[nv:]), f"Fill rows before real rows ({case})"
+            if k < counts[0] - 1:
+                assert nv == len(rows) == b, f"Fill or short batch before the end ({case})"
+            assert np.all(np.isin(rows[~valid], order)), f"Fill row outside the split ({case})"
+            real.append(rows[valid])
+    got = np.concatenate(real) if real else np.empty(0, np.int64)
+    assert_exactly_once(got, order[offset:], case)
+    assert np.array_equal(got, order[offset:]), f"Incorrect sample order ({case})"
+    if counts[0]:
+        last = [per_rank[r][-1] for r in range(world)]
+        spread = 2 if pair_aligned else 1
+        reals = [int(v.sum()) for _, v in last]
+        sizes = [len(rows) for rows, _ in last]
+        assert max(reals) - min(reals) <= spread, f"Uneven final step {reals} ({case})"
+        assert max(sizes) - min(sizes) <= spread, f"Uneven padded final step {sizes} ({case})"
+    return per_rank
 
 
 # ---------------------------------------------------------------- epoch_order
@@ -146,6 +210,62 @@ def test_drop_last_drops_only_the_partial_step() -> None:
         assert counts == {n // (b * world)}, f"Unequal batch counts {counts}"
         got = remaining_items(order, 0, b, world, drop_last=True)
         assert np.array_equal(got, order[:kept]), "Incorrect sample order with drop_last"
+
+
+def test_last_step_cases_cover_the_traps() -> None:
+    """The sizes below include, for every world size, a final step with fewer items than
+    ranks and one that leaves a rank a single item (the empty batch and the batch of one)."""
+    fewer, single = set(), set()
+    for n, b, world in itertools.product(LAST_STEP_N, BATCH_SIZES, WORLD_SIZES):
+        rest = n % (b * world)
+        if 0 < rest < world:
+            fewer.add(world)
+        finals = [batch_spans(n, 0, b, world, r)[-1:] for r in range(world)]
+        if b >= 2 and rest and any(int(f[0, 1] - f[0, 0]) == 1 for f in finals):
+            single.add(world)
+    assert fewer == {2, 3} and single == {1, 2, 3}, (fewer, single)
+
+
+def test_padded_last_step_delivers_every_item_once_without_empty_or_single_batches() -> None:
+    for n, b, world, workers in itertools.product(LAST_STEP_N, BATCH_SIZES, WORLD_SIZES,
+                                                  WORKER_COUNTS):
+        order = epoch_order(n, 7, 3)
+        check_padded_epoch(order, 0, b, world, workers, f"n={n} B={b} W={world} workers={workers}")
+
+
+def test_padded_last_step_of_the_bundled_split_size() -> None:
+    """1,400 samples, B=233: three ranks get final real items [1, 1, 0], two ranks [1, 1]."""
+    order = epoch_order(1400, 0, 0)
+    for world, reals in ((3, [1, 1, 0]), (2, [1, 1])):
+        per_rank = check_padded_epoch(order, 0, 233, world, 0, f"n=1400 W={world}")
+        assert [int(v.sum()) for _, v in (r[-1] for r in per_rank)] == reals
+        assert [len(rows) for rows, _ in (r[-1] for r in per_rank)] == [2] * world
+
+
+def test_fill_rows_are_deterministic_distinct_repeats_from_the_order() -> None:
+    order = epoch_order(1399, 3, 5)
+    a = [fill_positions(1399, 0, 233, 3, r) for r in range(3)]
+    assert [x.tolist() for x in a] == [[0], [1, 2], [3, 4]], "fill slots count over ranks in order"
+    assert [x.tolist() for x in a] == [fill_positions(1399, 0, 233, 3, r).tolist() for r in range(3)]
+    rows = order[np.concatenate(a)]
+    assert len(set(rows.tolist())) == 5 and not np.isin(rows, order[-1:]).any(), (
+        "fill rows should repeat other samples than the final step's")
+    assert fill_positions(1398, 0, 233, 3, 0).size == 0, "a full final step needs no fill"
+    assert fill_positions(1, 0, 4, 2, 1).tolist() == [0, 0], "a one-sample split repeats it"
+    assert fill_positions(5, 0, 1, 3, 2).tolist() == [0], "B=1: pad empty batches to one row"
+    with pytest.raises(ValueError):
+        fill_positions(10, 0, 4, 2, 2)
+
+
+def test_padded_resume_with_any_world_size_and_workers_continues_the_order() -> None:
+    for n, b, world in itertools.product(LAST_STEP_N, BATCH_SIZES, WORLD_SIZES):
+        order = epoch_order(n, 11, 4)
+        k = num_batches(n, b, world)
+        for steps in sorted({0, 1, k // 2, k - 1, k} & set(range(k + 1))):  # start, middle, end
+            offset = min(steps * b * world, n)  # whole steps of the old world size
+            for new_world, workers in itertools.product(WORLD_SIZES, WORKER_COUNTS):
+                check_padded_epoch(order, offset, b, new_world, workers,
+                                   f"n={n} B={b} W={world}->{new_world} offset={offset}")
 
 
 def test_full_steps_give_each_rank_consecutive_slices() -> None:
@@ -349,6 +469,12 @@ def test_matched_pairs_never_straddle_batches(n, k, b, seed) -> None:
             assert np.array_equal(
                 remaining_items(order, offset, b, world, pair_aligned=True), order[offset:]
             ), "Incorrect sample order with pair_aligned"
+            padded = check_padded_epoch(order, offset, b, world, 0, f"paired n={n} B={b} W={world}",
+                                        pair_aligned=True)
+            where = np.full(n, -1)
+            for i, (rows, valid) in enumerate(x for r in padded for x in r):
+                where[rows[valid]] = i
+            assert np.all(where[both] == where[partner_of[both]]), "Pair straddles a padded batch"
 
 
 def test_matched_order_is_deterministic_and_varies_by_epoch() -> None:

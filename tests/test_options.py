@@ -16,7 +16,7 @@ from midas_data.trainers.config import PAPER_PRESETS, TrainConfig
 from midas_data.cli import main
 from midas_data.features.config import ExtractConfig
 from midas_data.mining.config import MineConfig
-from midas_data.mining.knn import INDEX_KINDS
+from midas_data.mining.knn import INDEX_CHOICES
 from midas_data.options import (
     SettingError,
     check_settings,
@@ -111,7 +111,7 @@ def test_every_command_documents_exactly_its_dataclass_defaults(command, cls, sk
         default = field_default(f)
         if default is not None and not isinstance(default, (list, tuple, dict)):
             assert f"[default: {default}]" in p.help, (f.name, p.help)
-    assert set(params) <= {"quiet", "resume", "preset"}, f"options not from {cls.__name__}: {params}"
+    assert set(params) <= {"quiet", "resume", "restart", "preset"}, f"options not from {cls.__name__}: {params}"
 
 
 def test_threads_default_is_one_in_the_cli_and_the_python_api():
@@ -123,10 +123,10 @@ def test_threads_default_is_one_in_the_cli_and_the_python_api():
 
 def test_mine_index_choices_are_the_knn_constant():
     f = {f.name: f for f in dataclasses.fields(MineConfig)}["index"]
-    assert f.metadata["choices"] == INDEX_KINDS
+    assert f.metadata["choices"] == INDEX_CHOICES
     cmd = main.get_command(click.Context(main), "mine-misaligned")
     index = next(p for p in cmd.params if p.name == "index")
-    assert tuple(index.type.choices) == INDEX_KINDS
+    assert tuple(index.type.choices) == INDEX_CHOICES
     with pytest.raises(SettingError, match="MineConfig.index='tpu'"):
         MineConfig(index="tpu")
 

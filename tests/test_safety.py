@@ -130,6 +130,8 @@ def _read(root: Path, how: str, split: str = "train") -> list[dict]:
         out = []
         for batch in MidasDataset(root, split, batch_size=4, policy="random", seed=0):
             for b, key in enumerate(batch["key"]):
+                if not batch["valid"][b]:
+                    continue  # a fill row: a repeat padding the epoch's last batch
                 d = {"__key__": key, "label": int(batch["label"][b])}
                 d.update((m, batch["inputs"][m][b].numpy()) for m in batch["inputs"])
                 out.append(d)
@@ -317,8 +319,10 @@ def test_a_pickle_bomb_checkpoint_is_refused(tmp_path, marker):
 
     path = tmp_path / "last.pt"
     torch.save({"format_version": 1, "model": Bomb(marker)}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(MidasDataError) as info:  # refused as unpicklable, named, no unsafe advice
         artifacts.load_checkpoint(path)
+    assert isinstance(info.value.__context__, pickle.UnpicklingError)
+    assert str(path) in str(info.value) and "weights_only" not in str(info.value)
     assert not marker.exists()
 
 
@@ -612,6 +616,9 @@ def test_huge_manifest_sizes_never_allocate(ds, pristine):
     resign_keep = manifest(ds)
     from midas_data.dataset.manifest import file_sha256
     resign_keep["splits"]["train"]["index_sha256"] = file_sha256(ds / "index" / "train.arrow")
+    from midas_data.dataset.manifest import dataset_fingerprint  # the digest is in the fingerprint
+    resign_keep["fingerprint"] = dataset_fingerprint(
+        resign_keep["modalities"], resign_keep["classes"], resign_keep["shards"], resign_keep["splits"])
     write_manifest(ds, resign_keep)
     t0 = time.perf_counter()
     _assert_delivers(ds, pristine)

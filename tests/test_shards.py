@@ -633,3 +633,335 @@ def test_tar_members_have_fixed_metadata(tiny_dataset):
                            for m in members)
     assert [m.name for m in members[:3]] == [f"{sr.keys[0]}.cls", f"{sr.keys[0]}.fac.npy",
                                              f"{sr.keys[0]}.mor.npy"]
+
+
+# ------------------------------------------------------------------ writer: tar bytes by hand
+
+
+def _tarinfo_bytes(name: str, size: int) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o444, 0, 0, "", ""
+    return ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize("name", ["k.cls", "s-001.vec.npy", "a" * 96 + ".npy", "b" * 100,
+                                  "c" * 101, "d" * 300 + ".x.npy", "e" * 511 + ".f"])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 4224, 8 ** 11 - 1])
+def test_tar_header_is_byte_identical_to_tarfile(name, size):
+    assert shards_mod.tar_header(name, size) == _tarinfo_bytes(name, size)
+
+
+@pytest.mark.parametrize("size", [-1, 8 ** 11])
+def test_tar_header_refuses_a_size_its_field_cannot_hold(size):
+    with pytest.raises(ValueError, match="does not fit"):
+        shards_mod.tar_header("k.x.npy", size)
+
+
+@pytest.mark.parametrize("n_members", [0, 1, 3, 19, 20, 21])
+def test_tar_end_pads_like_tarfile(n_members):
+    import io
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for i in range(n_members):
+            data = bytes(range(i % 7)) * 100
+            ti = tarfile.TarInfo(f"k{i}.x.npy")
+            ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o444, 0, 0, "", ""
+            tf.addfile(ti, io.BytesIO(data))
+        body = buf.tell()
+    ours = b"".join(_tarinfo_bytes(f"k{i}.x.npy", len(bytes(range(i % 7)) * 100))
+                    + bytes(range(i % 7)) * 100 + bytes(-len(bytes(range(i % 7)) * 100) % 512)
+                    for i in range(n_members))
+    assert len(ours) == body
+    assert ours + shards_mod.tar_end(len(ours)) == buf.getvalue()
+
+
+def test_shards_are_byte_identical_to_tarfile_writing_the_same_members(tmp_path, mixed):
+    """The hand-written tar stream equals what the previous tarfile-based writer wrote:
+    each shard rebuilt with tarfile from the index and the stored payloads, byte for byte
+    (long keys, which need GNU long-name headers, included)."""
+    import io
+
+    samples, _ = mixed
+    rng = np.random.default_rng(0)
+    longs = [Sample("L" * (95 + i), CLASSES[i % 3], {m: s.payloads[m] for m in MODS},
+                    source="long-keys") for i, s in enumerate(samples[:8])]
+    for s in longs:
+        s.payloads = {**s.payloads, "vec": rng.standard_normal(8).astype(np.float32)}
+    build_mixed(samples + longs, tmp_path / "ds", shard_max_count=5)
+    ds = open_dataset(tmp_path / "ds")
+    checked = 0
+    for split in ds.splits:
+        sr = ds.split(split)
+        for shard_no, path in enumerate(sr.shard_paths):
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+                for row in np.flatnonzero(sr.shard == shard_no):
+                    members = [(f"{sr.keys[row]}.cls", str(int(sr.labels[row])).encode())]
+                    members += [(sr.member_name(int(row), m), sr.read_raw(int(row), m)) for m in MODS]
+                    for name, data in members:
+                        ti = tarfile.TarInfo(name)
+                        ti.size, ti.mtime, ti.mode = len(data), 0, 0o444
+                        ti.uid = ti.gid = 0
+                        ti.uname = ti.gname = ""
+                        tf.addfile(ti, io.BytesIO(data))
+            assert path.read_bytes() == buf.getvalue(), path
+            checked += 1
+    assert checked >= 8
+    assert any(len(k) > 100 for k in ds.split("train").keys + ds.split("test").keys
+               + ds.split("val").keys)
+    assert ds.verify() == []
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", "<i2", ">u8", "?", "<c16", "|u1"])
+@pytest.mark.parametrize("shape", [(), (0,), (3,), (2, 3), (1, 1, 5)])
+def test_encoded_npy_bytes_equal_np_save_on_first_and_cached_use(dtype, shape):
+    from midas_data.dataset.formats import encode_array
+
+    rng = np.random.default_rng(1)
+    for _ in range(3):  # the first call writes the header with np.save, later ones reuse it
+        x = (rng.standard_normal(shape) * 100).astype(dtype)
+        enc = encode_array(x)
+        assert enc.data == npy_bytes(x)
+        assert (enc.dtype, tuple(enc.shape)) == (np.dtype(dtype).name, shape)
+
+
+# ------------------------------------------------------------------ batch reads
+
+
+def test_read_batch_equals_reading_sample_by_sample(tmp_path, mixed):
+    samples, expected = mixed
+    build_mixed(samples, tmp_path / "ds")
+    sr = open_dataset(tmp_path / "ds").split("train")
+    rng = np.random.default_rng(3)
+    rows = np.concatenate([rng.permutation(len(sr)), [0, 0, -1, -len(sr)]])  # repeats, negatives
+    batch = sr.read_batch(rows)
+    one_by_one = sr.get_many_per_sample(rows)
+    assert batch["key"] == [d["__key__"] for d in one_by_one]
+    assert batch["label"].dtype == np.int64
+    assert batch["label"].tolist() == [d["label"] for d in one_by_one]
+    for m in ("vec", "mat", "img"):  # fixed shapes: one batch array
+        assert isinstance(batch["inputs"][m], np.ndarray) and len(batch["inputs"][m]) == len(rows)
+    for i, d in enumerate(one_by_one):
+        for m in MODS:
+            assert_decoded_equal(batch["inputs"][m][i], d[m], m)
+            assert_decoded_equal(d[m], expected[d["__key__"]][m][1], m)
+    many = sr.get_many(rows)
+    for a, b in zip(many, one_by_one):
+        assert a["__key__"] == b["__key__"] and a["label"] == b["label"]
+        for m in MODS:
+            assert_decoded_equal(a[m], b[m], m)
+    empty = sr.read_batch(np.array([], np.int64))
+    assert empty["key"] == [] and empty["inputs"]["vec"].shape == (0, 8)
+    with pytest.raises(IndexError, match="outside split"):
+        sr.read_batch([0, len(sr)])
+
+
+def test_read_batch_spans_chunks_and_shards(tmp_path, monkeypatch):
+    import midas_data.dataset.reader as reader_mod
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((50, 6)).astype(np.float32)
+    build_dataset([Sample(f"k{i:02d}", i % 2, {"x": x[i]}, split="train") for i in range(50)],
+                  tmp_path / "ds", classes=["a", "b"], shard_max_count=7, progress=False)
+    monkeypatch.setattr(reader_mod, "READ_CHUNK_ROWS", 4)
+    sr = open_dataset(tmp_path / "ds").split("train")
+    rows = rng.permutation(50)
+    got = sr.read_batch(rows)["inputs"]["x"]
+    np.testing.assert_array_equal(got, x[rows])
+    monkeypatch.setattr(reader_mod, "READ_CHUNK_BYTES", 1)  # every sample its own chunk
+    np.testing.assert_array_equal(sr.read_batch(rows)["inputs"]["x"], x[rows])
+
+
+def _vec_dataset(out: Path, n: int = 12) -> tuple[Path, np.ndarray]:
+    x = np.random.default_rng(2).standard_normal((n, 4)).astype(np.float32)
+    build_dataset([Sample(f"v{i:02d}", i % 2, {"vec": x[i]}, split="train") for i in range(n)],
+                  out, classes=["a", "b"], shard_max_count=n, progress=False)
+    return out, x
+
+
+def test_npy_header_cache_returns_numpys_parse_for_each_distinct_header():
+    from midas_data.dataset import formats
+
+    seen = []
+    for x in [np.zeros(3, np.float32), np.zeros(4, np.float32), np.ones((2, 3), ">i2"),
+              np.arange(5.0), np.zeros((), np.uint8)]:
+        for version in ((1, 0), (2, 0)):
+            import io
+
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, x, version=version)
+            data = buf.getvalue()
+            hit = formats.npy_header_cached(data)
+            assert hit == formats.npy_header(data)
+            assert formats.npy_header_cached(data + b"tail") == hit  # keyed by the header only
+            seen.append(hit)
+    # format 1.0 and 2.0 headers of an array are different bytes with the same meaning;
+    # different arrays never share a parse
+    assert len({(s, d.str) for s, _, d, _ in seen}) == len(seen) // 2
+    with pytest.raises(ValueError, match="magic"):
+        formats.npy_header_cached(b"\x93NUMPX" + bytes(20))
+    with pytest.raises(ValueError, match="version"):
+        formats.npy_header_cached(b"\x93NUMPY\x03\x00" + bytes(20))
+    with pytest.raises(ValueError, match="claims"):
+        formats.npy_header_cached(npy_bytes(np.zeros(3, np.float32))[:30])
+
+
+def test_batch_read_decodes_a_payload_whose_header_is_spelled_differently(tmp_path):
+    """A payload of the manifest's dtype and shape under another header (format 2.0) is not
+    the cached header: it is decoded on its own, to the right values."""
+    import io
+
+    from crafting import plant_payload, resign
+
+    root, x = _vec_dataset(tmp_path / "ds")
+    other = np.arange(4, dtype=np.float32) * 7
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, other, version=(2, 0))
+    key, _ = plant_payload(root, "train", "vec", buf.getvalue())
+    resign(root)
+    sr = open_dataset(root).split("train")
+    row = sr.row(key)
+    got = sr.read_batch(np.arange(len(sr)))["inputs"]["vec"]
+    want = x.copy()
+    want[row] = other
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(sr.get(key)["vec"], other)
+
+
+@pytest.mark.parametrize("bad", ["dtype", "shape", "fortran"])
+def test_batch_read_refuses_a_payload_of_another_dtype_or_shape_naming_it(tmp_path, bad):
+    from crafting import plant_payload, resign
+
+    root, _ = _vec_dataset(tmp_path / "ds")
+    arr = {"dtype": np.zeros(4, np.float64), "shape": np.zeros(5, np.float32),
+           "fortran": np.asfortranarray(np.zeros((2, 2), np.float32))}[bad]
+    key, shard = plant_payload(root, "train", "vec", npy_bytes(arr))
+    resign(root)
+    sr = open_dataset(root).split("train")
+    for read in (lambda: sr.read_batch(np.arange(len(sr))), lambda: sr.get_many(np.arange(len(sr))),
+                 lambda: sr.read_batch([sr.row(key), 0])):
+        with pytest.raises(SchemaError) as info:
+            read()
+        _assert_names(str(info.value), shard.name, repr(key), "'vec'", "manifest says")
+
+
+@pytest.mark.parametrize("where_", ["data", "npy header", "tar name", "tar size"])
+def test_batch_read_detects_a_flipped_byte_in_any_part_of_a_payload(tmp_path, where_):
+    root, _ = _vec_dataset(tmp_path / "ds")
+    sr = open_dataset(root).split("train")
+    row = 5
+    off = int(sr.member["vec"][0][row])
+    pos = {"data": off + 128 + 3, "npy header": off + 20, "tar name": off - 512 + 1,
+           "tar size": off - 512 + 124 + 10}[where_]
+    shard = sr.shard_paths[int(sr.shard[row])]
+    raw = bytearray(shard.read_bytes())
+    raw[pos] ^= 0x04
+    shard.write_bytes(bytes(raw))
+    sr = open_dataset(root).split("train")
+    with pytest.raises(CorruptShardError) as info:
+        sr.read_batch(np.arange(len(sr))[::-1])
+    _assert_names(str(info.value), shard.name, repr(sr.keys[row]), "'vec'")
+    assert ("checksum" in str(info.value)) == (where_ in ("data", "npy header"))
+    good = np.array([r for r in range(len(sr)) if r != row])
+    assert len(sr.read_batch(good)["key"]) == len(good)  # the others still read
+
+
+# ------------------------------------------------------------------ worker queue transport
+
+
+def test_packed_batches_unpack_to_equal_tensors_through_pickle():
+    import pickle
+
+    import torch
+
+    from midas_data.dataset.transport import PackedBatch, pack_batch, unpack_batch
+
+    batch = {"key": ["a", "b"], "label": torch.tensor([1, 2]),
+             "inputs": {"x": torch.randn(2, 3, 5)[:, :, ::2], "t": ["s1", "s2"],
+                        "h": torch.randn(2, 4).to(torch.bfloat16)},
+             "mask": torch.tensor([True, False]), "scalar": torch.tensor(3.5, dtype=torch.float64),
+             "empty": torch.zeros(0, 7), "nan": torch.tensor([float("nan"), 1.0]),
+             "pair": (torch.arange(3, dtype=torch.int16), 4), "stream_state": {"offset": 64}}
+    packed = pickle.loads(pickle.dumps(pack_batch(batch)))
+    assert isinstance(packed, PackedBatch)
+    got = unpack_batch(packed)
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return (a.dtype == b.dtype and a.shape == b.shape
+                    and torch.equal(torch.nan_to_num(a.float()), torch.nan_to_num(b.float()))
+                    and bool((a.float().isnan() == b.float().isnan()).all()))
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, list | tuple):
+            return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+        return a == b
+
+    assert same(got, batch)
+    assert got["inputs"]["x"].untyped_storage().data_ptr() == got["label"].untyped_storage().data_ptr()
+    got["label"][0] = 9  # writable
+    assert unpack_batch(batch) is batch  # a batch made in-process passes through
+
+
+def test_packed_batches_cross_dataloader_workers(tmp_path):
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from midas_data.dataset.transport import pack_batch, unpack_batch
+
+    class Batches(IterableDataset):
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            for i in range(info.id, 6, info.num_workers):
+                yield pack_batch({"i": i, "x": torch.full((4, 3), float(i)), "k": [str(i)] * 4})
+
+    got = sorted((unpack_batch(b) for b in DataLoader(Batches(), batch_size=None, num_workers=2)),
+                 key=lambda b: b["i"])
+    assert [b["i"] for b in got] == list(range(6))
+    for b in got:
+        assert torch.equal(b["x"], torch.full((4, 3), float(b["i"]))) and b["k"] == [str(b["i"])] * 4
+
+
+def test_torch_batch_of_a_batch_read_equals_collate_of_samples(tmp_path, mixed):
+    import torch
+
+    from midas_data import collate
+    from midas_data.dataset.transport import torch_batch
+
+    samples, _ = mixed
+    build_mixed(samples, tmp_path / "ds")
+    sr = open_dataset(tmp_path / "ds").split("train")
+    rows = np.random.default_rng(4).permutation(len(sr))
+    mods = ["vec", "mat", "img", "txt"]  # the fixed shapes and text (ragged audio cannot stack)
+    got = torch_batch(sr.read_batch(rows, mods))
+    want = collate(sr.get_many_per_sample(rows, mods), mods)
+    assert got["key"] == want["key"] and torch.equal(got["label"], want["label"])
+    assert got["label"].dtype == torch.int64
+    for m in mods:
+        if m == "txt":
+            assert got["inputs"][m] == want["inputs"][m]
+        else:
+            assert got["inputs"][m].dtype == want["inputs"][m].dtype
+            assert torch.equal(got["inputs"][m], want["inputs"][m])
+
+
+def test_pinning_a_packed_batch_pins_its_one_buffer(monkeypatch):
+    import torch
+
+    from midas_data.dataset.transport import pack_batch, unpack_batch
+
+    pinned = []
+
+    def fake_pin(self, *args):  # CPU-only torch cannot pin: record what would be pinned
+        out = self.clone()
+        pinned.append(out)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    packed = pack_batch({"x": torch.arange(6.0).reshape(2, 3), "y": torch.tensor([1, 2])})
+    got = unpack_batch(torch.utils.data._utils.pin_memory.pin_memory(packed))
+    assert len(pinned) == 1  # one buffer, not one call per tensor
+    for t in got.values():
+        assert t.untyped_storage().data_ptr() == pinned[0].untyped_storage().data_ptr()
+    assert torch.equal(got["x"], torch.arange(6.0).reshape(2, 3))

@@ -42,25 +42,61 @@ def uneven(tmp_path_factory) -> Path:
     return _dataset(tmp_path_factory.mktemp("stream") / "ds")
 
 
-def _epoch_keys(root, world, workers, batch_size=4, epoch=0, policy="random", **kw) -> list[list[list[str]]]:
-    """Per rank, the list of batches (lists of keys) of one epoch."""
+def _epoch_batches(root, world, workers, batch_size=4, epoch=0, policy="random", **kw) -> list[list[dict]]:
+    """Per rank, the batches of one epoch."""
     out = []
     for rank in range(world):
         ds = MidasDataset(root, batch_size=batch_size, rank=rank, world_size=world, policy=policy, **kw)
         ds.set_epoch(epoch)
-        out.append([b["key"] for b in MidasLoader(ds, num_workers=workers)])
+        out.append(list(MidasLoader(ds, num_workers=workers)))
     return out
 
 
+def real_keys(batch: dict) -> list[str]:
+    """The keys of a batch's real rows (fill rows, `valid == False`, are repeats)."""
+    return [k for k, v in zip(batch["key"], batch["valid"].tolist()) if v]
+
+
+def _epoch_keys(root, world, workers, batch_size=4, epoch=0, policy="random", **kw) -> list[list[list[str]]]:
+    """Per rank, the list of batches (lists of the real rows' keys) of one epoch."""
+    return [[real_keys(b) for b in batches]
+            for batches in _epoch_batches(root, world, workers, batch_size, epoch, policy, **kw)]
+
+
+def assert_fill_rows_masked(batch: dict) -> None:
+    """Fill rows: valid False, weight 0, no partner, lent to no real row; real rows weight 1."""
+    valid, weight = batch["valid"], batch["weight"]
+    assert valid.dtype == torch.bool and weight.dtype == torch.float32
+    assert valid.shape == weight.shape == batch["label"].shape == batch["row"].shape
+    assert len(batch["key"]) == len(valid)
+    assert torch.equal(weight, valid.float()), "weight must be 1 on real rows and 0 on fill rows"
+    if "partner" in batch:
+        p = batch["partner"]
+        assert torch.all(p[~valid] == -1), "a fill row got a misaligned partner"
+        assert torch.all(valid[p[p >= 0]]), "a real row took a modality from a fill row"
+        assert torch.all(batch["hard_weight"][~valid] == 0) and torch.all(batch["partner_weight"][~valid] == 0)
+
+
+# 61 samples: B=4 leaves one item for W=1 (a batch of one) and W=3 (fewer items than ranks),
+# B=10 one item for W=2 and W=3.
+@pytest.mark.parametrize("batch_size", [4, 10])
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("workers", [0, 1, 2, 3])
-def test_every_item_delivered_once_across_ranks_and_workers(uneven, world, workers):
-    per_rank = _epoch_keys(uneven, world, workers)
-    keys = [k for batches in per_rank for b in batches for k in b]
+def test_every_item_delivered_once_across_ranks_and_workers(uneven, world, workers, batch_size):
+    per_rank = _epoch_batches(uneven, world, workers, batch_size=batch_size)
+    keys = [k for batches in per_rank for b in batches for k in real_keys(b)]
     assert len(keys) == len(set(keys)), "Duplicate samples"
     assert set(keys) == {f"s{i:04d}" for i in range(61)}, "Missing samples"
     counts = {len(batches) for batches in per_rank}
     assert len(counts) == 1, f"unequal batch counts per rank: {[len(b) for b in per_rank]}"
+    for batches in per_rank:
+        for k, b in enumerate(batches):
+            assert len(b["key"]) >= 2, f"a batch of {len(b['key'])} rows"
+            assert_fill_rows_masked(b)
+            if k < len(batches) - 1:
+                assert bool(b["valid"].all()) and len(b["key"]) == batch_size
+    last_real = [int(batches[-1]["valid"].sum()) for batches in per_rank]
+    assert max(last_real) - min(last_real) <= 1, f"uneven last step {last_real}"
 
 
 def test_order_does_not_depend_on_worker_count(uneven):
@@ -113,7 +149,7 @@ def test_resume_gives_identical_remaining_sequence(uneven, old_world, new_world,
     iters = [iter(ld) for ld in loaders]
     for _ in range(2):
         for it in iters:
-            consumed.extend(next(it)["key"])
+            consumed.extend(real_keys(next(it)))
     state = loaders[0].state_dict()
     assert state["offset"] == 2 * batch * old_world
     # resume with another world size and worker count; read the remaining global order
@@ -121,7 +157,7 @@ def test_resume_gives_identical_remaining_sequence(uneven, old_world, new_world,
     for r in range(new_world):
         ds = MidasDataset(uneven, batch_size=batch, rank=r, world_size=new_world)
         ds.load_state_dict(json.loads(json.dumps(state)))
-        resumed.append([b["key"] for b in MidasLoader(ds, num_workers=new_workers)])
+        resumed.append([real_keys(b) for b in MidasLoader(ds, num_workers=new_workers)])
     assert len({len(b) for b in resumed}) == 1, "unequal batch counts after resume"
     rest = [k for step in range(len(resumed[0])) for r in range(new_world) for k in resumed[r][step]]
     assert sorted(consumed) == sorted(full_seq[: len(consumed)])
@@ -134,17 +170,93 @@ def test_in_process_state_dict_tracks_consumed_items(uneven):
     next(it)
     next(it)
     assert ds.state_dict()["offset"] == 10
-    rest = [k for b in it for k in b["key"]]
+    rest = [k for b in it for k in real_keys(b)]
     ds2 = MidasDataset(uneven, batch_size=5)
     ds2.load_state_dict({"seed": 0, "epoch": 0, "offset": 10, "num_samples": 61, "policy": "random"})
-    assert [k for b in ds2 for k in b["key"]] == rest
+    assert [k for b in ds2 for k in real_keys(b)] == rest
 
 
 def test_next_iteration_rolls_over_to_next_epoch(uneven):
     ds = MidasDataset(uneven, batch_size=8)
-    first = [k for b in ds for k in b["key"]]
-    second = [k for b in ds for k in b["key"]]
+    first = [k for b in ds for k in real_keys(b)]
+    second = [k for b in ds for k in real_keys(b)]
     assert ds.epoch == 1 and sorted(first) == sorted(second) and first != second
+
+
+def test_last_step_modes(uneven):
+    """61 samples, B=4, W=3: the final step holds one item. pad: [2, 2, 2] rows of which
+    [1, 0, 0] real; uneven: the old [1, 0, 0]; drop (and its alias drop_last): left out."""
+    def last_sizes(**kw) -> tuple[list[int], list[int], int]:
+        per_rank = _epoch_batches(uneven, 3, 0, **kw)
+        assert len({len(b) for b in per_rank}) == 1
+        keys = [k for batches in per_rank for b in batches for k in real_keys(b)]
+        assert len(keys) == len(set(keys))
+        return ([len(b[-1]["key"]) for b in per_rank], [int(b[-1]["valid"].sum()) for b in per_rank],
+                len(keys))
+
+    assert last_sizes() == ([2, 2, 2], [1, 0, 0], 61)
+    assert last_sizes(last_batch="pad") == ([2, 2, 2], [1, 0, 0], 61)
+    assert last_sizes(last_batch="uneven") == ([1, 0, 0], [1, 0, 0], 61)
+    assert last_sizes(last_batch="drop") == ([4, 4, 4], [4, 4, 4], 60)
+    assert last_sizes(drop_last=True) == ([4, 4, 4], [4, 4, 4], 60)
+    assert MidasDataset(uneven, batch_size=4, drop_last=True).last_batch == "drop"
+    empty = _epoch_batches(uneven, 3, 0, last_batch="uneven")[2][-1]
+    assert empty["inputs"]["a"].shape == (0, 4) and empty["valid"].shape == (0,)
+    with pytest.raises(ValueError, match="last_batch must be one of"):
+        MidasDataset(uneven, batch_size=4, last_batch="fill")
+    with pytest.raises(ValueError, match="drop_last=True.*uneven"):
+        MidasDataset(uneven, batch_size=4, last_batch="uneven", drop_last=True)
+
+
+def test_fill_rows_repeat_real_samples_deterministically_and_get_no_partners(uneven):
+    a = _epoch_batches(uneven, 3, 0, batch_size=4, epoch=2)
+    b = _epoch_batches(uneven, 3, 2, batch_size=4, epoch=2)
+    fills = [[k for k, v in zip(x[-1]["key"], x[-1]["valid"].tolist()) if not v] for x in a]
+    assert fills == [[k for k, v in zip(x[-1]["key"], x[-1]["valid"].tolist()) if not v] for x in b]
+    assert [len(f) for f in fills] == [1, 2, 2]
+    everything = {k for batches in a for bt in batches for k in real_keys(bt)}
+    assert set(sum(fills, [])) <= everything
+    assert fills != [[k for k, v in zip(x[-1]["key"], x[-1]["valid"].tolist()) if not v]
+                     for x in _epoch_batches(uneven, 3, 0, batch_size=4, epoch=3)]
+    for batches in a:
+        assert_fill_rows_masked(batches[-1])
+        mis = materialize_misaligned(batches[-1])
+        assert len(mis["anchor"]) == 0, "a single real row (or none) has no misaligned partner"
+
+
+def test_materialize_misaligned_ignores_fill_rows(uneven):
+    b = next(iter(MidasDataset(uneven, batch_size=8)))
+    full = materialize_misaligned(b)
+    valid = b["valid"].clone()
+    valid[-3:] = False  # as if the last three rows were fill: no sample may use them
+    masked = materialize_misaligned({**b, "valid": valid})
+    rows = torch.stack([masked["anchor"], b["partner"][masked["anchor"], masked["swapped"]]])
+    assert len(masked["anchor"]) < len(full["anchor"]) and bool(valid[rows].all())
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_iterating_again_after_break_continues_from_the_consumed_batches(uneven, workers):
+    """A pass left early (break) continues where it stopped, for every worker count, as
+    state_dict() says; a pass run to its end rolls over to the next epoch."""
+    ref = _epoch_keys(uneven, 1, 0, batch_size=4, epoch=0)[0]
+    loader = MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=workers)
+    first = []
+    for b in loader:
+        first.append(real_keys(b))
+        if len(first) == 3:
+            break
+    assert loader.state_dict()["offset"] == 12 and loader.state_dict()["epoch"] == 0
+    assert len(loader) == len(ref) - 3
+    rest = [real_keys(b) for b in loader]
+    assert first + rest == ref, "Incorrect sample order: the pass after break did not continue"
+    assert loader.state_dict()["epoch"] == 0 and loader.state_dict()["offset"] == 61
+    again = [real_keys(b) for b in loader]
+    assert loader.dataset.epoch == 1 and again == _epoch_keys(uneven, 1, 0, epoch=1)[0]
+
+
+def test_loader_refuses_persistent_workers(uneven):
+    with pytest.raises(ValueError, match="persistent_workers"):
+        MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=1, persistent_workers=True)
 
 
 def test_resume_state_from_other_dataset_is_refused(uneven, tmp_path):
@@ -179,7 +291,7 @@ def test_skip_mode_reports_what_it_skipped_and_keeps_the_rest(tmp_path):
     _flip_payload_byte(root, "s0030")
     keys, skipped = [], []
     for b in MidasLoader(MidasDataset(root, batch_size=4, on_error="skip"), num_workers=2):
-        keys.extend(b["key"])
+        keys.extend(real_keys(b))
         skipped.extend(b["skipped"])
     assert skipped == ["s0030"]
     assert sorted(keys) == sorted(f"s{i:04d}" for i in range(61) if i != 30)
@@ -211,7 +323,7 @@ import torch.distributed as dist
 from midas_data.stream.dataset import MidasDataset, MidasLoader
 dist.init_process_group("gloo")
 ds = MidasDataset(sys.argv[1], batch_size=4)
-keys = [b["key"] for b in MidasLoader(ds, num_workers=1)]
+keys = [[k for k, v in zip(b["key"], b["valid"].tolist()) if v] for b in MidasLoader(ds, num_workers=1)]
 with open(os.path.join(sys.argv[2], f"rank{dist.get_rank()}.json"), "w") as f:
     json.dump({"world": dist.get_world_size(), "batches": keys}, f)
 dist.barrier()
@@ -264,7 +376,7 @@ def test_mined_policy_pairs_mined_neighbours_in_the_same_batch_once(mined, worke
     ds = MidasDataset(mined, batch_size=8, policy="mined")
     keys, matched = [], 0
     for b in MidasLoader(ds, num_workers=workers):
-        keys.extend(b["key"])
+        keys.extend(real_keys(b))
         rows = b["row"].tolist()
         for i, r in enumerate(rows):
             j = int(b["partner"][i, 0])
@@ -272,6 +384,29 @@ def test_mined_policy_pairs_mined_neighbours_in_the_same_batch_once(mined, worke
                 matched += 1
     assert sorted(keys) == sorted(ds.reader.keys), "Missing or duplicate samples"
     assert matched >= len(keys) // 2, f"only {matched} of {len(keys)} anchors got a mined partner"
+
+
+@pytest.mark.parametrize("batch_size,world", [(26, 3), (6, 3), (38, 2)])
+def test_mined_policy_pads_the_last_step_without_splitting_pairs(mined, batch_size, world):
+    """80 anchors: B=26, W=3 leaves one pair for three ranks, B=6, W=3 eight items, B=38, W=2
+    two pairs; matched pairs stay together, fill rows pad the short ranks and get no partner."""
+    per_rank = _epoch_batches(mined, world, 0, batch_size=batch_size, policy="mined")
+    ds = MidasDataset(mined, batch_size=batch_size, policy="mined")
+    _, partner_of = ds.partners.order(ds.seed, 0)
+    where = {}
+    for r, batches in enumerate(per_rank):
+        assert len(batches) == len(per_rank[0]), "unequal batch counts"
+        for k, b in enumerate(batches):
+            assert len(b["key"]) >= 2
+            assert_fill_rows_masked(b)
+            for row in b["row"][b["valid"]].tolist():
+                assert row not in where, "Duplicate samples"
+                where[row] = (r, k)
+    assert sorted(where) == list(range(80)), "Missing samples"
+    if batch_size == 26:  # the last pair goes to the last rank; the others are padded
+        assert [int((~b[-1]["valid"]).sum()) for b in per_rank] == [2, 2, 0]
+    paired = [(i, int(j)) for i, j in enumerate(partner_of) if j > i]
+    assert paired and all(where[i] == where[j] for i, j in paired), "a mined pair was split"
 
 
 def test_swap_modalities_limit_mined_partners_to_chosen_modality(mined):
@@ -466,3 +601,37 @@ def test_use_features_false_reads_no_features_and_splits_weights_evenly(mined):
     assert torch.all(b["anchor_weight"][valid] == 0.5) and torch.all(b["partner_weight"][valid] == 0.5)
     with pytest.raises(MidasDataError, match="extract"):
         MidasDataset(mined, batch_size=8, policy="mined", use_features=False)
+
+
+def test_worker_batches_equal_in_process_batches_and_plain_dataloaders_get_dicts(uneven):
+    """MidasLoader packs a worker's batch into one buffer and unpacks it: every field equals the
+    in-process batch. A plain DataLoader (which knows nothing of packing) gets plain dicts."""
+    from torch.utils.data import DataLoader
+
+    ref = _epoch_batches(uneven, 1, 0, batch_size=10)[0]
+    got = _epoch_batches(uneven, 1, 2, batch_size=10)[0]
+    assert len(got) == len(ref)
+    for a, b in zip(ref, got):
+        assert a.keys() == b.keys() and a["key"] == b["key"]
+        for name in ("label", "row", "valid", "weight", "partner", "hard_weight", "anchor_weight"):
+            assert torch.equal(a[name], b[name]), name
+        for m in a["inputs"]:
+            assert torch.equal(a["inputs"][m], b["inputs"][m]), m
+    plain = list(DataLoader(MidasDataset(uneven, batch_size=10), batch_size=None, num_workers=2))
+    assert all(isinstance(b, dict) for b in plain)
+    assert sorted(k for b in plain for k in real_keys(b)) == sorted(k for b in ref for k in real_keys(b))
+
+
+def test_partner_fields_without_features_equal_the_general_path_on_missing_confidences():
+    """The no-features fast path gives exactly what the general formulas give for stored
+    confidences that are all missing (NaN): an even split, hard weight 1, NaN similarity."""
+    from midas_data.stream.dataset import partner_fields
+
+    partner = np.array([[1, 1], [0, -1], [-1, -1], [0, 0]], dtype=np.int64)
+    labels = np.array([0, 1, 2, 1], dtype=np.int64)
+    fast = partner_fields(partner, labels, None, None)
+    general = partner_fields(partner, labels, np.full((4, 2), np.nan, np.float32), None)
+    assert fast.keys() == general.keys()
+    for name in fast:
+        assert torch.equal(torch.nan_to_num(fast[name], nan=-7.0), torch.nan_to_num(general[name], nan=-7.0)), name
+    assert fast["partner_weight"].tolist() == [[0.5, 0.5], [0.5, 0.0], [0.0, 0.0], [0.5, 0.5]]

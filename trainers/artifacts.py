@@ -7,15 +7,21 @@ config as a dict, RNG states as tensors) so they load with `torch.load(weights_o
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 
-from midas_data.atomic import atomic_file, write_text_atomic
+from midas_data.atomic import write_bytes_atomic
+from midas_data.diskspace import disk_full_guard
+from midas_data.errors import MidasDataError, StaleArtifactError, UnsafeInputError, where
 
-CHECKPOINT_VERSION = 1
+# 2: checkpoints record the fingerprints of the dataset, features and pairs they trained on.
+CHECKPOINT_VERSION = 2
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = {"device", "num_workers", "checkpoint_every", "eval_batch_size"}
 
@@ -34,16 +40,61 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    with atomic_file(path, "wb") as f:
-        torch.save({"format_version": CHECKPOINT_VERSION, **payload}, f)
+    """Serialise in memory first, so a full disk is our own OSError with the exact size
+    (not a torch stream-writer failure), then write atomically."""
+    buf = io.BytesIO()
+    torch.save({"format_version": CHECKPOINT_VERSION, **payload}, buf)
+    data = buf.getvalue()
+    with disk_full_guard("train (checkpoint)", path, need=len(data)):
+        write_bytes_atomic(path, data)
+
+
+RESTART_HINT = ("rerun with --restart to start over (the file is replaced by the new run's "
+                "first checkpoint), or point OUT elsewhere")
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if ckpt.get("format_version") != CHECKPOINT_VERSION:
-        raise ValueError(f"file {path}: checkpoint format {ckpt.get('format_version')}, this trainer "
-                         f"reads {CHECKPOINT_VERSION}; start a new run (resume=False)")
+    """A checkpoint written by this trainer; an empty, damaged or foreign file is a
+    MidasDataError naming it (never torch's advice to load it unsafely)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise MidasDataError(f"{where(file=path)}: checkpoint cannot be read ({e.strerror})") from e
+    if size == 0:
+        raise MidasDataError(f"{where(file=path)}: checkpoint is empty (0 bytes); {RESTART_HINT}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False, which would run code from the file
+        raise UnsafeInputError(f"{where(file=path)}: checkpoint holds objects other than tensors "
+                               "and plain containers; refused, since loading them could run "
+                               f"code ({type(e).__name__}); {RESTART_HINT}") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+            zipfile.BadZipFile, UnicodeDecodeError, OSError, ImportError, IndexError) as e:
+        raise MidasDataError(f"{where(file=path)}: not a readable checkpoint of this trainer "
+                             f"({size} bytes, damaged or not a checkpoint: "
+                             f"{type(e).__name__}); {RESTART_HINT}") from None
+    except Exception as e:  # noqa: BLE001 - whatever else a hostile file makes the loader raise
+        raise MidasDataError(f"{where(file=path)}: not a readable checkpoint of this trainer "
+                             f"({size} bytes, {type(e).__name__}); {RESTART_HINT}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_VERSION:
+        version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
+        raise MidasDataError(f"{where(file=path, field='format_version')}: checkpoint format "
+                             f"{version}, this trainer reads {CHECKPOINT_VERSION}; {RESTART_HINT}")
     return ckpt
+
+
+def check_inputs(saved: dict, current: dict, path: Path) -> None:
+    """Refuse to resume on other data: the dataset, features and pairs fingerprints the
+    checkpoint trained on must be the ones the run would read now."""
+    for name in sorted(set(saved) | set(current)):
+        if saved.get(name) != current.get(name):
+            was, now = saved.get(name) or "(none)", current.get(name) or "(none)"
+            raise StaleArtifactError(
+                f"{where(file=path, field='inputs.' + name)}: the checkpoint trained on {name} "
+                f"{was[:12]}, but this run reads {name} {now[:12]}; resume with the data it "
+                f"started on, or {RESTART_HINT}")
 
 
 def check_resumable(saved: dict, current: dict, path: Path) -> None:
@@ -67,14 +118,20 @@ def _clean(x):
     return x
 
 
+def _write_text(path: Path, text: str) -> None:
+    data = text.encode("utf-8")
+    with disk_full_guard("train", path, need=len(data)):
+        write_bytes_atomic(path, data)
+
+
 def write_json(path: Path, obj: dict) -> None:
-    write_text_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
+    _write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
     """metrics.jsonl, one line per finished epoch; rewritten whole so that a resumed run
     never duplicates or loses a line."""
-    write_text_atomic(path, "".join(json.dumps(_clean(h), sort_keys=True) + "\n" for h in history))
+    _write_text(path, "".join(json.dumps(_clean(h), sort_keys=True) + "\n" for h in history))
 
 
 def plot_history(out_dir: Path, history: list[dict], modalities: list[str]) -> list[Path]:
@@ -120,8 +177,10 @@ def plot_history(out_dir: Path, history: list[dict], modalities: list[str]) -> l
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    with atomic_file(path, "wb") as f:
-        fig.tight_layout()
-        fig.savefig(f, format="png", dpi=100)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    with disk_full_guard("train (plot)", path, need=len(buf.getvalue())):
+        write_bytes_atomic(path, buf.getvalue())
     return path

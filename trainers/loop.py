@@ -21,14 +21,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from midas_data.loss import (
     AlphaStats,
+    DirectionSums,
     LossTerms,
     accumulate,
+    aligned_loss,
+    authors_alpha_update,
+    direction_sums,
     hard_sample_weight,
     midas_total_loss,
     misaligned_loss,
@@ -38,6 +40,7 @@ from midas_data.loss import (
     update_alpha,
     weak_and_strong,
 )
+from midas_data.progress import progress_bar as tqdm
 from midas_data.stream.dataset import MidasLoader
 
 from .config import TrainConfig
@@ -118,17 +121,24 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
     use_fused = config.method != "unimodal" and not warmup
     use_mis = config.method == "midas" and not warmup
     y = batch["label"].to(info.device)
-    n = len(y)
+    size = len(y)
+    # Fill rows (repeats padding the epoch's last batches) go through the model, so that
+    # BatchNorm sees two rows and DDP sees every parameter, but count nowhere: the losses
+    # weight them 0 (`aligned_loss`), they have no misaligned partner, and the sums below
+    # take the real rows only, so each real sample counts once per epoch.
+    valid = batch["valid"].to(info.device) if "valid" in batch else torch.ones_like(y, dtype=torch.bool)
+    n = int(valid.sum())
 
-    if n == 0:  # this rank got no items in the epoch's last step; it must still join DDP's all-reduce
-        loss = model(None, fused=use_fused)["zero"]
+    if size == 0:  # an unpadded stream (last_batch="uneven") gave this rank an empty last batch;
+        loss = model(None, fused=use_fused)["zero"]  # it must still join DDP's all-reduce
         conf = torch.zeros(0, M, device=info.device)
         terms = LossTerms(loss, loss, loss, loss)
     else:
         out = model(batch["inputs"], batch["partner"] if use_mis else None, fused=use_fused,
                     detach_unimodal=config.method == "joint")
         # Live confidences c^m = softmax(g_m(f^m))[y], detached (the paper's, not the stored ones).
-        conf = torch.stack([unimodal_confidence(z, y) for z in out["uni"]], dim=1)  # [B, M]
+        all_conf = torch.stack([unimodal_confidence(z, y) for z in out["uni"]], dim=1)  # [B, M]
+        conf = all_conf[valid]  # [n, M]
 
     if use_mis and (config.alpha_update == "batch" or tracker.weak is None):
         # Per batch (or the first batch when no earlier epoch exists): weak modality from this
@@ -136,15 +146,15 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
         s = all_sum(conf.sum(0).tolist() + [float(n)], info)
         set_weak(tracker, [c / max(s[M], 1.0) for c in s[:M]])
 
-    batch_stats = AlphaStats()
-    if n > 0:
-        uni_ces = [F.cross_entropy(z, y) for z in out["uni"]]
-        fused_ce = F.cross_entropy(out["fused"], y) if use_fused else None
+    batch_stats, batch_sums = AlphaStats(), DirectionSums()
+    if size > 0:
+        uni_ces = [aligned_loss(z, batch) for z in out["uni"]]
+        fused_ce = aligned_loss(out["fused"], batch) if use_fused else None
         mis = None
         if use_mis:
             idx = out["mis_index"]  # row n: anchor idx.b[n], modality idx.m[n] from row idx.src[n]
-            src_labels = y[idx.rows]  # [N, M] label of each modality's source
-            src_conf = conf[idx.rows, torch.arange(M, device=y.device)]  # its c^m
+            src_labels = y[idx.rows]  # [N, M] label of each modality's source (real rows only)
+            src_conf = all_conf[idx.rows, torch.arange(M, device=y.device)]  # its c^m
             h = None
             if config.hard_weighting:  # cosine on the swapped modality's features
                 feats = torch.stack(out["feats"])  # [M, B, D]
@@ -154,7 +164,9 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
             w, s_ = tracker.weak, tracker.strong
             rows = (out["mis"], src_labels[:, s_], src_labels[:, w], src_conf[:, s_], src_conf[:, w])
             if config.alpha_update == "batch":
-                batch_stats = accumulate(batch_stats, *rows)
+                batch_stats = accumulate(batch_stats, *rows)  # pooled, for the epoch's report only
+                # The authors' step keeps the two swap directions apart (midas_data.loss.alpha).
+                batch_sums = direction_sums(out["mis"], src_labels, idx.m, conf, (min(w, s_), max(w, s_)))
             else:
                 tracker.add_alpha_rows(*rows)
         # Joint: CE + the probes' CE (their gradient stops at the detached features).
@@ -165,9 +177,9 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
     loss.backward()
     optimizer.step()
 
-    if use_mis and config.alpha_update == "batch":  # the authors' per-batch alpha step
-        run.alpha = update_alpha(run.alpha, AlphaStats(*all_sum(_stats_list(batch_stats), info)),
-                                 config.eta)
+    if use_mis and config.alpha_update == "batch":  # the authors' per-batch alpha step, over all ranks
+        run.alpha = authors_alpha_update(run.alpha, DirectionSums.from_list(all_sum(batch_sums.to_list(), info)),
+                                         config.eta)
     tracker.alpha_stats = tracker.alpha_stats + batch_stats
     tracker.steps += 1
     if n > 0:
@@ -178,9 +190,9 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
         tracker.mis += float(terms.misaligned.detach()) * n
         if use_fused:
             tracker.n_fused += n
-            tracker.correct_fused += float((out["fused"].argmax(1) == y).sum())
+            tracker.correct_fused += float((out["fused"].argmax(1) == y)[valid].sum())
         for k, z in enumerate(out["uni"]):
-            tracker.correct_uni[k] += float((z.argmax(1) == y).sum())
+            tracker.correct_uni[k] += float((z.argmax(1) == y)[valid].sum())
         for k, c in enumerate(conf.sum(0).tolist()):
             tracker.conf[k] += c
     return terms

@@ -86,15 +86,16 @@ def misaligned_metrics(fuse: Callable[[list[Tensor]], Tensor], feats: Sequence[T
 @torch.no_grad()
 def encode_split(model: MultimodalModel, data: MidasDataset, device: torch.device
                  ) -> tuple[list[Tensor], Tensor]:
-    """Features of every sample of the split, in index order, and the labels."""
+    """Features of every real sample of the split, in index order, and the labels."""
     feats: list[list[Tensor]] = [[] for _ in model.modalities]
     labels = []
     for batch in data:
-        if len(batch["label"]) == 0:
+        if len(batch["label"]) == 0:  # an unpadded stream's empty last batch
             continue
+        valid = batch["valid"].to(device) if "valid" in batch else slice(None)
         for k, f in enumerate(model.encode(batch["inputs"])):
-            feats[k].append(f)
-        labels.append(batch["label"].to(device))
+            feats[k].append(f[valid])  # fill rows (repeats padding the last batch) count nowhere
+        labels.append(batch["label"].to(device)[valid])
     if not labels:
         raise ValueError(f"split {data.split!r} of {data.root} is empty; nothing to evaluate")
     return [torch.cat(f) for f in feats], torch.cat(labels)

@@ -13,6 +13,7 @@ results.json and curves.png, alpha.png, confidence.png.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -21,11 +22,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from midas_data.dataset.reader import open_dataset
-from midas_data.errors import MidasDataError, where
+from midas_data.devices import check_device_available
+from midas_data.errors import USER_ERRORS, MidasDataError, where
+from midas_data.features.encoders import default_encoder_for
+from midas_data.mining.pairs import pairs_fingerprint
+from midas_data.storage.click_types import DATASET_ROOT, dataset_root
 from midas_data.stream.dataset import MidasDataset, MidasLoader
 
 # `..pipelines.text_encoder` registers `tiny_text_transformer` (and the hook for pretrained
@@ -36,11 +42,11 @@ from midas_data.stream.dataset import MidasDataset, MidasLoader
 from ..pipelines import text_encoder  # noqa: F401
 from . import artifacts as art
 from .cli_options import config_from_options, train_options
-from .config import TrainConfig
+from .config import TrainConfig, settings_for_encoders
 from .distributed import DistInfo, barrier, setup, teardown
 from .loop import EpochTracker, RunState, end_of_epoch_alpha, finish_epoch, is_warmup, train_epoch
 from .metrics import evaluate
-from .models import MultimodalModel
+from .models import MultimodalModel, train_statistics
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig):
@@ -75,17 +81,18 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
     On ranks other than 0 the returned dict only names the rank.
     """
     config = config or TrainConfig()
+    check_device_available(config.device, "TrainConfig.device")
     info = setup(config.device)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(Path(dataset_dir), Path(out_dir), config, resume, progress, plots, on_step,
+        return _train(dataset_root(dataset_dir), Path(out_dir), config, resume, progress, plots, on_step,
                       on_epoch, info)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)  # leave the caller's setting
         teardown(info)
 
 
-def _train(root: Path, out: Path, config: TrainConfig, resume: bool, progress: bool, plots: bool,
+def _train(root: str | Path, out: Path, config: TrainConfig, resume: bool, progress: bool, plots: bool,
            on_step, on_epoch, info: DistInfo) -> dict:
     t0 = time.perf_counter()
     device = info.device
@@ -98,8 +105,15 @@ def _train(root: Path, out: Path, config: TrainConfig, resume: bool, progress: b
     ds = open_dataset(root)
     for split in ("train", "val", "test"):
         if split not in ds.splits:
-            raise MidasDataError(f"{where(root / 'manifest.json', field='splits')}: the trainer needs "
+            raise MidasDataError(f"{where(f'{root}/manifest.json', field='splits')}: the trainer needs "
                                  f"train, val and test splits; the dataset has {ds.splits}")
+    if config.method == "midas":
+        present = np.unique(ds.split("train").labels)
+        if len(present) < 2:
+            raise MidasDataError(
+                f"{where(root / 'index' / 'train.arrow', field='label')}: every train sample is "
+                f"class {ds.classes[int(present[0])]!r}; MIDAS pairs samples of different "
+                "classes, so it needs at least two (method joint or unimodal can still train)")
     model = MultimodalModel.from_dataset(ds, config).to(device)
     mods = model.modalities
     optimizer, scheduler = build_optimizer(model, config)
@@ -111,12 +125,18 @@ def _train(root: Path, out: Path, config: TrainConfig, resume: bool, progress: b
                                 shuffle=False, modalities=mods, rank=0, world_size=1)
                 for s in ("val", "test")}
 
+    # What this run reads, recorded in every checkpoint: resuming on other data is refused.
+    feats = getattr(stream, "features", None)
+    inputs = {"dataset": ds.fingerprint, "features": feats.fingerprint if feats is not None else "",
+              "pairs": pairs_fingerprint(root, "train")  # when the policy reads mined pairs
+              if getattr(stream.partners, "neighbours", None) is not None else ""}
     run, history, tracker = RunState(), [], None
     best = {"value": -math.inf, "epoch": -1}
     start_epoch, wall_before = 0, 0.0
     last_path, best_path = out / "last.pt", out / "best.pt"
     if resume and last_path.exists():
         ck = art.load_checkpoint(last_path, device)
+        art.check_inputs(ck.get("inputs", {}), inputs, last_path)
         art.check_resumable(ck["config"], config.to_dict(), last_path)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -138,7 +158,7 @@ def _train(root: Path, out: Path, config: TrainConfig, resume: bool, progress: b
         if not info.is_main:
             return
         art.save_checkpoint(last_path, {
-            "config": config.to_dict(), "epoch": epoch, "epoch_done": done,
+            "config": config.to_dict(), "inputs": inputs, "epoch": epoch, "epoch_done": done,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "stream": loader.state_dict(),
             "rng": art.rng_state(), "run": dataclasses.asdict(run), "history": history,
@@ -177,7 +197,8 @@ def _train(root: Path, out: Path, config: TrainConfig, resume: bool, progress: b
             # misaligned loss has had any effect (mfeat: mor-only 56% instead of 70%).
             if not is_warmup(config, epoch) and score >= best["value"]:
                 best = {"value": score, "epoch": epoch}
-                art.save_checkpoint(best_path, {"config": config.to_dict(), "epoch": epoch,
+                art.save_checkpoint(best_path, {"config": config.to_dict(), "inputs": inputs,
+                                                "epoch": epoch,
                                                 "model": model.state_dict(), "val": val})
             art.write_metrics(out / "metrics.jsonl", history)
             save_last(epoch, True, None)
@@ -223,25 +244,70 @@ def _finish(root: Path, out: Path, fingerprint: str, config: TrainConfig, model:
     return results
 
 
+def auto_preset(root: str | os.PathLike, config: TrainConfig) -> tuple[str, str]:
+    """(preset, reason) for a command line without --preset: by the encoders the model will
+    build for the dataset's modalities (`settings_for_encoders`)."""
+    ds = open_dataset(root)
+    mods = config.modalities or ds.modalities
+    shapes, _ = train_statistics(ds, mods, 1)
+    encoders = {m: config.encoders.get(m) or default_encoder_for(ds.schema[m]["kind"], shapes[m]) for m in mods}
+    return settings_for_encoders(encoders)
+
+
+def still_improving(history: list[dict], window: float = 0.1) -> str | None:
+    """A hint when the first epoch reaching the best validation accuracy is among the last
+    `window` of the epochs (at least 2): the run was still improving when it stopped.
+    `history`: the lines of metrics.jsonl. The first epoch, not the selected one: a validation
+    accuracy that saturates early (ties go to the later epoch) is not a run still improving."""
+    scores = [(h["epoch"], h["val"]["accuracy"]) for h in history if not h.get("warmup")]
+    if not scores:
+        return None
+    best = max(v for _, v in scores)
+    first = next(e for e, v in scores if v == best)
+    epochs = len(history)
+    last = max(2, round(window * epochs))
+    if first < epochs - last:
+        return None
+    return (f"the best validation accuracy ({best:.4f}) was first reached at epoch {first} of {epochs}, "
+            f"among the last {last}: the model was still improving; train longer, e.g. --epochs {2 * epochs}")
+
+
 @click.command(context_settings={"show_default": True})
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.argument("dataset", type=DATASET_ROOT)
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (mid-epoch too).")
+@click.option("--restart", is_flag=True,
+              help="Start over although OUT/last.pt exists (e.g. a damaged one); the old file "
+                   "is replaced only when the new run writes its first checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 @train_options
-def main(dataset: str, out: str, resume: bool, quiet: bool, **options) -> None:
+def main(dataset: str, out: str, resume: bool, restart: bool, quiet: bool, **options) -> None:
     """Train MIDAS / Joint / unimodal on DATASET; write checkpoints, metrics and plots to OUT."""
+    if resume and restart:
+        raise click.UsageError("--resume and --restart exclude each other: continue the run in "
+                               "OUT, or start it over")
     try:
+        if options.get("preset") is None:
+            options["preset"], why = auto_preset(dataset, config_from_options(options))
+            click.echo(f"settings: --preset {options['preset']}, because {why}. Name --preset to choose; "
+                       "options given explicitly override it.")
         config = config_from_options(options)
-        results = train(dataset, out, config, resume=resume, progress=not quiet)
-    except (MidasDataError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+        results = train(dataset, out, config, resume=resume and not restart, progress=not quiet)
+    except USER_ERRORS as e:
+        ctx = click.get_current_context()
+        if ctx.parent is not None:  # under `midas-data`: the group reports it (or --debug)
+            raise
+        click.echo(f"error: {' '.join(str(e).split())}", err=True)
+        ctx.exit(2)
     if "test" in results:
         t = results["test"]
         only = ", ".join(f"{m}-only {v:.4f}" for m, v in t["only_acc"].items())
         click.echo(f"test acc {t['accuracy']:.4f} macro-F1 {t['macro_f1']:.4f} {only} "
                    f"misaligned {t['misaligned_acc']['mean']:.4f} (best epoch {results['best_epoch']}, "
                    f"{results['wall_time_s']:.1f} s) -> {out}")
+        hint = still_improving([json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()])
+        if hint:
+            click.echo(f"warning: {hint}", err=True)
 
 
 if __name__ == "__main__":

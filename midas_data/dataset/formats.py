@@ -24,6 +24,13 @@ EXT_TO_KIND = {ext: kind for kind, exts in KINDS.items() for ext in exts}
 UNSAFE_EXTS = {"pyd", "pickle", "pkl", "pt", "pth", "mp", "msgpack"}
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 MAX_PAYLOAD_BYTES = 1 << 30
+NPY_MAGIC = b"\x93NUMPY"
+# .npy headers: parsed (bytes -> shape, fortran, dtype, data offset) and written ((dtype,
+# shape) -> bytes), each cache bounded
+_NPY_HEADER_CACHE: dict[bytes, tuple[tuple[int, ...], bool, np.dtype, int]] = {}
+_NPY_HEADER_CACHE_MAX = 1024  # distinct headers remembered; more are parsed every time
+_NPY_SAVE_HEADERS: dict[tuple[np.dtype, tuple[int, ...]], bytes] = {}
+_DTYPE_NAMES: dict[np.dtype, str] = {}
 
 
 @dataclass(frozen=True)
@@ -54,10 +61,24 @@ def encode_array(x: np.ndarray, *, file: object = None, key: object = None,
     if x.dtype == object or x.dtype.hasobject:
         loc = where(file, key, field)
         raise SchemaError(f"{loc + ': ' if loc else ''}object arrays cannot be stored; use a numeric dtype")
-    buf = io.BytesIO()
     # C order always; reshape because ascontiguousarray turns a 0-d array into shape (1,)
-    np.save(buf, np.ascontiguousarray(x).reshape(x.shape), allow_pickle=False)
-    return Encoded("npy", buf.getvalue(), "tensor", x.dtype.name, tuple(x.shape))
+    x = np.ascontiguousarray(x).reshape(x.shape)
+    key = (x.dtype, x.shape)
+    head = _NPY_SAVE_HEADERS.get(key)
+    if head is None:  # np.save's header depends only on dtype and shape: write it once
+        buf = io.BytesIO()
+        np.save(buf, x, allow_pickle=False)
+        data = buf.getvalue()
+        if len(_NPY_SAVE_HEADERS) < _NPY_HEADER_CACHE_MAX:
+            _NPY_SAVE_HEADERS[key] = data[:len(data) - x.nbytes]
+    else:
+        data = head + x.tobytes()
+    name = _DTYPE_NAMES.get(x.dtype)
+    if name is None:  # numpy computes dtype.name in Python: remember it
+        name = x.dtype.name
+        if len(_DTYPE_NAMES) < _NPY_HEADER_CACHE_MAX:
+            _DTYPE_NAMES[x.dtype] = name
+    return Encoded("npy", data, "tensor", name, x.shape)
 
 
 def encode_value(value: object, *, key: str, field: str, base_dir: Path | None = None,
@@ -163,11 +184,43 @@ def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     return shape, fortran, dtype, buf.tell()
 
 
+def npy_header_len(data: bytes | memoryview) -> int:
+    """Length of the magic string plus header of `.npy` bytes (where the data starts), read
+    from the fixed-size prefix only; ValueError if the bytes are not `.npy` v1 or v2."""
+    if bytes(data[:6]) != NPY_MAGIC or len(data) < 12:
+        raise ValueError("not a .npy payload (bad magic string or too short)")
+    major, minor = data[6], data[7]
+    if (major, minor) == (1, 0):
+        return 10 + int.from_bytes(data[8:10], "little")
+    if (major, minor) == (2, 0):
+        return 12 + int.from_bytes(data[8:12], "little")
+    raise ValueError(f".npy format version {(major, minor)} is not supported")
+
+
+def npy_header_cached(data: bytes | memoryview) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """`npy_header` of `.npy` bytes, parsed once per distinct header.
+
+    The key is the header's exact bytes (magic, version, length and the dict text), so a
+    hit is the parse those very bytes gave before: every check of `npy_header` still holds
+    for each payload. Numpy's own parser (`ast.literal_eval`) dominated decoding otherwise.
+    """
+    n = npy_header_len(data)
+    if len(data) < n:
+        raise ValueError(f".npy header claims {n} bytes but only {len(data)} are present")
+    head = bytes(data[:n])
+    hit = _NPY_HEADER_CACHE.get(head)
+    if hit is None:
+        hit = npy_header(head)
+        if len(_NPY_HEADER_CACHE) < _NPY_HEADER_CACHE_MAX:
+            _NPY_HEADER_CACHE[head] = hit
+    return hit
+
+
 def _decode_npy(data: bytes) -> np.ndarray:
     """`.npy` bytes to an array without pickle, after checking that the header's shape and
     dtype describe exactly the bytes present (a header claiming a huge shape is refused
     before anything is allocated)."""
-    shape, fortran, dtype, offset = npy_header(data)
+    shape, fortran, dtype, offset = npy_header_cached(data)
     count = math.prod(shape)
     if count * dtype.itemsize != len(data) - offset:
         raise ValueError(f"header claims shape {shape} of {dtype} ({count * dtype.itemsize} bytes) "

@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from midas_data.dataset.reader import open_dataset
+from midas_data.dataset.reader import Dataset, open_dataset
+from midas_data.errors import MidasDataError, where
 
 
 def describe(path: str | Path, verify: bool = False) -> tuple[str, list[str]]:
     """Return (report text, problems). Problems are non-empty only with verify=True."""
     ds = open_dataset(path)
     m = ds.manifest
-    lines = [f"dataset {ds.root}  (format v{m['format_version']}, fingerprint {ds.fingerprint[:16]})",
+    lines = [f"dataset {getattr(ds, 'url', ds.root)}  (format v{m['format_version']}, fingerprint {ds.fingerprint[:16]})",
              f"source: {m.get('source', {})}", "modalities:"]
     for name in ds.modalities:
         spec = ds.schema[name]
@@ -33,8 +34,37 @@ def describe(path: str | Path, verify: bool = False) -> tuple[str, list[str]]:
             lines.append(f"{extra}/: {sorted(p.name for p in (ds.root / extra).iterdir())}")
     problems: list[str] = []
     if verify:
-        problems = ds.verify()
-        lines.append("verify: OK, every shard matches its size and sha256" if not problems
-                     else f"verify: {len(problems)} problem(s)")
+        problems = ds.verify() + verify_derived(ds)
+        lines.append("verify: OK, every shard matches its size and sha256, features and pairs "
+                     "their checksums" if not problems else f"verify: {len(problems)} problem(s)")
         lines.extend("  " + p for p in problems)
     return "\n".join(lines), problems
+
+
+def verify_derived(ds: Dataset) -> list[str]:
+    """Check the features tables and mined pairs of every split the way a reader opens them
+    (values against their own checksums, fingerprints against the dataset and features,
+    rows against the index keys); return the problems found."""
+    from midas_data.features.tables import read_features
+    from midas_data.mining.pairs import pairs_dir, read_pairs
+
+    problems = []
+    for split in ds.splits:
+        feat_path = ds.root / "features" / f"{split}.arrow"
+        fp = None
+        if feat_path.exists():
+            try:
+                f = read_features(feat_path, ds.fingerprint)
+                if f.keys != ds.split(split).keys:
+                    raise MidasDataError(f"{where(file=feat_path, field='key')}: rows do not "
+                                         "match the split's index; rerun `midas-data extract`")
+                fp = f.fingerprint
+            except MidasDataError as e:
+                problems.append(str(e))
+                continue
+        if pairs_dir(ds.root, split).is_dir():
+            try:
+                read_pairs(ds.root, split, fp, keys=ds.split(split).keys)
+            except MidasDataError as e:
+                problems.append(str(e))
+    return problems

@@ -13,7 +13,9 @@ from midas_data.dataset.split import SPLITS
 from midas_data.errors import MidasDataError, SchemaError, UnsafeInputError, where
 
 FORMAT_NAME = "midas-data"
-FORMAT_VERSION = 1
+# 2: every split's index digest is mandatory and part of the fingerprint. Version 1
+# datasets are refused with a message saying to rebuild them.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_MODALITIES = 1024
@@ -21,15 +23,25 @@ MAX_CLASSES = 1 << 20
 MAX_SIZE = 1 << 53  # shard sizes and counts: exact in float64, no int64 overflow
 # Every path a manifest names is one the builder writes: nothing can point outside the dataset.
 SHARD_PATH_RE = re.compile(r"^shards/(train|val|test)-[0-9]{6,9}\.tar$")
-MODALITY_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+# One limit on key and modality-name length for the builder, the reader and the verifier (a
+# longer key would build but make tar names past what `inspect --verify` reads back).
+MAX_KEY_CHARS = 512
+MAX_MODALITY_CHARS = 64
+KEY_PATTERN = rf"^[A-Za-z0-9_\-]{{1,{MAX_KEY_CHARS}}}$"  # also an RE2 pattern (Arrow compute)
+MODALITY_PATTERN = rf"^[a-z][a-z0-9_]{{0,{MAX_MODALITY_CHARS - 1}}}$"
+MODALITY_NAME_RE = re.compile(MODALITY_PATTERN)
 RESERVED_NAMES = {"cls", "key", "label", "split"}
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-def dataset_fingerprint(modalities: dict, classes: list[str], shards: list[dict]) -> str:
-    """sha256 over the schema, the class list and every shard's checksum, in order."""
+def dataset_fingerprint(modalities: dict, classes: list[str], shards: list[dict],
+                        splits: dict) -> str:
+    """sha256 over the schema, the class list, every shard's checksum, in order, and every
+    split's index digest (`splits.<split>.index_sha256`), so a changed index is another dataset."""
     blob = json.dumps({"modalities": modalities, "classes": classes,
-                       "shards": [(s["path"], s["sha256"]) for s in shards]}, sort_keys=True)
+                       "shards": [(s["path"], s["sha256"]) for s in shards],
+                       "indexes": {sp: meta["index_sha256"] for sp, meta in splits.items()}},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -69,6 +81,11 @@ def read_manifest(root: str | Path) -> dict:
         raise MidasDataError(f"{where(file=path)}: manifest cannot be read ({e})") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise SchemaError(f"{where(file=path, field='format')}: not a midas-data manifest")
+    if m.get("format_version") == 1:
+        raise SchemaError(f"{where(file=path, field='format_version')}: format 1, written by an "
+                          "older midas-data whose fingerprint does not cover the index digests; "
+                          "rebuild it (`midas-data build-shards ... --out "
+                          f"{Path(root)} --overwrite`), then run extract and mine-misaligned again")
     if m.get("format_version") != FORMAT_VERSION:
         raise SchemaError(f"{where(file=path, field='format_version')}: version "
                           f"{m.get('format_version')} is not supported (expected {FORMAT_VERSION})")
@@ -76,7 +93,7 @@ def read_manifest(root: str | Path) -> dict:
         if field not in m:
             raise SchemaError(f"{where(file=path, field=field)}: missing from manifest")
     _check_structure(m, path)
-    expect = dataset_fingerprint(m["modalities"], m["classes"], m["shards"])
+    expect = dataset_fingerprint(m["modalities"], m["classes"], m["shards"], m["splits"])
     if expect != m["fingerprint"]:
         raise SchemaError(f"{where(file=path, field='fingerprint')}: does not match the manifest's "
                           "own schema and shard list (edited by hand?); rebuild the dataset")
@@ -124,7 +141,8 @@ def _check_structure(m: dict, path: Path) -> None:
         bad("modality_order", "must list the names of `modalities`, in order")
     for name, spec in mods.items():
         if not MODALITY_NAME_RE.match(name) or name in RESERVED_NAMES:
-            bad(name, "modality names must match [a-z][a-z0-9_]* and not be reserved")
+            bad(name, f"modality names must match [a-z][a-z0-9_]*, be at most {MAX_MODALITY_CHARS} "
+                      "characters and not be reserved")
         if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str) or spec["kind"] not in KINDS:
             bad(name, f"kind must be one of {sorted(KINDS)}")
         ext = spec.get("ext")
@@ -133,9 +151,17 @@ def _check_structure(m: dict, path: Path) -> None:
                 UnsafeInputError)
         if ext not in KINDS[spec["kind"]]:
             bad(name, f"ext {ext!r} is not one of {list(KINDS[spec['kind']])} for kind {spec['kind']!r}")
+        member = spec.get("member")  # tar member suffix of tars indexed in place
+        if member is not None and (not isinstance(member, str) or member == "cls"
+                                   or not re.fullmatch(r"[a-z0-9_]+(\.[a-z0-9_]+)*", member)
+                                   or member.rsplit(".", 1)[-1] != ext):
+            bad(name, f"member {member!r} must be a tar member suffix ending in .{ext}")
         if not _schema_ok(spec):
             bad(name, f"dtype {spec.get('dtype')!r} and shape {spec.get('shape')!r} are not a "
                       f"valid schema of a {spec['kind']} modality")
+    suffixes = [spec.get("member") or f"{n}.{spec['ext']}" for n, spec in mods.items()]
+    if len(set(suffixes)) != len(suffixes):
+        bad("modalities", "two modalities name the same tar member")
     classes = m["classes"]
     if (not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES
             or not all(isinstance(c, str) for c in classes)):
@@ -177,9 +203,9 @@ def _check_structure(m: dict, path: Path) -> None:
             idx = meta.get("index")
             bad(fld + ".index", f"{idx!r} is not index/{sp}.arrow; paths outside the dataset are "
                                 "refused", UnsafeInputError if isinstance(idx, str) else SchemaError)
-        if "index_sha256" in meta and (not isinstance(meta["index_sha256"], str)
-                                       or not SHA256_RE.match(meta["index_sha256"])):
-            bad(fld + ".index_sha256", "must be a sha256 hex digest")
+        if not isinstance(meta.get("index_sha256"), str) or not SHA256_RE.match(meta["index_sha256"]):
+            bad(fld + ".index_sha256", "must be the sha256 hex digest of the index (it is "
+                                       "mandatory: without it a changed index would be served)")
         own = [s for s in shards if s["split"] == sp]
         if meta.get("shards") != [s["path"] for s in own]:
             bad(fld + ".shards", "does not list this split's entries of `shards`, in order")

@@ -15,6 +15,7 @@ shard is `midas_data.dataset.verify`.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import zlib
 from collections.abc import Iterator
@@ -24,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from midas_data.dataset.formats import MAX_PAYLOAD_BYTES, decode
-from midas_data.dataset.manifest import file_sha256, read_manifest
+from midas_data.dataset.formats import MAX_PAYLOAD_BYTES, decode, npy_header_cached
+from midas_data.dataset.manifest import KEY_PATTERN, MAX_KEY_CHARS, file_sha256, read_manifest
 from midas_data.errors import (
     CorruptShardError,
     MidasDataError,
@@ -35,7 +36,11 @@ from midas_data.errors import (
 from midas_data.features.tables import read_table
 
 BLOCK = 512
-KEY_PATTERN = r"^[A-Za-z0-9_\-]+$"
+READ_CHUNK_ROWS = 1024  # a batch read holds at most this many samples' bytes at once,
+READ_CHUNK_BYTES = 64 << 20  # and at most this many (unless one sample is larger)
+# tar header bytes a batch read checks: name (0-99), size (124-135), type flag (156)
+_HEADER_FIELDS = np.concatenate([np.arange(100), np.arange(124, 136), [156]])
+_OCTAL_SHIFTS = np.arange(30, -1, -3)  # 11 octal digits, most significant first
 
 
 class SplitReader:
@@ -48,13 +53,17 @@ class SplitReader:
         self.root, self.manifest, self.split = root, manifest, split
         self.modalities: list[str] = list(manifest["modality_order"])
         self._ext = {m: manifest["modalities"][m]["ext"] for m in self.modalities}
+        # tar member suffix: `<modality>.<ext>` as build-shards writes it, or the manifest's own
+        # `member` for tars indexed in place (index-shards: `<key>.jpg`)
+        self._suffix = {m: manifest["modalities"][m].get("member") or f"{m}.{self._ext[m]}"
+                        for m in self.modalities}
         meta = manifest["splits"][split]
         self.shard_paths = [root / p for p in meta["shards"]]
         by_path = {s["path"]: s for s in manifest["shards"]}
         self.shard_bytes = np.array([by_path[p]["bytes"] for p in meta["shards"]], np.int64)
         self.index_path = index_path = root / meta["index"]
-        want = meta.get("index_sha256")
-        if want is not None and index_path.is_file() and file_sha256(index_path) != want:
+        want = meta["index_sha256"]  # mandatory: read_manifest refuses a manifest without it
+        if index_path.is_file() and file_sha256(index_path) != want:
             raise CorruptShardError(f"{where(file=index_path)}: sha256 does not match the manifest "
                                     "(the index is damaged or from another build); rebuild the dataset")
         t = read_table(index_path)
@@ -85,6 +94,9 @@ class SplitReader:
                        for m in self.modalities}
         self._check_index(t)
         self._row_of: dict[str, int] | None = None
+        self._key_bytes: np.ndarray | None = None  # keys as a fixed-width byte array
+        self._key_len: np.ndarray | None = None
+        self._tensor_specs: dict[str, tuple | None] = {}
         self._fds: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
         self._pid = os.getpid()
@@ -104,7 +116,7 @@ class SplitReader:
 
         good_key = pc.match_substring_regex(t.column("key"), KEY_PATTERN)
         refuse(~good_key.to_numpy(zero_copy_only=False).astype(bool), "key",
-               "key is not letters, digits, '_' and '-'")
+               f"key is not 1..{MAX_KEY_CHARS} letters, digits, '_' and '-'")
         if n and pc.count_distinct(t.column("key")).as_py() != n:
             seen: set[str] = set()
             dup = np.array([k in seen or seen.add(k) is not None for k in self.keys])
@@ -167,7 +179,7 @@ class SplitReader:
 
     def member_name(self, row: int, modality: str) -> str:
         """The tar member name of a payload: `<key>.<modality>.<ext>`."""
-        return f"{self.keys[row]}.{modality}.{self._ext[modality]}"
+        return f"{self.keys[row]}.{self._suffix[modality]}"
 
     def _check_header(self, hdr: bytes | memoryview, row: int, modality: str, size: int) -> None:
         """The tar header in front of a payload must name it and give the indexed size."""
@@ -233,7 +245,211 @@ class SplitReader:
         return mods
 
     def get_many(self, rows: np.ndarray, modalities: list[str] | None = None) -> list[dict]:
-        """Decode several samples, each with one pread of its whole byte range."""
+        """Decode several samples: [{'__key__', 'label', <modality>: value}, ...].
+
+        Same checks and errors as `get` on each sample; read as a batch (`read_batch`), so
+        the arrays of a fixed-shape modality are views into one array per modality.
+        """
+        batch = SplitReader.read_batch(self, rows, modalities)  # this file's bytes, also in subclasses
+        keys, labels, inputs = batch["key"], batch["label"].tolist(), batch["inputs"]
+        out = []
+        for i, k in enumerate(keys):
+            d: dict = {"__key__": k, "label": labels[i]}
+            for m, v in inputs.items():
+                d[m] = v[i]
+            out.append(d)
+        return out
+
+    def read_batch(self, rows: np.ndarray, modalities: list[str] | None = None) -> dict:
+        """Decode several samples into batch arrays: {'key': [str], 'label': int64 [B],
+        'inputs': {m: [B, ...] array for a fixed-shape tensor or image modality, else a list}}.
+
+        Each sample's byte range is read with one pread (in shard and offset order), and
+        every payload is checked as `get` checks it: tar header name and size, CRC32, and
+        for `.npy` the header, parsed once per distinct header and compared byte for byte
+        with each payload's, then the data is copied straight into the batch array. Any
+        failed check sends the batch through `get_many_per_sample`, which raises the same
+        error, naming shard, key and modality, that reading the samples one by one would.
+        """
+        mods = self._mods(modalities)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        n, b = len(self), len(rows)
+        bad = (rows < -n) | (rows >= n)
+        if bad.any():
+            self._row_number(int(rows[np.flatnonzero(bad)[0]]))  # raises IndexError
+        rows = np.where(rows < 0, rows + n, rows)
+        keys = [self.keys[r] for r in rows.tolist()]
+        shard, start, size = self.shard[rows], self.sample_offset[rows], self.sample_size[rows]
+        shard_l = shard.tolist()
+        fd_of = {sh: self._fd(sh) for sh in set(shard_l)}  # opens each shard once per process
+        fds = np.array([fd_of[sh] for sh in shard_l], np.int64)
+        in_files = bool((size <= np.array([self._sizes[sh] for sh in shard_l], np.int64)
+                         - start).all())
+        # tensors decode straight into a batch array, allocated only once the samples'
+        # bytes, checked against the shards' real sizes, could hold it (the manifest's
+        # shape is not trusted with an allocation); other kinds decode one by one
+        held = int(size.sum()) if in_files else 0
+        fixed = {m: self._tensor_spec(m, b, held) for m in mods}
+        inputs: dict = {m: (np.empty((b, *fixed[m][1]), fixed[m][0]) if fixed[m] else
+                            [None] * b) for m in mods}
+        spans = [(0, b)] if not in_files or (b <= READ_CHUNK_ROWS and held <= READ_CHUNK_BYTES) \
+            else list(_chunks(size))
+        for lo, hi in spans:
+            sl = slice(lo, hi)
+            if not (in_files and self._read_chunk(rows[sl], fds[sl], start[sl], size[sl], mods,
+                                                  fixed, inputs, lo)):
+                samples = self.get_many_per_sample(rows[sl], mods)
+                for m in mods:
+                    for i, d in enumerate(samples):
+                        inputs[m][lo + i] = d[m]
+        for m in mods:
+            if not fixed[m] and self._ext[m] != "txt" and _same_shapes(inputs[m]):
+                inputs[m] = np.stack(inputs[m])  # images (and clips of one length)
+        return {"key": keys, "label": self.labels[rows], "inputs": inputs}
+
+    def _tensor_spec(self, m: str, b: int, held: int) -> tuple[np.dtype, tuple[int, ...], int] | None:
+        """(dtype, shape, bytes per sample) of a tensor modality whose batch array of `b`
+        samples fits in the `held` bytes read for them, else None."""
+        if m not in self._tensor_specs:
+            spec = self.manifest["modalities"][m]
+            shape = spec.get("shape")
+            ok = spec["kind"] == "tensor" and isinstance(shape, list) and all(
+                type(d) is int and d >= 0 for d in shape)
+            try:
+                dtype = np.dtype(spec["dtype"]) if ok else None
+            except TypeError:  # not a dtype: the per-sample path names the mismatch
+                ok, dtype = False, None
+            ok = ok and not dtype.hasobject
+            self._tensor_specs[m] = (dtype, tuple(shape), dtype.itemsize * math.prod(shape)) \
+                if ok else None
+        got = self._tensor_specs[m]
+        return got if got is not None and b * got[2] <= held else None
+
+    def _read_chunk(self, rows: np.ndarray, fds: np.ndarray, start: np.ndarray, size: np.ndarray,
+                    mods: list[str], fixed: dict, inputs: dict, at: int) -> bool:
+        """Read and decode `rows` into inputs[m][at:at + len(rows)]; False, having written
+        nothing trustworthy, as soon as a check fails (the caller then reads per sample).
+        Byte ranges are known to lie inside the shards (checked by the caller)."""
+        b = len(rows)
+        if b == 0:
+            return True
+        # blobs sit in buf in shard and offset order (sequential reads for the page cache
+        # and the disk); everything below works in that order, and `order[j]` is the batch
+        # position of the j-th blob
+        order = np.lexsort((start, fds))
+        rows, start, size = rows[order], start[order], size[order]
+        ends = np.cumsum(size)
+        pos = ends - size
+        buf = np.empty(int(ends[-1]), np.uint8)
+        mv = memoryview(buf)
+        for fd, st, sz, p in zip(fds[order].tolist(), start.tolist(), size.tolist(), pos.tolist()):
+            if os.preadv(fd, [mv[p:p + sz]], st) != sz:
+                return False  # shrunk since opened: the per-sample path names the modality
+        for m in mods:
+            off, msize, crc = (a[rows] for a in self.member[m])
+            data_at = pos + (off - start)
+            step = _stride(data_at)
+            if not self._tar_headers_ok(buf, data_at - BLOCK, step, rows, m, msize):
+                return False
+            for p, sz, c in zip(data_at.tolist(), msize.tolist(), crc.tolist()):
+                if zlib.crc32(mv[p:p + sz]) != c:
+                    return False
+            out = inputs[m]
+            if fixed[m]:
+                if not self._npy_into(buf, data_at, step, msize, rows, order, m, fixed[m], out, at):
+                    return False
+                continue
+            for j, (p, sz) in enumerate(zip(data_at.tolist(), msize.tolist())):
+                try:
+                    out[at + int(order[j])] = self._decode(int(rows[j]), m, bytes(mv[p:p + sz]))
+                except MidasDataError:
+                    return False
+        return True
+
+    def _tar_headers_ok(self, buf: np.ndarray, hdr_at: np.ndarray, step: int, rows: np.ndarray,
+                        m: str, size: np.ndarray) -> bool:
+        """Vectorised `_check_header` for one modality of a batch: each 512-byte header must
+        hold the member's name `<key>.<modality>.<ext>` NUL padded (as tar writes it), the
+        indexed size as 11 octal digits and NUL, and a regular-file type flag."""
+        b = len(rows)
+        if step:  # headers at one stride: a strided view instead of a gather
+            got = np.ndarray((b, BLOCK), np.uint8, buf, int(hdr_at[0]), (step, 1))
+            name, size_field, flag = got[:, :100], got[:, 124:136], got[:, 156]
+        else:
+            got = buf[hdr_at[:, None] + _HEADER_FIELDS]
+            name, size_field, flag = got[:, :100], got[:, 100:112], got[:, 112]
+        want_size = (size[:, None] >> _OCTAL_SHIFTS) & 7
+        if not ((size_field[:, :11] == want_size + 48).all() and not size_field[:, 11].any()
+                and ((flag == 0) | (flag == 48)).all()):
+            return False
+        if self._key_bytes is None:  # keys are ASCII (checked with the index)
+            self._key_bytes = np.array(self.keys, dtype="S")
+            self._key_len = np.char.str_len(self._key_bytes).astype(np.int64)
+        suffix = np.frombuffer(f".{m}.{self._ext[m]}".encode(), np.uint8)
+        klen = self._key_len[rows]
+        if int(klen.max()) + len(suffix) > 100:
+            return False  # a long (GNU long-name) member: checked one by one
+        want = np.zeros((b, 100), np.uint8)
+        kb = self._key_bytes[rows]
+        want[:, :kb.itemsize] = kb.view(np.uint8).reshape(b, kb.itemsize)
+        want[np.arange(b)[:, None], klen[:, None] + np.arange(len(suffix))] = suffix
+        return bool((name == want).all())
+
+    def _npy_into(self, buf: np.ndarray, data_at: np.ndarray, step: int, msize: np.ndarray,
+                  rows: np.ndarray, order: np.ndarray, m: str, spec: tuple, out: np.ndarray,
+                  at: int) -> bool:
+        """Decode a batch of `.npy` payloads of one modality into out[at + order[j]].
+
+        The header of the first payload is parsed (cached by its bytes) and must give the
+        manifest's dtype and shape in C order; every payload must carry that same header
+        byte for byte and exactly the data it describes. A payload with another header is
+        decoded on its own and checked against the manifest (`_decode`)."""
+        dtype, shape, nbytes = spec
+        b = len(rows)
+        p0, s0 = int(data_at[0]), int(msize[0])
+        try:
+            hshape, fortran, hdtype, hlen = npy_header_cached(memoryview(buf)[p0:p0 + s0])
+        except ValueError:
+            return False
+        if fortran or hdtype != dtype or tuple(hshape) != shape or s0 != hlen + nbytes:
+            return False  # the per-sample path decodes it, or refuses it naming the field
+        head = buf[p0:p0 + hlen]
+        flat = out[at:at + b].view(np.uint8).reshape(b, nbytes)
+        fits = msize == hlen + nbytes
+        if step and fits.all():  # payloads at one stride: strided views, no gathers
+            view = np.ndarray((b, hlen + nbytes), np.uint8, buf, p0, (step, 1))
+            if (view[:, :hlen] == head).all():
+                flat[order] = view[:, hlen:]
+                return True
+        same = fits & (buf[data_at[:, None] + np.arange(hlen)] == head).all(1)
+        mv = memoryview(buf)
+        for j in range(b):
+            p, i = int(data_at[j]), int(order[j])
+            if same[j]:
+                flat[i] = buf[p + hlen:p + hlen + nbytes]
+                continue
+            try:
+                value = self._decode(int(rows[j]), m, bytes(mv[p:p + int(msize[j])]))
+            except MidasDataError:
+                return False
+            flat[i] = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+        return True
+
+    def batch_of(self, samples: list[dict], modalities: list[str] | None = None) -> dict:
+        """`read_batch`'s layout for decoded samples (as `get_many` returns them): arrays of
+        one shape are stacked, text and ragged values stay lists."""
+        mods = self._mods(modalities)
+        inputs: dict = {}
+        for m in mods:
+            values = [d[m] for d in samples]
+            stack = self._ext[m] != "txt" and _same_shapes(values)
+            inputs[m] = np.stack(values) if stack else values
+        return {"key": [d["__key__"] for d in samples],
+                "label": np.array([d["label"] for d in samples], dtype=np.int64), "inputs": inputs}
+
+    def get_many_per_sample(self, rows: np.ndarray, modalities: list[str] | None = None) -> list[dict]:
+        """`get_many` one sample at a time (one pread each): the reference path, and the one
+        whose errors a batch read reports."""
         mods = self._mods(modalities)
         out = []
         for row in np.asarray(rows, dtype=np.int64):
@@ -268,6 +484,7 @@ class SplitReader:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_fds"], state["_sizes"] = {}, {}
+        state["_key_bytes"] = state["_key_len"] = None  # rebuilt on first batch read
         return state
 
     def __del__(self) -> None:
@@ -308,6 +525,44 @@ class Dataset:
         return verify_dataset(self, progress)
 
 
-def open_dataset(path: str | Path) -> Dataset:
-    """Open a dataset directory written by `midas-data build-shards`."""
-    return Dataset(path)
+def _stride(at: np.ndarray) -> int:
+    """The common positive distance between consecutive positions, or 0 if there is none
+    (a single position has stride 0 too: nothing is gained by a view)."""
+    if len(at) < 2:
+        return 0
+    d = np.diff(at)
+    return int(d[0]) if d[0] > 0 and (d == d[0]).all() else 0
+
+
+def _same_shapes(values: list) -> bool:
+    """Whether a list holds arrays all of one shape (so it stacks into a batch array)."""
+    return bool(values) and all(isinstance(v, np.ndarray) and v.shape == values[0].shape
+                                for v in values)
+
+
+def _chunks(sizes: np.ndarray) -> Iterator[tuple[int, int]]:
+    """[lo, hi) spans of consecutive samples of at most READ_CHUNK_ROWS samples and
+    READ_CHUNK_BYTES bytes (a sample larger than that gets a span of its own)."""
+    ends = np.cumsum(sizes)
+    lo = 0
+    while lo < len(sizes):
+        before = int(ends[lo - 1]) if lo else 0
+        hi = int(np.searchsorted(ends, before + READ_CHUNK_BYTES, side="right"))
+        hi = min(max(hi, lo + 1), lo + READ_CHUNK_ROWS)
+        yield lo, hi
+        lo = hi
+
+
+def open_dataset(path: str | Path, **remote) -> Dataset:
+    """Open a dataset directory written by `midas-data build-shards`, or a URL (s3://, gs://,
+    https://...; `remote` options: storage_options, cache_dir, cache_limit, retry, prefetch,
+    see midas_data.storage.remote.RemoteDataset)."""
+    from midas_data.storage.urls import is_remote, local_path
+
+    if isinstance(path, Dataset):  # already open (a remote root staged for writing, say)
+        return path
+    if is_remote(path):
+        from midas_data.storage.remote import RemoteDataset
+
+        return RemoteDataset(str(path), **remote)
+    return Dataset(local_path(path))

@@ -13,7 +13,6 @@ import hashlib
 import io
 import os
 import re
-import tarfile
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,23 +20,30 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from midas_data.atomic import atomic_dir
 from midas_data.dataset.formats import Encoded, encode_value
 from midas_data.dataset.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    KEY_PATTERN,
+    MAX_KEY_CHARS,
+    MAX_MODALITY_CHARS,
+    MODALITY_PATTERN,
     dataset_fingerprint,
     file_sha256,
     write_manifest,
 )
 from midas_data.dataset.split import SPLITS, stratified_split
+from midas_data.diskspace import dir_bytes, disk_full_guard
 from midas_data.errors import MidasDataError, SchemaError, where
 from midas_data.features.tables import write_table
+from midas_data.locking import output_lock
+from midas_data.options import SettingError
+from midas_data.progress import progress_bar as tqdm
 
-KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
-MODALITY_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+KEY_RE = re.compile(KEY_PATTERN)
+MODALITY_RE = re.compile(MODALITY_PATTERN)
 RESERVED = {"cls", "key", "label", "split"}
 
 
@@ -55,8 +61,7 @@ class Sample:
 @dataclass
 class _ShardState:
     path: Path
-    tar: tarfile.TarFile
-    fileobj: object
+    fileobj: _HashingFile
     hasher: object = field(default_factory=hashlib.sha256)
     count: int = 0
 
@@ -86,10 +91,49 @@ class _HashingFile(io.RawIOBase):
         super().close()
 
 
-def _member(name: str, size: int) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o444, 0, 0, "", ""
-    return ti
+# -- tar members, written directly ----------------------------------------------------------
+# Each member is a GNU tar header (what `tarfile` writes with format=GNU_FORMAT for a regular
+# file of mode 0444, uid/gid 0, mtime 0 and empty user/group names; names over 100 bytes get
+# a `././@LongLink` header first), the data, and NULs to a 512-byte boundary. The archive ends
+# with two zero blocks, padded to a 10240-byte record. tests/test_shards.py checks the bytes
+# against `tarfile` itself. Writing them here avoids tarfile's per-member TarInfo copy and
+# header building, which were the largest cost of a build.
+TAR_BLOCK, TAR_RECORD = 512, 20 * 512
+_MODE_IDS = b"0000444\0" + b"0000000\0" * 2  # mode, uid, gid
+_MTIME = b"00000000000\0"
+_AFTER_CHKSUM = (b"0" + bytes(100) + b"ustar  \0" + bytes(32 + 32 + 8 + 8 + 155 + 12))
+_CONST_SUM = sum(_MODE_IDS) + sum(_MTIME) + 8 * 32 + sum(_AFTER_CHKSUM)
+_LONGLINK = b"././@LongLink"
+
+
+def _octal(n: int, digits: int) -> bytes:
+    if not 0 <= n < 8 ** (digits - 1):
+        raise ValueError(f"{n} does not fit a {digits}-byte tar number field")
+    return b"%0*o\0" % (digits - 1, n)
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The header block(s) in front of a regular-file member `name` of `size` bytes."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 100:  # GNU long name: a ././@LongLink member carrying the full name first
+        long = raw + b"\0"
+        pad = -len(long) % TAR_BLOCK
+        return (_block(_LONGLINK, len(long), b"0000000\0" * 3, b"L") + long + bytes(pad)
+                + _block(raw[:100], size, _MODE_IDS, b"0"))
+    return _block(raw, size, _MODE_IDS, b"0")
+
+
+def _block(name: bytes, size: int, mode_ids: bytes, kind: bytes) -> bytes:
+    head = name + bytes(100 - len(name)) + mode_ids + _octal(size, 12) + _MTIME
+    tail = kind + _AFTER_CHKSUM[1:]
+    chksum = sum(head) + 8 * 32 + sum(tail)
+    return head + b"%06o\0 " % chksum + tail
+
+
+def tar_end(offset: int) -> bytes:
+    """The end-of-archive blocks for an archive of `offset` bytes so far, as tarfile pads."""
+    end = offset + 2 * TAR_BLOCK
+    return bytes(2 * TAR_BLOCK + (-end % TAR_RECORD))
 
 
 class SplitShardWriter:
@@ -105,18 +149,16 @@ class SplitShardWriter:
 
     def _open(self) -> _ShardState:
         rel = Path("shards") / f"{self.split}-{len(self.shards):06d}.tar"
-        raw = open(self.root / rel, "wb")  # noqa: SIM115 - closed in _close
+        raw = open(self.root / rel, "wb", buffering=1 << 20)  # noqa: SIM115 - closed in _close
         hasher = hashlib.sha256()
-        hf = _HashingFile(raw, hasher)
-        tar = tarfile.open(fileobj=hf, mode="w", format=tarfile.GNU_FORMAT)  # noqa: SIM115
         self.shards.append({"path": str(rel), "split": self.split, "count": 0, "bytes": 0, "sha256": ""})
-        return _ShardState(rel, tar, hf, hasher)
+        return _ShardState(rel, _HashingFile(raw, hasher), hasher)
 
     def _close(self) -> None:
         cur = self._cur
         if cur is None:
             return
-        cur.tar.close()  # writes the end-of-archive blocks
+        cur.fileobj.write(tar_end(cur.fileobj.pos))
         cur.fileobj.close()
         meta = self.shards[-1]
         meta.update(count=cur.count, bytes=cur.fileobj.pos, sha256=cur.hasher.hexdigest())
@@ -129,22 +171,29 @@ class SplitShardWriter:
             cur = None
         if cur is None:
             cur = self._cur = self._open()
-        start = cur.tar.offset
+        start = pos = cur.fileobj.pos
+        parts = []
         for name, enc in [("cls", _cls(label))] + members:
-            cur.tar.addfile(_member(f"{key}.{name}.{enc.ext}" if name != "cls" else f"{key}.cls",
-                                    len(enc.data)), io.BytesIO(enc.data))
-            data_off = cur.tar.offset - (-(-len(enc.data) // 512) * 512)
+            data = enc.data
+            hdr = tar_header(f"{key}.{name}.{enc.ext}" if name != "cls" else f"{key}.cls", len(data))
+            data_off = pos + len(hdr)
+            pad = -len(data) % TAR_BLOCK
+            parts += (hdr, data, bytes(pad))
+            pos = data_off + len(data) + pad
             if name != "cls":
-                col = self.member_cols.setdefault(name, [[], [], []])
+                col = self.member_cols.get(name)
+                if col is None:
+                    col = self.member_cols[name] = [[], [], []]
                 col[0].append(data_off)
-                col[1].append(len(enc.data))
-                col[2].append(zlib.crc32(enc.data))
+                col[1].append(len(data))
+                col[2].append(zlib.crc32(data))
+        cur.fileobj.write(b"".join(parts))  # one write per sample
         cur.count += 1
         self.rows["key"].append(key)
         self.rows["label"].append(label)
         self.rows["shard"].append(len(self.shards) - 1)
         self.rows["offset"].append(start)
-        self.rows["size"].append(cur.tar.offset - start)
+        self.rows["size"].append(pos - start)
 
     def finish(self, modality_order: list[str]) -> pa.Table:
         self._close()
@@ -189,9 +238,23 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
     """Shard `samples` into `out_dir` atomically and return the manifest.
 
     Samples without a split get a seeded stratified split. Labels are class names or
-    indices into `classes` (inferred from the labels, sorted, when not given).
+    indices into `classes` (inferred from the labels, sorted, when not given). The output is
+    locked for the call (`midas_data.locking`): a second writer waits, then refuses.
     """
-    out_dir = Path(out_dir)
+    if isinstance(shard_max_count, bool) or not isinstance(shard_max_count, int) or shard_max_count < 1:
+        raise SettingError(f"shard_max_count (--shard-samples) must be an integer >= 1, got "
+                           f"{shard_max_count!r}")
+    if not isinstance(shard_max_mb, int | float) or not shard_max_mb > 0:
+        raise SettingError(f"shard_max_mb (--shard-mb) must be > 0, got {shard_max_mb!r}")
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+        raise SettingError(f"split_seed (--split-seed) must be an integer >= 0, got {split_seed!r}")
+    with output_lock(out_dir, "build-shards"):
+        return _build_dataset(samples, Path(out_dir), classes, modalities, shard_max_count,
+                              shard_max_mb, split_seed, split_fractions, overwrite, source, progress)
+
+
+def _build_dataset(samples, out_dir: Path, classes, modalities, shard_max_count, shard_max_mb,
+                   split_seed, split_fractions, overwrite, source, progress) -> dict:
     if out_dir.exists() and not out_dir.is_dir():
         raise MidasDataError(f"{where(file=out_dir)}: exists and is not a directory; choose another "
                              "output directory")
@@ -207,6 +270,9 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
     class_names, label_idx = _resolve_labels(samples, classes)
     seen: set[str] = set()
     for s in samples:
+        if isinstance(s.key, str) and len(s.key) > MAX_KEY_CHARS:
+            raise SchemaError(f"{where(s.source, s.key[:40] + '...', 'key')}: key of {len(s.key)} "
+                              f"characters; keys may be at most {MAX_KEY_CHARS} (shorten it)")
         if not isinstance(s.key, str) or not KEY_RE.match(s.key):
             raise SchemaError(f"{where(s.source, s.key, 'key')}: keys may hold only letters, digits, "
                               "'_' and '-' (WebDataset splits keys at the first dot)")
@@ -219,8 +285,9 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
         raise SchemaError(f"{where(src0, field='modalities')}: modality names repeat in {order}")
     for m in order:
         if not isinstance(m, str) or not MODALITY_RE.match(m) or m in RESERVED:
-            raise SchemaError(f"{where(src0, field=m)}: modality names must match [a-z][a-z0-9_]* "
-                              f"and not be one of {sorted(RESERVED)}")
+            raise SchemaError(f"{where(src0, field=m)}: modality names must match [a-z][a-z0-9_]*, "
+                              f"be at most {MAX_MODALITY_CHARS} characters and not be one of "
+                              f"{sorted(RESERVED)}")
     splits = np.array([s.split for s in samples], dtype=object)
     if any(sp is None for sp in splits):
         if not all(sp is None for sp in splits):
@@ -237,11 +304,14 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
     schema: dict = {}
     max_bytes = int(shard_max_mb * 1024 * 1024)
     # Past the checks above, an existing out_dir is either a dataset we may replace or empty.
-    with atomic_dir(out_dir, overwrite=overwrite or out_dir.exists()) as tmp:
+    bar = tqdm(total=len(samples), desc="build-shards", unit="sample", disable=not progress)
+    with disk_full_guard("build-shards", out_dir), \
+            atomic_dir(out_dir, overwrite=overwrite or out_dir.exists()) as tmp, \
+            disk_full_guard("build-shards", out_dir,  # what is written so far, scaled to all
+                            need=lambda: dir_bytes(tmp) * len(samples) / max(bar.n, 1)):
         (tmp / "shards").mkdir()
         (tmp / "index").mkdir()
         split_meta, all_shards = {}, []
-        bar = tqdm(total=len(samples), desc="build-shards", unit="sample", disable=not progress)
         for sp in SPLITS:
             members_idx = np.flatnonzero(splits == sp)
             if len(members_idx) == 0:
@@ -272,7 +342,8 @@ def build_dataset(samples: Iterable[Sample], out_dir: str | Path, *, classes: li
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "modalities": {m: schema[m] for m in order}, "modality_order": order,
             "classes": class_names, "splits": split_meta, "shards": all_shards,
-            "fingerprint": dataset_fingerprint({m: schema[m] for m in order}, class_names, all_shards),
+            "fingerprint": dataset_fingerprint({m: schema[m] for m in order}, class_names,
+                                               all_shards, split_meta),
             "split_seed": split_seed, "source": source or {},
         }
         write_manifest(tmp, manifest)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from midas_data.dataset.formats import npy_header
-from midas_data.dataset.manifest import file_sha256
+from midas_data.dataset.manifest import MAX_KEY_CHARS, MAX_MODALITY_CHARS, file_sha256
 from midas_data.dataset.reader import BLOCK, SplitReader
 from midas_data.errors import CorruptShardError, MidasDataError, UnsafeInputError, where
 
@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from midas_data.dataset.reader import Dataset
 
 MEMBER_RE = re.compile(r"^[A-Za-z0-9_\-]+\.(cls|[a-z][a-z0-9_]*\.[a-z0-9]+)$")
-MAX_LONGNAME = 64 << 10
+# the longest member name the builder writes, `<key>.<modality>.<ext>`, with room to spare
+MAX_LONGNAME = max(64 << 10, MAX_KEY_CHARS + MAX_MODALITY_CHARS + 64)
 
 
 def verify_dataset(ds: Dataset, progress: bool = False) -> list[str]:

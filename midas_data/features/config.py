@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from midas_data.devices import check_device_name
 from midas_data.options import check_settings, setting, settings_dict
 
 SOURCES = ("warmup", "user")
@@ -38,7 +39,7 @@ class ExtractConfig:
     encoders: dict[str, Any] = setting({}, "warm-up: encoder per modality, a registered name or "
                                            "{'name': ..., **kwargs} (a modality left out gets "
                                            "default_encoder_for)", cli=False)
-    seed: int = setting(0, "seed of the warm-up models and of the probes' folds")
+    seed: int = setting(0, "seed of the warm-up models and of the probes' folds", min=0)
     device: str = setting("auto", "warm-up: auto (CUDA when present), cpu, cuda, cuda:N")
     num_threads: int = setting(
         1, "torch CPU threads for the call; results are reproducible for a fixed thread count, "
@@ -56,6 +57,7 @@ class ExtractConfig:
         if self.features_file is not None:
             self.features_file = str(self.features_file)
         check_settings(self)
+        check_device_name(self.device, "ExtractConfig.device")
 
     def to_dict(self) -> dict[str, Any]:
         return settings_dict(self)

@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from midas_data.progress import progress_bar as tqdm
 
 EncoderFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, EncoderFactory] = {}

@@ -15,6 +15,7 @@ The reference warm-up holds each split's decoded inputs in memory (float32).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -26,11 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from tqdm.auto import tqdm
 
-from midas_data.atomic import atomic_file
+from midas_data.atomic import write_bytes_atomic
 from midas_data.dataset.manifest import file_sha256
 from midas_data.dataset.reader import Dataset, SplitReader, open_dataset
+from midas_data.devices import check_device_available
+from midas_data.diskspace import disk_full_guard
 from midas_data.errors import MidasDataError, SchemaError, UnsafeInputError, where
 from midas_data.features.config import ExtractConfig
 from midas_data.features.encoders import (
@@ -44,7 +46,9 @@ from midas_data.features.encoders import (
 )
 from midas_data.features.probe import crossfit_probes, ensemble_confidences
 from midas_data.features.tables import Features, write_features
+from midas_data.locking import output_lock
 from midas_data.options import resolve_settings
+from midas_data.progress import progress_bar as tqdm
 
 MODELS_FILE = "warmup_models.pt"
 
@@ -66,7 +70,8 @@ def extract_features(dataset_dir: str | os.PathLike, config: ExtractConfig | Non
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     try:
-        return _extract(dataset_dir, cfg, progress)
+        with output_lock(dataset_dir, "extract"):
+            return _extract(dataset_dir, cfg, progress)
     finally:
         torch.set_num_threads(threads)
 
@@ -84,6 +89,7 @@ def _extract(dataset_dir, cfg: ExtractConfig, progress: bool) -> dict:
                              "fits on the train split, and the dataset has none")
     if source == "warmup":
         device = cfg.device
+        check_device_available(device, "extract --device")
         dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         feats, confs, config, models = _warmup(ds, todo, cfg.encoders, cfg.warmup_epochs,
                                                cfg.batch_size, cfg.lr, cfg.seed, cfg.feature_dim,
@@ -99,19 +105,25 @@ def _extract(dataset_dir, cfg: ExtractConfig, progress: bool) -> dict:
     out_dir = ds.root / "features"
     summary: dict = {"source": source, "dataset": str(ds.root), "modalities": ds.modalities,
                      "skipped_splits": [s for s in splits if s not in todo], "splits": {}}
-    for sp in todo:  # all splits are computed first: a failed run leaves the old tables as they were
-        sr = ds.split(sp)
-        f = Features(list(sr.keys), sr.labels.copy(), feats[sp], confs[sp])
-        path = out_dir / f"{sp}.arrow"
-        fp = write_features(path, f, ds.fingerprint, source, config)
-        summary["splits"][sp] = {"path": str(path), "rows": len(sr), "features_fingerprint": fp,
-                                 "mean_conf": {m: float(confs[sp][m].mean()) for m in ds.modalities}}
-    if models is not None:
+    blob = None
+    if models is not None:  # serialised in memory: a full disk is then our own, sized, error
         payload = {"format_version": 1, "dataset_fingerprint": ds.fingerprint,
                    "config": json.dumps(config, sort_keys=True), "models": models}
-        with atomic_file(out_dir / MODELS_FILE, "wb") as fh:
-            torch.save(payload, fh)
-        summary["models_path"] = str(out_dir / MODELS_FILE)
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        blob = buf.getvalue()
+    need = sum(a.nbytes for sp in todo for d in (feats[sp], confs[sp]) for a in d.values())
+    with disk_full_guard("extract", out_dir, need=need + len(blob or b"")):
+        for sp in todo:  # all splits are computed first: a failed run leaves the old tables
+            sr = ds.split(sp)
+            f = Features(list(sr.keys), sr.labels.copy(), feats[sp], confs[sp])
+            path = out_dir / f"{sp}.arrow"
+            fp = write_features(path, f, ds.fingerprint, source, config)
+            summary["splits"][sp] = {"path": str(path), "rows": len(sr), "features_fingerprint": fp,
+                                     "mean_conf": {m: float(confs[sp][m].mean()) for m in ds.modalities}}
+        if blob is not None:
+            write_bytes_atomic(out_dir / MODELS_FILE, blob)
+            summary["models_path"] = str(out_dir / MODELS_FILE)
     summary["feature_dims"] = {m: int(feats[todo[0]][m].shape[1]) for m in ds.modalities}
     summary["config"] = config
     summary["seconds"] = round(time.perf_counter() - t0, 3)

@@ -49,6 +49,36 @@ def read_table(path: str | os.PathLike) -> pa.Table:
     return table
 
 
+def _array_bytes(arr: pa.Array) -> list:
+    """The values of a null-free fixed-width or string array as buffers, independent of
+    chunking and slicing: the data for fixed width; lengths, then the bytes, for strings."""
+    t = arr.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t):
+        width = np.int64 if pa.types.is_large_string(t) else np.int32
+        offsets = np.frombuffer(arr.buffers()[1], width)[arr.offset: arr.offset + len(arr) + 1]
+        lo, hi = (int(offsets[0]), int(offsets[-1])) if len(offsets) else (0, 0)
+        data = arr.buffers()[2]
+        return [np.diff(offsets).astype(np.int64), b"" if data is None else memoryview(data)[lo:hi]]
+    if pa.types.is_fixed_size_list(t):
+        return _array_bytes(arr.flatten())
+    return [np.ascontiguousarray(arr.to_numpy(zero_copy_only=False))]
+
+
+def table_content_sha256(table: pa.Table, columns: list[str] | None = None) -> str:
+    """sha256 over the names, types and values of `columns` (default all), in order: a
+    checksum of what a reader gets, the same however the table is chunked. Columns must be
+    null-free (nulls are refused by the readers before this)."""
+    h = hashlib.sha256()
+    for name in columns or table.column_names:
+        col = table.column(name)
+        h.update(f"{name}:{col.type}:{len(col)}\n".encode())
+        if col.null_count:
+            h.update(b"nulls" + np.asarray(col.is_null().to_numpy(zero_copy_only=False)).tobytes())
+        for part in _array_bytes(col.combine_chunks()):
+            h.update(part)
+    return h.hexdigest()
+
+
 def table_metadata(table: pa.Table) -> dict[str, str]:
     """The `midas.*` schema metadata of a table, prefix stripped."""
     out = {}

@@ -5,11 +5,16 @@ m, row partner[b, m] for m) and the sources' stored unimodal confidences. These 
 turn that into the soft-label targets of docs/METHOD.md ("Confidences and soft labels")
 and call the pure functions of `midas_data.loss.terms`; nothing about the model is
 assumed beyond "logits for inputs".
+
+Fill rows (`batch["valid"] == False`, `batch["weight"] == 0`: repeats that pad the epoch's
+last batches, see docs/CONTRACTS.md) count nowhere: `aligned_loss` weights rows by
+`batch["weight"]`, and the misaligned rows of `materialize_misaligned` never involve them.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from midas_data.loss.terms import (
@@ -21,6 +26,29 @@ from midas_data.loss.terms import (
     source_rows,
     weak_modality,
 )
+
+
+def aligned_loss(logits: Tensor, batch: dict) -> Tensor:
+    """Cross-entropy of the aligned rows, averaged over the real ones.
+
+    logits: [B, C] the user's logits on `batch["inputs"]`. Returns
+    sum_b weight_b * CE(z_b, y_b) / sum_b weight_b with `batch["weight"]` [B] (1 for real
+    rows, 0 for fill rows; all ones when the batch has none), i.e. the mean CE over the rows
+    with `batch["valid"]`. A batch with no real row (or no row) gives a zero that is still
+    attached to `logits`, so `backward()` and DDP's gradient all-reduce run as usual.
+    """
+    y = batch["label"].to(logits.device)
+    weight = batch.get("weight")
+    if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
+        raise ValueError(f"aligned_loss: logits must be [B, C] with B = {y.shape[0]} rows of the "
+                         f"batch, got {tuple(logits.shape)}")
+    if weight is None or bool((weight == 1).all()):
+        return F.cross_entropy(logits, y) if len(y) else logits.sum() * 0.0
+    weight = weight.to(device=logits.device, dtype=logits.dtype)
+    total = weight.sum()
+    if not total > 0:
+        return logits.sum() * 0.0  # a mean over no real row would be NaN
+    return (weight * F.cross_entropy(logits, y, reduction="none")).sum() / total
 
 
 def _source_rows(batch: dict, mis: dict) -> tuple[Tensor, Tensor, Tensor]:
@@ -60,12 +88,15 @@ def batch_misaligned_loss(logits: Tensor, batch: dict, mis: dict, alpha: float =
 
     logits: [N, C] the user's fused logits on `mis["inputs"]`; alpha: the weak-modality
     weight (see `update_alpha`); weak: index of the weak modality (default: the lowest
-    mean stored confidence of the batch, else the last modality).
+    mean stored confidence of the batch's real rows, else the last modality). No
+    misaligned row (e.g. a batch of fill rows) gives a zero attached to `logits`.
     """
     src_labels, weights = misaligned_targets(batch, mis)
     m_count = src_labels.shape[1]
     if weak is None:
         conf = batch.get("conf")
+        if conf is not None and "valid" in batch:
+            conf = conf[batch["valid"]]
         weak = weak_modality(conf.nanmean(0)) if conf is not None and torch.isfinite(conf).any() else m_count - 1
     hard = mis["hard_weight"] if hard_weighting else None
     return misaligned_loss(logits, src_labels, weights.to(logits.dtype),
@@ -74,7 +105,8 @@ def batch_misaligned_loss(logits: Tensor, batch: dict, mis: dict, alpha: float =
 
 def batch_alpha_stats(stats: AlphaStats, logits: Tensor, batch: dict, mis: dict, weak: int,
                       strong: int) -> AlphaStats:
-    """Add a batch's misaligned rows to the statistics that `update_alpha` consumes."""
+    """Add a batch's misaligned rows (real rows only, as `materialize_misaligned` gives
+    them) to the statistics that `update_alpha` consumes."""
     src_rows, cols, _ = _source_rows(batch, mis)
     src_labels = batch["label"][src_rows]
     conf = batch["conf"][src_rows, cols]

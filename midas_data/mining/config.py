@@ -42,7 +42,7 @@ class MineConfig:
     block_size: int = setting(16384, "anchors searched per block (bounds memory)", min=1)
     recall_queries: int = setting(1000, "approx: anchors sampled to measure recall@k against "
                                         "exact search", min=1)
-    seed: int = setting(0, "seed of the recall sample")
+    seed: int = setting(0, "seed of the recall sample", min=0)
 
     def __post_init__(self) -> None:
         self.splits = (self.splits,) if isinstance(self.splits, str) else tuple(self.splits)

@@ -46,10 +46,10 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from midas_data.errors import MidasDataError
 from midas_data.mining.ivf import BatchedIVF, default_nlist, default_nprobe
+from midas_data.progress import progress_bar as tqdm
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ process, each holding a contiguous slice of anchors. ``read_pairs`` joins the pa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from midas_data.errors import MidasDataError, SchemaError, StaleArtifactError, where
@@ -21,6 +23,7 @@ from midas_data.features.tables import (
     META_PREFIX,
     Features,
     read_table,
+    table_content_sha256,
     table_metadata,
     write_table,
 )
@@ -167,7 +170,13 @@ def write_pairs(dataset_dir: str | os.PathLike, split: str, table: pa.Table, ran
     if not table_metadata(table).get("features_fingerprint") and not (metadata or {}).get("features_fingerprint"):
         raise SchemaError("pairs table has no midas.features_fingerprint; build it with build_pairs")
     path = part_path(dataset_dir, split, rank, world_size)
-    write_table(path, table, {**(metadata or {}), "rank": str(rank), "world_size": str(world_size)})
+    missing = [c for c in PAIRS_SCHEMA.names if c not in table.column_names]
+    if missing:
+        raise SchemaError(f"pairs table has no column {missing[0]!r}; build it with build_pairs")
+    # a checksum of the values, verified by read_pairs: a flipped bit is never a silent partner
+    content = table_content_sha256(table, PAIRS_SCHEMA.names)
+    write_table(path, table, {**(metadata or {}), "rank": str(rank), "world_size": str(world_size),
+                              "content_sha256": content})
     parts = _parts(pairs_dir(dataset_dir, split))
     if all(r in parts.get(world_size, {}) for r in range(world_size)):
         for stale in (p for w, group in parts.items() if w != world_size for p in group.values()):
@@ -185,12 +194,9 @@ def _parts(d: Path) -> dict[int, dict[int, Path]]:
     return out
 
 
-def read_pairs(dataset_dir: str | os.PathLike, split: str,
-               features_fingerprint: str | None = None) -> pa.Table:
-    """All parts of the split's pairs as one table (parts in rank order, so anchors ascend).
-
-    With `features_fingerprint`, pairs mined from other features raise StaleArtifactError.
-    """
+def _complete_set(dataset_dir: str | os.PathLike, split: str) -> tuple[int, dict[int, Path]]:
+    """(world size, {rank: path}) of the newest complete set of parts; a located error when
+    there is none."""
     d = pairs_dir(dataset_dir, split)
     parts = _parts(d)
     if not parts:
@@ -204,9 +210,83 @@ def read_pairs(dataset_dir: str | os.PathLike, split: str,
                              "mining is still running or crashed: rerun `midas-data mine-misaligned`")
     # after a crash between writing a new set and deleting the old one, trust the newest
     world = max(complete, key=lambda w: max(p.stat().st_mtime_ns for p in complete[w].values()))
+    return world, complete[world]
+
+
+def pairs_fingerprint(dataset_dir: str | os.PathLike, split: str) -> str:
+    """sha256 over the content checksums of the split's parts (their metadata only; read_pairs
+    checks them against the values)."""
+    world, parts = _complete_set(dataset_dir, split)
+    h = hashlib.sha256()
+    for r in range(world):
+        try:
+            with pa.memory_map(str(parts[r]), "r") as src:
+                meta = pa.ipc.open_file(src).schema.metadata or {}
+        except (pa.ArrowException, OSError) as e:
+            raise MidasDataError(f"{where(file=parts[r])}: not a readable Arrow IPC file ({e}); "
+                                 "rerun `midas-data mine-misaligned`") from e
+        h.update(meta.get(f"{META_PREFIX}content_sha256".encode(), b"-"))
+    return h.hexdigest()
+
+
+def _check_content(t: pa.Table, meta: dict[str, str], path: Path) -> None:
+    want = meta.get("content_sha256")
+    if not want:
+        raise StaleArtifactError(f"{where(file=path, field='midas.content_sha256')}: pairs part "
+                                 "has no content checksum (mined by an older version); rerun "
+                                 "`midas-data mine-misaligned`")
+    if table_content_sha256(t, PAIRS_SCHEMA.names) != want:
+        raise SchemaError(f"{where(file=path, field='midas.content_sha256')}: the values do not "
+                          "match the part's checksum (damaged or edited); rerun "
+                          "`midas-data mine-misaligned`")
+
+
+def _check_keys(t: pa.Table, keys: list[str] | None, file: str) -> None:
+    """`anchor_key`/`partner_key` must name the rows `anchor_row`/`partner_row` point at:
+    the split's index keys when given, else the anchors' own (row, key) pairs (a partner
+    row that is no anchor of the table then goes unchecked)."""
+    if keys is not None:
+        n = len(keys)
+        for side in ("anchor", "partner"):
+            rows = t.column(f"{side}_row").to_numpy()
+            bad = np.flatnonzero((rows < 0) | (rows >= n))
+            if bad.size:
+                raise SchemaError(f"{where(file=file, field=side + '_row')}: row "
+                                  f"{int(rows[bad[0]])} is outside the split's {n} samples; "
+                                  "rerun `midas-data mine-misaligned`")
+        known_rows, known_keys = np.arange(n), pa.array(keys, pa.string())
+    else:
+        known_rows, first = np.unique(t.column("anchor_row").to_numpy(), return_index=True)
+        known_keys = t.column("anchor_key").combine_chunks().take(pa.array(first))
+    for side in ("anchor", "partner"):
+        rows = t.column(f"{side}_row").to_numpy()
+        pos = np.minimum(np.searchsorted(known_rows, rows), max(len(known_rows) - 1, 0))
+        ok = (known_rows[pos] == rows) if len(known_rows) else np.zeros(len(rows), bool)
+        have = t.column(f"{side}_key").combine_chunks().filter(pa.array(ok))
+        want = known_keys.take(pa.array(pos[ok]))
+        diff = np.flatnonzero(~pc.equal(have, want).to_numpy(zero_copy_only=False))
+        if diff.size:
+            i = int(diff[0])
+            row = int(rows[ok][i])
+            raise SchemaError(f"{where(file=file, key=have[i].as_py(), field=side + '_row')}: "
+                              f"{side}_row {row} is sample {want[i].as_py()!r}, not the "
+                              f"{side}_key ({diff.size} rows disagree); the pairs are damaged, "
+                              "rerun `midas-data mine-misaligned`")
+
+
+def read_pairs(dataset_dir: str | os.PathLike, split: str,
+               features_fingerprint: str | None = None, keys: list[str] | None = None) -> pa.Table:
+    """All parts of the split's pairs as one table (parts in rank order, so anchors ascend).
+
+    Each part's values are checked against its `midas.content_sha256`, and every row's
+    `anchor_key`/`partner_key` against the row its `anchor_row`/`partner_row` names (in
+    `keys`, the split's index keys, when given). With `features_fingerprint`, pairs mined
+    from other features raise StaleArtifactError.
+    """
+    world, parts = _complete_set(dataset_dir, split)
     tables, first = [], None
     for r in range(world):
-        path = complete[world][r]
+        path = parts[r]
         t = read_table(path)
         meta = table_metadata(t)
         missing_cols = [c for c in PAIRS_SCHEMA.names if c not in t.column_names]
@@ -227,9 +307,16 @@ def read_pairs(dataset_dir: str | os.PathLike, split: str,
         elif (fp, meta.get("k")) != (first.get("features_fingerprint"), first.get("k")):
             raise StaleArtifactError(
                 f"{where(file=path, field='midas.features_fingerprint')}: this part was mined "
-                f"from other features or k than {complete[world][0].name}; a mining run is in "
+                f"from other features or k than {parts[0].name}; a mining run is in "
                 "progress or crashed: rerun `midas-data mine-misaligned`")
+        for c in PAIRS_SCHEMA.names:
+            if t.column(c).null_count:
+                raise SchemaError(f"{where(file=path, field=c)}: holds nulls; rerun "
+                                  "`midas-data mine-misaligned`")
+        _check_content(t, meta, path)
         tables.append(t.select(PAIRS_SCHEMA.names).cast(PAIRS_SCHEMA))
     out = pa.concat_tables(tables)
+    _check_keys(out, keys, ", ".join(str(parts[r]) for r in range(world)))
     first.pop("rank", None)
+    first.pop("content_sha256", None)
     return out.replace_schema_metadata({(META_PREFIX + a).encode(): b.encode() for a, b in first.items()})

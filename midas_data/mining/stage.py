@@ -8,6 +8,7 @@ contiguous slice of the anchors against the full data and writes its own part.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -20,9 +21,11 @@ import pyarrow as pa
 
 from midas_data.atomic import write_bytes_atomic, write_text_atomic
 from midas_data.dataset.manifest import read_manifest
+from midas_data.diskspace import disk_full_guard
 from midas_data.distributed import rank_and_world_size
 from midas_data.errors import MidasDataError, SchemaError, where
 from midas_data.features.tables import Features, read_features, read_table, table_metadata
+from midas_data.locking import output_lock
 from midas_data.mining.config import MineConfig
 from midas_data.mining.knn import MiningInputError, resolve_index
 from midas_data.mining.pairs import (
@@ -71,8 +74,13 @@ def mine_misaligned(dataset_dir: str | os.PathLike, config: MineConfig | None = 
         if split not in manifest["splits"]:
             raise MidasDataError(f"{where(file=root / 'manifest.json', field='splits')}: no split "
                                  f"{split!r}; the dataset has {sorted(manifest['splits'])}")
-        summary["splits"][split] = _mine_split(root, manifest, split, cfg, device,
-                                               progress and rank == 0, rank, world)
+    # Rank 0 holds the dataset's lock for the whole job; the others start writing only after
+    # it has it (the barrier), so two jobs never mix their parts.
+    with output_lock(root, "mine-misaligned") if rank == 0 else contextlib.nullcontext():
+        _barrier()
+        for split in cfg.splits:
+            summary["splits"][split] = _mine_split(root, manifest, split, cfg, device,
+                                                   progress and rank == 0, rank, world)
     return summary
 
 
@@ -110,6 +118,11 @@ def _mine_split(root, manifest, split, cfg: MineConfig, device, progress, rank, 
                              "`midas-data extract` first")
     f = read_features(path, manifest["fingerprint"])
     _check_against_manifest(f, manifest, split, path)
+    present = np.unique(f.labels)
+    if len(present) < 2:
+        raise MidasDataError(f"{where(file=path, field='label')}: every sample of split {split!r} "
+                             f"is class {manifest['classes'][int(present[0])] if len(present) else '?'!r}; "
+                             "different-label partners need at least two classes")
     n = len(f.keys)
     lo, hi = rank * n // world, (rank + 1) * n // world
     queries = np.arange(lo, hi, dtype=np.int64)
@@ -133,7 +146,8 @@ def _mine_split(root, manifest, split, cfg: MineConfig, device, progress, rank, 
                           block_size, {"split": split, "anchors": [lo, hi],
                                        "settings": cfg.to_dict(), "recall_at_k": recall,
                                        "search": search})
-    part = write_pairs(root, split, table, rank, world)
+    with disk_full_guard("mine-misaligned", pairs_dir(root, split), need=table.nbytes):
+        part = write_pairs(root, split, table, rank, world)
     synced = _barrier()  # every part exists before rank 0 reads them all for the report
     out = {"path": str(part), "anchors": [lo, hi], "rows": table.num_rows, "k": k,
            "modalities": f.modalities, "features_fingerprint": f.fingerprint,
@@ -142,8 +156,9 @@ def _mine_split(root, manifest, split, cfg: MineConfig, device, progress, rank, 
     if cfg.report and rank == 0:
         full = read_pairs(root, split, f.fingerprint) if world > 1 and synced else table
         scope = "all parts" if full is not table or world == 1 else f"rank 0 part (anchors {lo}..{hi})"
-        out["report"] = str(write_report(pairs_dir(root, split), full, manifest["classes"], k,
-                                         recall, scope))
+        with disk_full_guard("mine-misaligned (report)", pairs_dir(root, split)):
+            out["report"] = str(write_report(pairs_dir(root, split), full, manifest["classes"],
+                                             k, recall, scope))
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
 

@@ -10,6 +10,12 @@ lends each anchor its swapped modality is the partner policy's job
 index per swapped modality (`partner[b, m]`), the paper's in-batch construction, so a
 trainer can swap encoder features at no extra cost; `materialize_misaligned` turns them
 into ready-made inputs for model-agnostic users. See docs/CONTRACTS.md for the layout.
+
+The epoch's last step (`last_batch`): by default ("pad") every rank's final batch holds at
+least two rows; where too few real samples remain, it is topped up with repeated samples
+marked `batch["valid"] == False` and `batch["weight"] == 0` (fill rows), which get no
+misaligned partner and lend none. The mask-aware helpers (`aligned_loss`,
+`batch_misaligned_loss`, `materialize_misaligned`, `batch_alpha_stats`) ignore them.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from midas_data.dataset.reader import open_dataset
+from midas_data.dataset.reader import Dataset, open_dataset
+from midas_data.dataset.transport import pack_batch, torch_batch, unpack_batch
 from midas_data.distributed import rank_and_world_size
 from midas_data.errors import CorruptShardError, MidasDataError, SchemaError, where
 from midas_data.features.tables import read_features
@@ -44,19 +51,35 @@ class MidasDataset(IterableDataset):
     shuffle: False keeps the index order (evaluation); the paired research policies
     always use their matched order.
     on_error: `raise` (default: a damaged shard stops the epoch naming shard and key) or
-    `skip` (drop the sample, and report its key in `batch["skipped"]`).
+    `skip` (drop the sample, and report its key in `batch["skipped"]`; a batch may then
+    hold fewer rows).
+    last_batch: how the epoch's final, partial global step is delivered. Its items are
+    spread over the ranks as evenly as possible (real sizes differ by at most one) and:
+    `pad` (default) tops every rank's final batch up to two rows with fill rows, repeats of
+    real samples of the split (deterministic for seed and epoch) marked
+    `batch["valid"] == False` and `batch["weight"] == 0`, so no batch is empty or of one
+    row; `drop` leaves the partial step out (every batch full, those samples unseen this
+    epoch); `uneven` delivers it unpadded (a rank may get a batch of one or an empty batch:
+    only for loops that handle both). `drop_last=True` is the same as `last_batch="drop"`.
+    Every mode keeps equal batch counts on every rank and each real sample once per epoch.
     rank, world_size: default to torch.distributed or the torchrun environment.
+    root may be a URL (s3://, gs://, https://): shards are then read through a local cache
+    (`cache_dir`, bounded by `cache_limit` bytes; `storage_options` go to fsspec), or a
+    dataset already opened with `open_dataset(url, ...)` for the other remote options.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", *, batch_size: int = 64,
+    def __init__(self, root: str | Path | Dataset, split: str = "train", *, batch_size: int = 64,
                  policy: str = "random", seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False, modalities: list[str] | None = None,
+                 last_batch: str = "pad", drop_last: bool = False,
+                 modalities: list[str] | None = None,
                  transform: Callable | None = None, on_error: str = "raise",
                  rank: int | None = None, world_size: int | None = None, use_features: bool = True,
                  swap_modalities: Sequence[str] = (), knn_modalities: Sequence[str] = (),
                  knn_temperature: float = 0.1, similarity_modalities: Sequence[str] = (),
                  similarity_temperature: float = 0.1, mined_fraction: float = 0.5,
-                 mined_ramp: Sequence[int] | None = None):
+                 mined_ramp: Sequence[int] | None = None,
+                 storage_options: dict | None = None, cache_dir: str | Path | None = None,
+                 cache_limit: int | str | None = None):
         options = PartnerOptions(
             policy=policy, swap_modalities=swap_modalities, knn_modalities=knn_modalities,
             knn_temperature=knn_temperature, similarity_modalities=similarity_modalities,
@@ -65,19 +88,28 @@ class MidasDataset(IterableDataset):
         options.validate(batch_size)
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
+        if last_batch not in plan.LAST_BATCH_MODES:
+            raise ValueError(f"last_batch must be one of {plan.LAST_BATCH_MODES}, got {last_batch!r}")
+        if drop_last and last_batch not in ("pad", "drop"):
+            raise ValueError(f"drop_last=True means last_batch='drop'; it contradicts "
+                             f"last_batch={last_batch!r}: give only one of them")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        self.root, self.split = Path(root), split
-        self.ds = open_dataset(self.root)
+        self.split = split  # root may be a URL: open_dataset caches it, self.root is local
+        self.ds = root if isinstance(root, Dataset) else open_dataset(
+            root, storage_options=storage_options, cache_dir=cache_dir, cache_limit=cache_limit)
+        self.root = self.ds.root
         self.reader = self.ds.split(split)
         self.modalities = list(modalities or self.ds.modalities)
         unknown = [m for m in self.modalities if m not in self.ds.modalities]
         if unknown:
             raise SchemaError(f"{where(self.root / 'manifest.json', field=unknown[0])}: no such modality")
         self.batch_size, self.policy, self.seed = batch_size, policy, seed
-        self.shuffle, self.drop_last, self.transform, self.on_error = shuffle, drop_last, transform, on_error
+        self.last_batch = "drop" if drop_last else last_batch
+        self.shuffle, self.transform, self.on_error = shuffle, transform, on_error
         self._rank, self._world = rank, world_size
         self.epoch, self.offset = 0, 0
+        self._pack_in_workers = False  # set by MidasLoader while it starts its workers
         self._exhausted = False  # set when an iteration ran to the end of the epoch
         self.features = None
         feat_path = self.root / "features" / f"{split}.arrow"
@@ -89,6 +121,11 @@ class MidasDataset(IterableDataset):
         self.partners: PartnerPolicy = make_policy(options, SplitData(
             self.root, split, self.modalities, list(self.ds.modalities), len(self.reader),
             self.features, shuffle))
+
+    @property
+    def drop_last(self) -> bool:
+        """True when the final partial step is dropped (`last_batch == "drop"`)."""
+        return self.last_batch == "drop"
 
     @property
     def options(self) -> PartnerOptions:
@@ -111,9 +148,11 @@ class MidasDataset(IterableDataset):
                 self._world if self._world is not None else world)
 
     def __len__(self) -> int:
-        """Batches this rank yields for the rest of the current epoch."""
+        """Batches this rank's next pass yields: the rest of the current epoch, or the whole
+        next epoch when a pass ran to the end of this one (it rolls over)."""
         _, world = self.rank_world()
-        return plan.num_batches(len(self.reader) - self.offset, self.batch_size, world, self.drop_last)
+        consumed = 0 if self._exhausted else self.offset
+        return plan.num_batches(len(self.reader) - consumed, self.batch_size, world, self.drop_last)
 
     def begin_epoch(self) -> None:
         """An epoch that an iteration ran to its end rolls over when iteration starts again.
@@ -132,17 +171,30 @@ class MidasDataset(IterableDataset):
         if info is None:
             self.begin_epoch()
         order, partner_of = self.partners.order(self.seed, self.epoch)
-        start, n = self.offset, len(order)
+        start, n, paired = self.offset, len(order), self.partners.paired
         spans = plan.batch_spans(n, start, self.batch_size, world, rank, self.drop_last,
-                                 pair_aligned=self.partners.paired)
-        for k in plan.worker_batches(range(len(spans)), worker, workers):
+                                 pair_aligned=paired)
+        fill = (plan.fill_positions(n, start, self.batch_size, world, rank, pair_aligned=paired)
+                if self.last_batch == "pad" else np.empty(0, np.int64))
+
+        def rows_of(k: int) -> np.ndarray:
             lo, hi = (int(v) for v in spans[k])
-            batch = self._make_batch(order[lo:hi], partner_of, lo)
+            extra = fill if k == len(spans) - 1 else fill[:0]  # fill pads only the final batch
+            return np.concatenate([order[lo:hi], order[extra]])
+
+        mine = plan.worker_batches(range(len(spans)), worker, workers)
+        if hasattr(self.reader, "plan_reads"):  # remote root: fetch this worker's shards ahead
+            self.reader.plan_reads([rows_of(k) for k in mine])
+        for k in mine:
+            lo, hi = (int(v) for v in spans[k])
+            batch = self._make_batch(rows_of(k), hi - lo, partner_of, lo)
             offset = plan.offset_after_step(n, start, self.batch_size, world, k)
             batch["stream_state"] = {"seed": self.seed, "epoch": self.epoch, "offset": offset}
             if info is None:
                 self.offset = offset
-            yield batch
+            # In a MidasLoader worker, one shared-memory segment per batch instead of one per
+            # tensor (see midas_data.dataset.transport); a plain DataLoader gets the dict.
+            yield pack_batch(batch) if info is not None and self._pack_in_workers else batch
         if info is None:
             self.offset = n  # epoch done (items dropped by drop_last included)
             self._exhausted = True
@@ -169,36 +221,59 @@ class MidasDataset(IterableDataset):
             raise MidasDataError("a paired policy cannot resume from an odd offset")
 
     # -- batch assembly ------------------------------------------------------------------
-    def _read(self, rows: np.ndarray) -> tuple[list[dict], list[str]]:
+    def _read(self, rows: np.ndarray) -> tuple[list[dict], np.ndarray]:
+        """Decoded samples of `rows` and which rows they are (bool [len(rows)]: False = skipped)."""
         try:
-            return self.reader.get_many(rows, self.modalities), []
+            return self.reader.get_many(rows, self.modalities), np.ones(len(rows), bool)
         except (CorruptShardError, SchemaError):
             if self.on_error == "raise":
                 raise
-        good, skipped = [], []  # slow path: find exactly which samples are damaged
-        for r in rows:
+        good, ok = [], np.ones(len(rows), bool)  # slow path: find exactly which samples are damaged
+        for i, r in enumerate(rows):
             try:
                 good.extend(self.reader.get_many(np.array([r]), self.modalities))
             except (CorruptShardError, SchemaError):
-                skipped.append(self.reader.keys[int(r)])
-        return good, skipped
+                ok[i] = False
+        return good, ok
 
-    def _make_batch(self, rows: np.ndarray, partner_of: np.ndarray | None, first: int) -> dict:
-        """The batch of `rows` (global positions `first`... of the order)."""
-        samples, skipped = self._read(rows)
-        if skipped:
-            keep = ~np.isin(np.array([self.reader.keys[int(r)] for r in rows]), skipped)
-            rows = rows[keep]
+    def _read_batch(self, rows: np.ndarray) -> tuple[dict, np.ndarray]:
+        """The collated batch of `rows` and which rows it holds (bool [len(rows)]).
+
+        Without a transform the reader decodes the whole batch at once into batch arrays
+        (`SplitReader.read_batch`: the same checks, far fewer system calls); a damaged
+        sample under on_error="skip", or a transform, takes the per-sample path."""
+        if self.transform is None:
+            try:
+                return torch_batch(self.reader.read_batch(rows, self.modalities)), np.ones(len(rows), bool)
+            except (CorruptShardError, SchemaError):
+                if self.on_error == "raise":
+                    raise
+        samples, ok = self._read(rows)
         if self.transform is not None:
             samples = [self.transform(s) for s in samples]
-        batch = collate(samples, self.modalities)
-        if not samples:  # an empty final batch keeps ranks in step; give it the right shapes
+        return collate(samples, self.modalities), ok
+
+    def _make_batch(self, rows: np.ndarray, real: int, partner_of: np.ndarray | None,
+                    first: int) -> dict:
+        """The batch of `rows`: the first `real` are the items at global positions `first`...
+        of the order, the rest fill rows (repeats that pad the final batch)."""
+        valid = np.arange(len(rows)) < real
+        batch, ok = self._read_batch(rows)
+        skipped = [self.reader.keys[int(r)] for r in rows[~ok & valid]]  # a fill row's own turn reports it
+        rows, valid = rows[ok], valid[ok]
+        if not len(rows):  # an empty final batch keeps ranks in step; give it the right shapes
             batch["inputs"] = {m: self._empty(m) for m in self.modalities}
         batch["row"] = torch.from_numpy(rows.copy())
+        batch["valid"] = torch.from_numpy(valid)
+        batch["weight"] = torch.from_numpy(valid.astype(np.float32))
         batch["skipped"] = skipped
         labels = self.reader.labels[rows]
-        partner = self.partners.assign(rows, labels, partner_of, self.seed, self.epoch, first)
+        # Partners among the real rows only (they come first): fill rows lend and get none.
+        partner = self.partners.assign(rows[valid], labels[valid], partner_of, self.seed,
+                                       self.epoch, first)
         if partner is not None:
+            partner = np.concatenate([partner, np.full((int((~valid).sum()), partner.shape[1]), -1,
+                                                       dtype=np.int64)])
             conf = feats = None
             if self.features is not None:
                 conf = np.stack([self.features.confs[m][rows] for m in self.modalities], axis=1)
@@ -226,6 +301,14 @@ def partner_fields(partner: np.ndarray, labels: np.ndarray, conf: np.ndarray | N
     b, M = partner.shape
     valid = partner >= 0
     safe = np.where(valid, partner, 0)
+    partner_label = torch.from_numpy(np.where(valid, labels[safe], -1))
+    if conf is None and not feats:  # no features table: even split, hard weight 1 (fast path)
+        half = np.where(valid, 0.5, 0.0).astype(np.float32)
+        nan = np.full((b, M), np.nan, np.float32)
+        return {"partner": torch.from_numpy(partner), "partner_label": partner_label,
+                "conf": torch.from_numpy(nan), "similarity": torch.from_numpy(nan.copy()),
+                "hard_weight": torch.from_numpy(valid.astype(np.float32)),
+                "anchor_weight": torch.from_numpy(half), "partner_weight": torch.from_numpy(half.copy())}
     conf = np.full((b, M), np.nan, np.float32) if conf is None else conf.astype(np.float32)
     sim = np.full((b, M), np.nan, np.float32)
     for mi, f in enumerate(feats or ()):
@@ -237,8 +320,7 @@ def partner_fields(partner: np.ndarray, labels: np.ndarray, conf: np.ndarray | N
     w = w.numpy()[np.arange(b * M), swapped].reshape(b, M)
     w = np.where(np.isfinite(w), w, 0.5)  # no stored confidences: split the label evenly
     hard = np.where(np.isfinite(sim), hard_weight_from_similarity(torch.from_numpy(sim)).numpy(), 1.0)
-    return {"partner": torch.from_numpy(partner),
-            "partner_label": torch.from_numpy(np.where(valid, labels[safe], -1)),
+    return {"partner": torch.from_numpy(partner), "partner_label": partner_label,
             "conf": torch.from_numpy(conf),
             "similarity": torch.from_numpy(np.where(valid, sim, np.nan).astype(np.float32)),
             "hard_weight": torch.from_numpy(np.where(valid, hard, 0.0).astype(np.float32)),
@@ -267,11 +349,16 @@ def materialize_misaligned(batch: dict, modalities: list[str] | None = None) -> 
 
     Returns {'inputs': {m: [N, ...]}, 'anchor': [N], 'swapped': [N] (modality index),
     'labels': [N, 2] (anchor label, partner label), 'weights': [N, 2], 'hard_weight': [N]}
-    for the N = number of valid (b, m) pairs, ordered b-major.
+    for the N (b, m) with a partner (`partner[b, m] >= 0`), ordered b-major. Fill rows
+    (`batch["valid"] == False`) take part in none of them, so every misaligned row is real.
     """
     mods = modalities or list(batch["inputs"])
     partner = batch["partner"]
-    b_idx, m_idx = torch.nonzero(partner >= 0, as_tuple=True)
+    has = partner >= 0
+    valid = batch.get("valid")
+    if valid is not None:  # fill rows neither get nor lend a modality (the stream never pairs them)
+        has &= valid.unsqueeze(1) & valid[partner.clamp(min=0)]
+    b_idx, m_idx = torch.nonzero(has, as_tuple=True)
     rows = source_rows(b_idx, m_idx, partner[b_idx, m_idx], len(mods))
     out_inputs = {}
     for mi, m in enumerate(mods):
@@ -290,29 +377,42 @@ class MidasLoader(DataLoader):
 
     `state_dict()` after any batch resumes, via `load_state_dict`, to the identical
     remaining sequence, with any num_workers (and, through the dataset, any world size).
+    Iterating again after leaving a pass early (`break`) continues from the batches consumed,
+    for every num_workers, as `state_dict()` reports; a pass run to its end rolls over to
+    the next epoch. Workers are started afresh for every pass (they copy the dataset's
+    epoch and offset then), so `persistent_workers=True` is refused.
     """
 
     def __init__(self, dataset: MidasDataset, num_workers: int = 0, **kwargs):
-        kwargs.setdefault("persistent_workers", False)
+        if kwargs.get("persistent_workers"):
+            raise ValueError("MidasLoader starts its workers afresh for every pass so that they see "
+                             "set_epoch() and the resume offset; leave persistent_workers=False")
         super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
-        self._last_state: dict | None = None
 
     def __iter__(self):
-        self.dataset.begin_epoch()  # type: ignore[attr-defined]  # before workers copy it
-        for batch in super().__iter__():
-            self._last_state = batch["stream_state"]
-            yield batch
         ds: MidasDataset = self.dataset  # type: ignore[assignment]
+        ds.begin_epoch()  # before workers copy it
+        ds._pack_in_workers = self.num_workers > 0
+        try:
+            batches = super().__iter__()
+        finally:
+            ds._pack_in_workers = False  # the dataset's own iteration (and plain DataLoaders) gets dicts
+        for batch in batches:
+            batch = unpack_batch(batch)
+            # The consumed position lives in the dataset, whatever process built the batch, so
+            # a pass left early continues from here and state_dict() reports the same point.
+            state = batch["stream_state"]
+            ds.epoch, ds.offset = int(state["epoch"]), int(state["offset"])
+            yield batch
         ds.offset, ds._exhausted = len(ds.reader), True  # epoch finished
-        self._last_state = None
+
+    def __len__(self) -> int:
+        # The dataset's length shrinks as the epoch is consumed, so DataLoader's own __len__,
+        # which records it to warn about replicas yielding more, would warn after a resume.
+        return len(self.dataset)  # type: ignore[arg-type]
 
     def state_dict(self) -> dict:
-        ds: MidasDataset = self.dataset  # type: ignore[assignment]
-        state = ds.state_dict()
-        if self._last_state is not None:
-            state.update(self._last_state)
-        return state
+        return self.dataset.state_dict()  # type: ignore[attr-defined]
 
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state)  # type: ignore[attr-defined]
-        self._last_state = None

@@ -7,9 +7,13 @@ by every rank and DataLoader worker from ``(seed, epoch)``.
 Vocabulary. An *anchor* is an aligned sample, named by its row ``0..n-1`` in the split.
 The *order* is a permutation of the rows. A *global step* takes ``world_size * batch_size``
 consecutive items of the order; rank ``r`` gets items ``[r*B, (r+1)*B)`` of the step. The
-final step with fewer items is split as evenly as possible (sizes differ by at most one,
-and may be 0 when there are fewer items than ranks), so every rank sees the same number of
-batches ``K = ceil(R / (W*B))`` and no item is lost or duplicated; ``drop_last`` drops it.
+final step with fewer items is split as evenly as possible (real sizes differ by at most
+one), so every rank sees the same number of batches ``K = ceil(R / (W*B))`` and no item is
+lost or duplicated; ``drop_last`` drops it. A rank whose share of the final step is below
+``min(MIN_ROWS, B)`` rows (0 or 1 item: an empty batch gives a NaN mean loss, a batch of one
+breaks BatchNorm) is padded with *fill rows*, repeats of items from the start of the order
+(:func:`fill_positions`), which the stream marks invalid; whether to pad is the stream's
+``last_batch`` mode (:data:`LAST_BATCH_MODES`).
 
 Resume state: ``(seed, epoch, offset)``, ``offset`` = items of the order already consumed
 (a whole number of global steps of the world size that consumed them). Any world size or
@@ -21,8 +25,9 @@ size or worker count.
 
 What the stream (`midas_data.stream.dataset`) calls on every pass: its partner policy's
 order (:func:`epoch_order`, or :func:`matched_order` for the paired policies), then
-:func:`batch_spans` for its rank, :func:`worker_batches` for its DataLoader worker,
-:func:`offset_after_step` for the resume state saved with each batch, and per batch
+:func:`batch_spans` for its rank (and :func:`fill_positions` for the rows that pad its
+final batch), :func:`worker_batches` for its DataLoader worker, :func:`offset_after_step`
+for the resume state saved with each batch, and per batch
 :func:`partner_rng` and :func:`assign_partners`. :func:`num_batches` is its ``len``.
 """
 
@@ -38,6 +43,12 @@ T = TypeVar("T")
 _ORDER_TAG = 0x0D3E
 _PARTNER_TAG = 0xBA7C
 _MATCH_TAG = 0x3A7C
+
+# How the final, partial global step is delivered (the stream's ``last_batch`` option):
+# "pad" (spread evenly, fill rows top every batch up to MIN_ROWS), "drop" (left out) or
+# "uneven" (spread evenly, unpadded: batches of one, or empty, are possible).
+LAST_BATCH_MODES = ("pad", "drop", "uneven")
+MIN_ROWS = 2  # the smallest padded batch: BatchNorm in training mode needs two rows
 
 
 def _check_nonneg(**values: int) -> None:
@@ -80,29 +91,75 @@ def batch_spans(
 ) -> np.ndarray:
     """Global ``[start, stop)`` positions in the order of ``rank``'s batches, int64 [K, 2].
 
+    Real items only; the final span may be short or empty (see :func:`fill_positions`).
     ``pair_aligned=True`` splits the final partial step in units of two items (sizes then
-    differ by at most two) so that adjacent pairs at even positions, as laid out by
-    :func:`matched_order`, are never split when ``batch_size`` and ``offset`` are even.
+    differ by at most two; the last ranks take the extra units) so that adjacent pairs at
+    even positions, as laid out by :func:`matched_order`, are never split when
+    ``batch_size`` and ``offset`` are even.
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    full, bounds = _final_step(n, offset, batch_size, world_size, pair_aligned)
+    starts = offset + np.arange(full, dtype=np.int64) * batch_size * world_size + rank * batch_size
+    spans = np.stack([starts, starts + batch_size], axis=1).reshape(-1, 2)
+    if bounds is not None and not drop_last:
+        spans = np.concatenate([spans, bounds[None, rank : rank + 2]])
+    return spans
+
+
+def _final_step(n: int, offset: int, batch_size: int, world_size: int,
+                pair_aligned: bool) -> tuple[int, np.ndarray | None]:
+    """Full global steps of ``order[offset:]``, and the final partial step's rank bounds
+    (int64 [W + 1]: rank r gets ``[bounds[r], bounds[r+1])``), None when there is none."""
     _check_nonneg(n=n, offset=offset)
     if offset > n:
         raise ValueError(f"offset {offset} is past the end of the order (n={n})")
+    remaining = n - offset
+    full = num_batches(remaining, batch_size, world_size, drop_last=True)
+    rest = remaining - full * batch_size * world_size
+    if not rest:
+        return full, None
+    grain = 2 if pair_aligned else 1
+    per, extra = divmod(-(-rest // grain), world_size)
+    ranks = np.arange(world_size)
+    # The first `extra` ranks take one unit more; in units of two the last ranks do, so the
+    # rank that ends with an odd leftover (a unit of one) is one that took the extra unit.
+    more = ranks >= world_size - extra if pair_aligned else ranks < extra
+    units = np.concatenate([[0], np.cumsum(per + more)])
+    return full, np.minimum(offset + full * batch_size * world_size + grain * units, n)
+
+
+def fill_positions(
+    n: int,
+    offset: int,
+    batch_size: int,
+    world_size: int,
+    rank: int,
+    *,
+    pair_aligned: bool = False,
+    min_rows: int = MIN_ROWS,
+) -> np.ndarray:
+    """Positions in the order of the fill rows that pad ``rank``'s final batch, int64 [f].
+
+    The final partial step (see :func:`batch_spans`) gives rank r ``real_r`` items; its
+    batch is padded with ``max(0, min(min_rows, batch_size) - real_r)`` fill rows, so no
+    rank gets an empty batch or (for ``batch_size >= 2``) a batch of one, and the ranks'
+    padded sizes still differ by at most one (two with ``pair_aligned``). Fill rows repeat
+    items from the start of the epoch's order: counting the fill slots of all ranks in
+    rank order, slot g is position ``g % n``, so they are real samples of the split,
+    deterministic for (seed, epoch), and distinct from the final step's items unless the
+    split is tiny. Empty when there is no partial final step.
+    """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    remaining = n - offset
-    step = batch_size * world_size
-    full = num_batches(remaining, batch_size, world_size, drop_last=True)
-    starts = offset + np.arange(full, dtype=np.int64) * step + rank * batch_size
-    spans = np.stack([starts, starts + batch_size], axis=1).reshape(-1, 2)
-    rest = remaining - full * step
-    if rest and not drop_last:
-        grain = 2 if pair_aligned else 1
-        units = -(-rest // grain)
-        per, extra = divmod(units, world_size)
-        lo = min(offset + full * step + grain * (rank * per + min(rank, extra)), n)
-        hi = min(lo + grain * (per + (rank < extra)), n)
-        spans = np.concatenate([spans, np.array([[lo, hi]], dtype=np.int64)])
-    return spans
+    if min_rows < 1:
+        raise ValueError(f"min_rows must be >= 1, got {min_rows}")
+    _, bounds = _final_step(n, offset, batch_size, world_size, pair_aligned)
+    if bounds is None:
+        return np.empty(0, dtype=np.int64)
+    fills = np.maximum(min(int(min_rows), int(batch_size)) - np.diff(bounds), 0)
+    first = int(fills[:rank].sum())
+    return (first + np.arange(int(fills[rank]), dtype=np.int64)) % int(n)
 
 
 def offset_after_step(n: int, offset: int, batch_size: int, world_size: int, step: int) -> int:

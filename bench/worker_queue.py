@@ -1,0 +1,103 @@
+"""What one batch costs to cross a DataLoader worker queue, as is and packed.
+
+A child process puts `--batches` fresh copies of one MidasDataset batch (batch 64, random
+partners: a dozen tensors plus keys) on a torch.multiprocessing queue; the parent times
+getting them. Compared, in the same run, best of `--rounds`:
+
+- as is: what a DataLoader worker sends today. Each tensor goes to shared memory and its
+  descriptor is handed over through its own socket connection (with an authentication
+  handshake), so the cost grows with the number of tensors, not their size.
+- packed: `midas_data.dataset.transport.pack_batch` in the child, `unpack_batch` in the
+  parent: one byte array pickled by value through the pipe.
+- packed by value: the same byte array as a numpy array, which the queue pickles by value
+  (no shared memory, one copy through the pipe).
+- one tensor: a single tensor of the batch's total size, for scale.
+
+Run: python bench/worker_queue.py [--batches 150] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+
+from midas_data import Sample, build_dataset
+from midas_data.dataset.transport import PackedBatch, pack_batch, unpack_batch
+from midas_data.stream.dataset import MidasDataset
+
+
+def fresh(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, dict):
+        return {k: fresh(v) for k, v in x.items()}
+    return x
+
+
+def producer(q, done, root: str, mode: str, n: int) -> None:
+    batch = next(iter(MidasDataset(root, batch_size=64, policy="random")))
+    size = sum(v.numel() * v.element_size() for v in (*batch["inputs"].values(),
+                                                      *(t for t in batch.values() if isinstance(t, torch.Tensor))))
+    for _ in range(n):
+        if mode == "as is":
+            q.put(fresh(batch))
+        elif mode == "packed":
+            q.put(pack_batch(batch))
+        elif mode == "packed by value":
+            packed = pack_batch(batch)
+            q.put(PackedBatch(packed.buf.numpy(), packed.tree))
+        else:
+            q.put(torch.zeros(size, dtype=torch.uint8))
+    q.put(None)
+    done.wait()  # shared-memory handles live until the parent has taken them
+
+
+def per_batch(ctx, root: str, mode: str, n: int) -> tuple[float, float]:
+    q, done = ctx.Queue(), ctx.Event()
+    p = ctx.Process(target=producer, args=(q, done, root, mode, n))
+    p.start()
+    unpack_batch(q.get())  # the first one pays for the child's start
+    t, c, k = time.perf_counter(), time.process_time(), 0
+    while (item := q.get()) is not None:
+        unpack_batch(item)
+        k += 1
+    elapsed, cpu = time.perf_counter() - t, time.process_time() - c
+    done.set()
+    p.join()
+    return elapsed / k, cpu / k
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=150)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    ctx = mp.get_context("fork")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "ds"
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((256, 1024), np.float32), rng.standard_normal((256, 256), np.float32)
+        build_dataset([Sample(f"k{i:04d}", i % 10, {"a": a[i], "b": b[i]}, split="train")
+                       for i in range(256)], root, progress=False)
+        modes = ("as is", "packed", "packed by value", "one tensor")
+        best = {m: float("inf") for m in modes}
+        cpu = {m: float("inf") for m in modes}
+        for _ in range(args.rounds):
+            for mode in modes:
+                t, c = per_batch(ctx, str(root), mode, args.batches)
+                best[mode], cpu[mode] = min(best[mode], t), min(cpu[mode], c)
+    print(f"one batch of 64 (random partners) through a worker queue, best of {args.rounds}:")
+    print(f"  {'':<16} {'wall us/batch':>14} {'receiver CPU us/batch':>22}")
+    for mode in modes:
+        print(f"  {mode:<16} {best[mode] * 1e6:14.0f} {cpu[mode] * 1e6:22.0f}")
+    print(f"  as is / packed = {best['as is'] / best['packed']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
