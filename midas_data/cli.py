@@ -10,6 +10,7 @@ The options of `extract` and `mine-misaligned` are generated from `ExtractConfig
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -205,7 +206,8 @@ def mine_cmd(dataset, quiet, **options) -> None:
     from midas_data.storage.publish import remote_stage
 
     with remote_stage(dataset, ("pairs",)) as ds:  # a URL: pairs uploaded after
-        summary = mine_misaligned(getattr(ds, "root", ds), config_from_options(MineConfig, options),
+        root = ds if isinstance(ds, (str, os.PathLike)) else ds.root  # (Path.root is "/")
+        summary = mine_misaligned(root, config_from_options(MineConfig, options),
                                   progress=not quiet)
     click.echo(json.dumps(summary, indent=2, default=str))
 

@@ -73,7 +73,9 @@ def output_lock(target: str | os.PathLike | Any, stage: str, wait: float | None 
     """Hold the lock of `target` (a path, or an open dataset: its local root) for the block;
     wait up to `wait` seconds (None: the environment's or the default), then raise
     OutputLockedError naming the holder."""
-    path = lock_path(getattr(target, "root", target))
+    if not isinstance(target, (str, os.PathLike)):  # an open dataset (not a Path: Path.root is "/")
+        target = target.root
+    path = lock_path(target)
     wait = _lock_wait() if wait is None else wait
     lock = filelock.FileLock(str(path), timeout=wait, mode=0o666)
     info = path.with_name(path.name + ".owner")
