@@ -11,7 +11,7 @@ values that the trainer threads through :func:`accumulate` and :func:`update_alp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -40,9 +40,11 @@ __all__ = [
 ]
 
 
-def _check(cond: bool, msg: str) -> None:
+def _check(cond: bool, msg: str | Callable[[], str]) -> None:
+    """Raise ValueError(msg) unless cond; a callable msg is formatted only on failure (these
+    checks run on every training step, and formatting shapes costs more than the check)."""
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg() if callable(msg) else msg)
 
 
 def unimodal_confidence(logits: Tensor, y: Tensor) -> Tensor:
@@ -52,7 +54,7 @@ def unimodal_confidence(logits: Tensor, y: Tensor) -> Tensor:
     confidence is a label weight, not something the encoders should be trained to move.
     """
     _check(logits.dim() == 2 and y.shape == logits.shape[:1],
-           f"unimodal_confidence: logits [B,C] and y [B], got {tuple(logits.shape)}, {tuple(y.shape)}")
+           lambda: f"unimodal_confidence: logits [B,C] and y [B], got {tuple(logits.shape)}, {tuple(y.shape)}")
     probs = torch.softmax(logits.detach(), dim=1)
     return probs.gather(1, y.long().unsqueeze(1)).squeeze(1)
 
@@ -71,7 +73,7 @@ def normalised_confidences(src_conf: Tensor) -> Tensor:
     stays a distribution and the loss stays finite. Rows with a positive sum are divided
     exactly (no epsilon), so ordinary rows match a float64 reference bit for bit.
     """
-    _check(src_conf.dim() == 2, f"normalised_confidences: src_conf must be [N,M], got {tuple(src_conf.shape)}")
+    _check(src_conf.dim() == 2, lambda: f"normalised_confidences: src_conf must be [N,M], got {tuple(src_conf.shape)}")
     c = src_conf.detach()
     total = c.sum(dim=1, keepdim=True)
     zero = total == 0  # NaN rows stay NaN: a missing confidence is not a zero one
@@ -89,7 +91,7 @@ def source_rows(anchor: Tensor, swapped: Tensor, partner: Tensor, num_modalities
     ``conf[src, arange(M)]`` the source confidences of the misaligned rows.
     """
     _check(anchor.dim() == 1 and swapped.shape == anchor.shape and partner.shape == anchor.shape,
-           f"source_rows: three [N] tensors, got {tuple(anchor.shape)}, {tuple(swapped.shape)}, "
+           lambda: f"source_rows: three [N] tensors, got {tuple(anchor.shape)}, {tuple(swapped.shape)}, "
            f"{tuple(partner.shape)}")
     k = torch.arange(num_modalities, device=anchor.device)
     return torch.where(swapped[:, None] == k[None, :], partner[:, None], anchor[:, None])
@@ -109,7 +111,7 @@ def hard_sample_weight(f_anchor: Tensor, f_partner: Tensor) -> Tensor:
     For M > 2 use :func:`mean_replaced_similarity` then :func:`hard_weight_from_similarity`.
     """
     _check(f_anchor.dim() == 2 and f_anchor.shape == f_partner.shape,
-           f"hard_sample_weight: two [N,D] tensors, got {tuple(f_anchor.shape)}, {tuple(f_partner.shape)}")
+           lambda: f"hard_sample_weight: two [N,D] tensors, got {tuple(f_anchor.shape)}, {tuple(f_partner.shape)}")
     s = F.cosine_similarity(f_anchor.detach(), f_partner.detach(), dim=1)
     return hard_weight_from_similarity(s)
 
@@ -126,7 +128,7 @@ def mean_replaced_similarity(
     """
     m = len(anchor_feats)
     _check(m == len(source_feats) and replaced.dim() == 2 and replaced.shape[1] == m,
-           f"mean_replaced_similarity: {m} anchor, {len(source_feats)} source feature sets, "
+           lambda: f"mean_replaced_similarity: {m} anchor, {len(source_feats)} source feature sets, "
            f"replaced {tuple(replaced.shape)}")
     cos = torch.stack([F.cosine_similarity(a.detach(), b.detach(), dim=1)
                        for a, b in zip(anchor_feats, source_feats)], dim=1)  # [N, M]
@@ -140,7 +142,7 @@ def modality_weights(num_modalities: int, weak: int, alpha: float,
                      dtype: torch.dtype = torch.float32) -> Tensor:
     """a: [M] with a[weak] = alpha and 1 elsewhere (the weak modality's soft-label term)."""
     _check(num_modalities >= 1 and 0 <= weak < num_modalities,
-           f"modality_weights: weak={weak} not in [0, {num_modalities})")
+           lambda: f"modality_weights: weak={weak} not in [0, {num_modalities})")
     a = torch.ones(num_modalities, dtype=dtype)
     a[weak] = alpha
     return a
@@ -167,10 +169,10 @@ def misaligned_loss(
     _check(logits.dim() == 2 and src_labels.dim() == 2 and src_labels.shape[0] == n
            and src_weights.shape == src_labels.shape
            and modality_weight.shape == src_labels.shape[1:],
-           f"misaligned_loss: logits {tuple(logits.shape)}, src_labels {tuple(src_labels.shape)}, "
+           lambda: f"misaligned_loss: logits {tuple(logits.shape)}, src_labels {tuple(src_labels.shape)}, "
            f"src_weights {tuple(src_weights.shape)}, modality_weight {tuple(modality_weight.shape)}")
     _check(hard_weight is None or hard_weight.shape == (n,),
-           f"misaligned_loss: hard_weight must be [{n}], got {None if hard_weight is None else tuple(hard_weight.shape)}")
+           lambda: f"misaligned_loss: hard_weight must be [{n}], got {None if hard_weight is None else tuple(hard_weight.shape)}")
     if n == 0:
         return logits.sum() * 0.0  # mean of nothing would be NaN
     logp = torch.log_softmax(logits, dim=1)
@@ -243,7 +245,7 @@ def weak_and_strong(mean_conf: Tensor | Sequence[float]) -> tuple[int, int]:
     rule and the stream's "weak"/"strong" modality names both resolve through this.
     """
     t = torch.as_tensor(mean_conf, dtype=torch.float64).flatten()
-    _check(t.numel() >= 2, f"weak_and_strong: needs two or more modalities, got {t.numel()}")
+    _check(t.numel() >= 2, lambda: f"weak_and_strong: needs two or more modalities, got {t.numel()}")
     weak = int(torch.argmin(t))
     others = t.clone()
     others[weak] = -torch.inf
@@ -290,7 +292,7 @@ def accumulate(
     n = logits.shape[0]
     _check(logits.dim() == 2 and all(t.shape == (n,) for t in
                                      (strong_labels, weak_labels, strong_conf, weak_conf)),
-           f"accumulate: logits [N,C] and four [N] tensors, got logits {tuple(logits.shape)}")
+           lambda: f"accumulate: logits [N,C] and four [N] tensors, got logits {tuple(logits.shape)}")
     keep = strong_labels != weak_labels
     p = torch.softmax(logits.detach().double(), dim=1)[keep]
     ps = p.gather(1, strong_labels[keep].long().unsqueeze(1)).sum()
@@ -329,7 +331,7 @@ def misaligned_top2_correct(logits: Tensor, y_a: Tensor, y_b: Tensor) -> Tensor:
     """
     _check(logits.dim() == 2 and logits.shape[1] >= 2 and y_a.shape == logits.shape[:1]
            and y_b.shape == y_a.shape,
-           f"misaligned_top2_correct: logits [N,C>=2], y_a, y_b [N], got {tuple(logits.shape)}, "
+           lambda: f"misaligned_top2_correct: logits [N,C>=2], y_a, y_b [N], got {tuple(logits.shape)}, "
            f"{tuple(y_a.shape)}, {tuple(y_b.shape)}")
     top = logits.detach().topk(2, dim=1).indices
     a, b = y_a.long().to(top.device), y_b.long().to(top.device)
