@@ -99,8 +99,7 @@ def mine_modality(x: np.ndarray, labels: np.ndarray, k: int, device: str, querie
     D_probe, I_probe = index.search(k, probe, block_size)
     probe_s = time.perf_counter() - t0
     estimate = probe_s * _inner_products(index, queries) / _inner_products(index, probe)
-    info.update(estimate_exact_s=round(estimate, 3), probe_anchors=len(probe),
-                probe_s=round(probe_s, 3))
+    info.update(estimate_exact_s=estimate, probe_anchors=len(probe), probe_s=probe_s)
     say(f"{label}: exact search of {nq} anchors x {n} rows (d={x.shape[1]}, k={k}, {device}) "
         f"estimated at {_format_seconds(estimate)} (probe: {len(probe)} anchors in "
         f"{probe_s:.2f} s)", progress)

@@ -145,7 +145,7 @@ def _mine_split(root, manifest, split, cfg: MineConfig, device, progress, rank, 
     table = with_metadata(pairs_table(f, results, queries), f, k, device, used, nlist, nprobe,
                           block_size, {"split": split, "anchors": [lo, hi],
                                        "settings": cfg.to_dict(), "recall_at_k": recall,
-                                       "search": search})
+                                       "search": {m: _without_timings(s) for m, s in search.items()}})
     with disk_full_guard("mine-misaligned", pairs_dir(root, split), need=table.nbytes):
         part = write_pairs(root, split, table, rank, world)
     synced = _barrier()  # every part exists before rank 0 reads them all for the report
@@ -235,3 +235,13 @@ def _save(fig, canvas_cls, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
     write_bytes_atomic(path, buf.getvalue())
+
+
+TIMINGS = ("estimate_exact_s", "probe_s", "search_s")
+
+
+def _without_timings(search: dict) -> dict:
+    """The search record as stored in the pairs' metadata: no wall times, so the same inputs
+    give byte-identical pairs (a rerun after a crash is checked against that); the summary
+    printed by the stage keeps them."""
+    return {k: v for k, v in search.items() if k not in TIMINGS}
