@@ -2,10 +2,13 @@
 
 Data sets: UCI Multiple Features view pairs (strong view + weak view) and AV digits
 (8x8 digit images paired by class with spoken-digit MFCCs; "av-noisy" adds noise to the
-image). Per set: build shards (stratified 70/10/20, split seed 0), extract warm-up
-features, mine k-NN partners; then train every (method, seed) with the mfeat preset (the
-independent prototype's protocol, docs/REFERENCE_RESULTS.md: Adam 1e-3, batch 64, 60
-epochs, warm-up 10, lambda 1, best epoch on validation) and report test metrics. Runs are
+image); "user-av-noisy" is av-noisy as a user brings it (PNG images, .npy audio features,
+a CSV manifest without splits), trained with the settings chosen automatically for its
+encoders, as `midas-data train` without --preset. Per set: build shards (stratified
+70/10/20, split seed 0), extract warm-up features, mine k-NN partners; then train every
+(method, seed) with the mfeat preset (the independent prototype's protocol,
+docs/REFERENCE_RESULTS.md: Adam 1e-3, batch 64, 60 epochs, warm-up 10, lambda 1, best
+epoch on validation) or, on the user set, the automatic choice, and report test metrics. Runs are
 cached (results.json per run), so an interrupted protocol resumes. Paired comparisons use
 an exact sign-flip permutation test over seeds.
 
@@ -33,7 +36,13 @@ SETS = {
     "fou/mor": ("mfeat", ("fou", "mor"), {}),
     "av": ("av_digits", ("image", "audio"), {}),
     "av-noisy": ("av_digits", ("image", "audio"), {"noise_std": 4.0}),
+    # A user's own files: av-noisy written as PNG images and .npy audio features with a CSV
+    # manifest (no split column), read back by the manifest reader, extracted and trained
+    # with the settings chosen automatically for its encoders (no preset named).
+    "user-av-noisy": ("av_digits_files", ("image", "audio"), {"noise_std": 4.0}),
 }
+# set pipelines written out as a user's files (a writer returning the manifest path)
+USER_FILES = {"av_digits_files": "write_av_digits_manifest"}
 # method name -> TrainConfig overrides
 METHODS = {
     "joint": {"method": "joint"},
@@ -101,7 +110,13 @@ def prepare_set(out: Path, name: str, k: int, warmup: int = EXTRACT_WARMUP) -> P
     if (root / "pairs" / "train").exists():
         return root
     pipeline, mods, opts = SETS[name]
-    src = get_pipeline(pipeline)(modalities=list(mods), **opts)
+    if pipeline in USER_FILES:
+        from midas_data.pipelines import fixtures
+
+        manifest = getattr(fixtures, USER_FILES[pipeline])(root.parent / f"{root.name}-files", **opts)
+        src = get_pipeline("manifest")(manifest, modalities=list(mods))
+    else:
+        src = get_pipeline(pipeline)(modalities=list(mods), **opts)
     build_dataset(src["samples"], root, classes=src["classes"], modalities=src["modalities"],
                   overwrite=True, source=src["source"], progress=False)
     extract_features(root, warmup_epochs=warmup, seed=0, progress=False, num_threads=1)
@@ -121,18 +136,35 @@ def run_one(out: str, name: str, method: str, seed: int, epochs: int, overrides:
     if cached.exists():
         return json.loads(cached.read_text())
     settings = METHODS.get(STORED if stored_warmup(method) is not None else method, {})
-    cfg = TrainConfig.from_preset("mfeat", seed=seed, epochs=epochs, **{**settings, **overrides})
     warm = stored_warmup(method)
+    preset, why = preset_for(out, name, warm)
+    cfg = TrainConfig.from_preset(preset, seed=seed, epochs=epochs, **{**settings, **overrides})
     if warm is not None:
         res = train_stored(set_dir(Path(out), name, warm), run_dir, cfg)
         res["extract_warmup_epochs"] = warm
+        if why:
+            res["automatic_settings"] = why
         run_dir.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(res))
         return res
     res = train(set_dir(Path(out), name), run_dir, cfg, progress=False, plots=seed == 0)
     for p in run_dir.glob("*.pt"):  # checkpoints are not needed for the report
         p.unlink()
+    if why:
+        res["automatic_settings"] = why
+        cached.write_text(json.dumps(res))
     return res
+
+
+def preset_for(out: str, name: str, warmup: int | None) -> tuple[str, str]:
+    """(preset, reason): the mfeat protocol on the bundled sets; on a user's files the
+    trainer's automatic choice for a command line without --preset (reason "" otherwise)."""
+    if SETS[name][0] not in USER_FILES:
+        return "mfeat", ""
+    from midas_data.trainers.config import TrainConfig
+    from midas_data.trainers.run import auto_preset
+
+    return auto_preset(set_dir(Path(out), name, warmup or EXTRACT_WARMUP), TrainConfig())
 
 
 def train_stored(root: Path, run_dir: Path, cfg) -> dict:

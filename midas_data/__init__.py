@@ -12,7 +12,7 @@ from midas_data.errors import (
     StaleArtifactError,
     UnsafeInputError,
 )
-from midas_data.features.config import ExtractConfig
+from midas_data.features.config import ExtractConfig, warmup_settings
 from midas_data.features.encoders import (
     UnimodalModel,
     available_encoders,
@@ -20,7 +20,7 @@ from midas_data.features.encoders import (
     default_encoder_for,
     register_encoder,
 )
-from midas_data.features.extract import extract_features
+from midas_data.features.extract import extract_features, warmup_plan
 from midas_data.features.probe import crossfit_confidences
 from midas_data.features.tables import Features, read_features, write_features
 from midas_data.locking import OutputLockedError
@@ -79,6 +79,8 @@ __all__ = [
     "crossfit_confidences",
     "default_encoder_for",
     "extract_features",
+    "warmup_plan",
+    "warmup_settings",
     "mine_misaligned",
     "read_pairs",
     "register_encoder",

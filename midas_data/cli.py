@@ -183,12 +183,16 @@ def inspect_cmd(dataset, verify) -> None:
 @click.option("--quiet", is_flag=True)
 def extract_cmd(dataset, quiet, **options) -> None:
     """Per-modality features and unimodal confidences for every sample."""
-    from midas_data.features.extract import extract_features
+    from midas_data.features.extract import extract_features, warmup_plan
     from midas_data.storage.publish import remote_stage
 
     config = config_from_options(ExtractConfig, options)
     config = config.replace(source="user" if config.features_file else "warmup")
     with remote_stage(dataset, ("features",)) as target:  # a URL: features uploaded after
+        if config.source == "warmup":
+            _, why = warmup_plan(target, config)
+            if why:  # optimizer or lr not given: say what fits the encoders, and why
+                click.echo(why)
         summary = extract_features(target, config, progress=not quiet)
     for split, info in summary.get("splits", {}).items():
         conf = " ".join(f"{m}={c:.3f}" for m, c in info["mean_conf"].items())

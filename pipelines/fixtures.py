@@ -185,3 +185,33 @@ def make_mmimdb(root: str | Path, per_split: tuple[int, int, int] = (24, 6, 8), 
             split[sp].append(mid)
     (root / "split.json").write_text(json.dumps(split))
     return root
+
+
+def write_av_digits_manifest(root: str | Path, noise_std: float = 4.0, seed: int = 0) -> Path:
+    """The bundled AV digits as a user would bring them: `image/<key>.png` (8x8 grayscale
+    uint8; the images, noise included, mapped linearly from their overall min..max to
+    0..255), `audio/<key>.npy` (the float32 MFCC summary) and `manifest.csv` with columns
+    key,label,image,audio and no split column (build-shards then makes its stratified
+    split). `noise_std` is `load_av_digits`'s noise on the 0..16 image scale (4: the noisy,
+    weak image view). Rows are in the pipeline's sample order. Returns the manifest path."""
+    from PIL import Image
+
+    from .av_digits import load_av_digits
+
+    root = Path(root)
+    views, labels = load_av_digits(seed, noise_std)
+    images = views["image"].reshape(-1, 8, 8).astype(np.float64)
+    lo, hi = float(images.min()), float(images.max())
+    pixels = np.rint((images - lo) * (255.0 / max(hi - lo, 1e-12))).clip(0, 255).astype(np.uint8)
+    (root / "image").mkdir(parents=True, exist_ok=True)
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    tag = "av-noisy" if noise_std > 0 else "av"
+    lines = ["key,label,image,audio"]
+    for i, y in enumerate(labels):
+        key = f"{tag}-{i:05d}"
+        Image.fromarray(pixels[i]).save(root / "image" / f"{key}.png", format="PNG")
+        np.save(root / "audio" / f"{key}.npy", views["audio"][i])
+        lines.append(f"{key},{int(y)},image/{key}.png,audio/{key}.npy")
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest

@@ -15,6 +15,7 @@ from typing import Any
 from midas_data.pipelines.registry import recipes
 
 from midas_data.devices import check_device_name
+from midas_data.features.config import SMALL_ENCODERS
 from midas_data.options import check_settings
 from midas_data.stream.partners import POLICIES, PartnerOptions
 
@@ -165,8 +166,8 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = recipes()
 # Small encoders trained from scratch on feature vectors or small images converge with the
 # mfeat protocol (Adam, constant lr) and not with the authors' SGD lr 1e-3 schedule, which
 # was tuned for ResNet-18 on spectrograms and frames (a small MLP under it is still
-# improving after 70 epochs and leaves the weak view unused).
-SMALL_ENCODERS = ("mlp", "small_cnn")
+# improving after 70 epochs and leaves the weak view unused). SMALL_ENCODERS is the same
+# split `extract` makes for its warm-up models.
 
 
 def settings_for_encoders(encoders: dict[str, str]) -> tuple[str, str]:

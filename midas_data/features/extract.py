@@ -2,7 +2,9 @@
 
 - `warmup`: train one UnimodalModel per modality (encoder + linear head, cross-entropy) on the
   train split, the MIDAS warm-up in isolation; write its encoder features and its softmax
-  confidence at the true label p^m[y] for each split; save the models.
+  confidence at the true label p^m[y] for each split; save the models. An optimizer or lr
+  not given is chosen per encoder (`warmup_plan`): Adam lr 1e-3 for the small encoders
+  (mlp, small_cnn), the authors' SGD lr 1e-3 for ResNet-18 and other encoders.
 - `user`: read features the user computed (Arrow, Parquet or .npz, keyed by sample key) and
   score them with cross-fitted linear probes. Train samples get out-of-fold confidences from
   K-fold probes fitted on the train split; the other splits get the mean of those K probes,
@@ -91,9 +93,7 @@ def _extract(dataset_dir, cfg: ExtractConfig, progress: bool) -> dict:
         device = cfg.device
         check_device_available(device, "extract --device")
         dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        feats, confs, config, models = _warmup(ds, todo, cfg.encoders, cfg.warmup_epochs,
-                                               cfg.batch_size, cfg.lr, cfg.seed, cfg.feature_dim,
-                                               cfg.optimizer, dev, progress)
+        feats, confs, config, models = _warmup(ds, todo, cfg, dev, progress)
     else:
         if cfg.features_file is None:
             raise MidasDataError("source='user' needs features_file (Arrow, Parquet or .npz)")
@@ -146,6 +146,23 @@ def _encoder_spec(ds: Dataset, m: str, encoders: dict) -> tuple[str, dict]:
     raise ValueError(f"encoders[{m!r}] must be an encoder name or {{'name': ..., **kwargs}}")
 
 
+def warmup_plan(dataset: str | os.PathLike | Dataset, config: ExtractConfig | None = None,
+                **settings: Any) -> tuple[dict[str, dict], str]:
+    """What `extract_features` will warm up, before it does: per modality the encoder, the
+    optimizer and the lr (`{"encoder": ..., "optimizer": ..., "lr": ...}`), and one line
+    saying which optimizer and lr were chosen for the encoders and why ("" when both were
+    given). Optimizer and lr not given are chosen per encoder (`ExtractConfig.warmup_settings`)."""
+    cfg = resolve_settings(ExtractConfig, config, settings)
+    ds = open_dataset(dataset)
+    unknown = sorted(set(cfg.encoders) - set(ds.modalities))
+    if unknown:
+        raise ValueError(f"encoders given for unknown modalities {unknown}; the dataset has {ds.modalities}")
+    specs = {m: _encoder_spec(ds, m, cfg.encoders) for m in ds.modalities}
+    chosen, why = cfg.warmup_settings({m: name for m, (name, _) in specs.items()})
+    return {m: {"encoder": specs[m][0], "optimizer": chosen[m][0], "lr": chosen[m][1]}
+            for m in ds.modalities}, why
+
+
 def _prepare(kind: str, values: list[np.ndarray]) -> torch.Tensor:
     """Decoded payloads of one modality as a float32 batch in the encoders' layout."""
     if kind == "audio":  # [channels, time] waveforms -> log-magnitude spectrogram [1, F, T]
@@ -182,12 +199,10 @@ def _sub_seed(seed: int, name: str) -> int:
     return int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:15], 16)
 
 
-def _warmup(ds: Dataset, todo: list[str], encoders: dict, epochs: int, batch_size: int, lr: float,
-            seed: int, feature_dim: int, optimizer: str, device: torch.device, progress: bool):
-    unknown = sorted(set(encoders) - set(ds.modalities))
-    if unknown:
-        raise ValueError(f"encoders given for unknown modalities {unknown}; the dataset has {ds.modalities}")
-    specs = {m: _encoder_spec(ds, m, encoders) for m in ds.modalities}
+def _warmup(ds: Dataset, todo: list[str], cfg: ExtractConfig, device: torch.device, progress: bool):
+    epochs, batch_size, seed, feature_dim = cfg.warmup_epochs, cfg.batch_size, cfg.seed, cfg.feature_dim
+    plan, why = warmup_plan(ds, cfg)
+    specs = {m: _encoder_spec(ds, m, cfg.encoders) for m in ds.modalities}
     for m in ds.modalities:
         if ds.manifest["modalities"][m]["kind"] == "text":
             raise MidasDataError(f"{where(file=ds.root / 'manifest.json', field=m)}: text cannot be "
@@ -205,11 +220,13 @@ def _warmup(ds: Dataset, todo: list[str], encoders: dict, epochs: int, batch_siz
             torch.manual_seed(s)
             enc = build_encoder(name, tuple(x_train[m].shape[1:]), feature_dim, **kwargs)
             model = UnimodalModel(torch.nn.Sequential(Standardize(mean, std), enc), feature_dim, num_classes)
-            history[m] = train_unimodal(x_train[m], y_train, model, epochs, batch_size, lr, s,
-                                        optimizer, device, f"warm-up {m}", progress)
+            history[m] = train_unimodal(x_train[m], y_train, model, epochs, batch_size,
+                                        plan[m]["lr"], s, plan[m]["optimizer"], device,
+                                        f"warm-up {m}", progress)
         models[m] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         fps[m] = state_fingerprint(models[m])
         cfg_enc[m] = {"name": name, "kwargs": kwargs, "input_shape": list(x_train[m].shape[1:]),
+                      "optimizer": plan[m]["optimizer"], "lr": plan[m]["lr"],
                       "standardize": {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}}
         modules[m] = model
     feats: dict = {sp: {} for sp in todo}
@@ -220,7 +237,10 @@ def _warmup(ds: Dataset, todo: list[str], encoders: dict, epochs: int, batch_siz
         for m in ds.modalities:
             feats[sp][m], confs[sp][m] = embed(modules[m], x[m], sr.labels, 256, device)
     config = {"source": "warmup", "encoders": cfg_enc, "feature_dim": feature_dim, "epochs": epochs,
-              "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "seed": seed,
+              "batch_size": batch_size, "seed": seed,
+              # per modality; chosen per encoder when not given (`why` says which and why)
+              "optimizer": {m: plan[m]["optimizer"] for m in ds.modalities},
+              "lr": {m: plan[m]["lr"] for m in ds.modalities}, "warmup_choice": why,
               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": device.type,
               "model_fingerprint": fps,
               "model_fingerprint_all": hashlib.sha256("".join(fps[m] for m in ds.modalities).encode()).hexdigest(),
