@@ -62,7 +62,7 @@ from midas_data.storage import FetchError, RetryPolicy, ShardCache
 from midas_data.stream.dataset import MidasDataset, MidasLoader, collate, materialize_misaligned
 from midas_data.stream.partners import POLICIES, RESEARCH_POLICIES, PartnerOptions
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     # stage settings, verification, encoders and k-NN search
