@@ -77,6 +77,23 @@ def _build(a, x, y, dev, precision):
                                chunk_size=a.chunk_size)
 
 
+def _data_and_index(a, rep: Report, n: int, d: int, seed: int, dev):
+    """Phases "data" (n x d unit rows, `a.classes` classes) and "build" (our index on them):
+    (x, y, x_t, y_t, index, build seconds, the build's PeakMemory)."""
+    rep.phase("data")
+    t = time.perf_counter()
+    x, y, x_t, y_t = unit_rows(n, d, a.classes, seed, dev)
+    rep.set("data_s", time.perf_counter() - t)
+    rep.log(f"data {n} x {d} ready ({rep.data['data_s']:.1f} s)")
+    rep.phase("build")
+    with PeakMemory(dev) as mem:
+        t = time.perf_counter()
+        index = _build(a, x, y, dev, a.precision)
+        sync(dev)
+        build_s = time.perf_counter() - t
+    return x, y, x_t, y_t, index, build_s, mem
+
+
 def _check_sample(rep: Report, key: str, D, I, rows, x_t, y_t, k) -> dict:
     """Exactness of (D, I) for the queries `rows` against the float64 oracle."""
     t = time.perf_counter()
@@ -100,18 +117,7 @@ def part_mine(a, rep: Report) -> None:
     rep.set("config", {"n": n, "d": d, "classes": a.classes, "k": k, "device": str(dev),
                        "precision": a.precision, "chunk_size": a.chunk_size,
                        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None})
-    rep.phase("data")
-    t = time.perf_counter()
-    x, y, x_t, y_t = unit_rows(n, d, a.classes, a.seed, dev)
-    rep.set("data_s", time.perf_counter() - t)
-    rep.log(f"data {n} x {d} ready ({rep.data['data_s']:.1f} s)")
-
-    rep.phase("build")
-    with PeakMemory(dev) as mem:
-        t = time.perf_counter()
-        ours = _build(a, x, y, dev, a.precision)
-        sync(dev)
-        ours_build = time.perf_counter() - t
+    x, y, x_t, y_t, ours, ours_build, mem = _data_and_index(a, rep, n, d, a.seed, dev)
     t = time.perf_counter()
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)  # the baseline normalises too
     base = TorchKNN(xn, np.array([0, n]), dev, a.precision, a.chunk_size)
@@ -236,17 +242,7 @@ def part_mine_big(a, rep: Report) -> None:
     n, d, k = a.big_n, a.big_d, a.k
     rep.set("config", {"n": n, "d": d, "classes": a.classes, "k": k, "device": str(dev),
                        "precision": a.precision, "chunk_size": a.chunk_size})
-    rep.phase("data")
-    t = time.perf_counter()
-    x, y, x_t, y_t = unit_rows(n, d, a.classes, a.seed + 2, dev)
-    rep.set("data_s", time.perf_counter() - t)
-    rep.log(f"data {n} x {d} ready ({rep.data['data_s']:.1f} s)")
-    rep.phase("build")
-    with PeakMemory(dev) as mem:
-        t = time.perf_counter()
-        ours = _build(a, x, y, dev, a.precision)
-        sync(dev)
-        build_s = time.perf_counter() - t
+    x, y, x_t, y_t, ours, build_s, mem = _data_and_index(a, rep, n, d, a.seed + 2, dev)
     del x
     rep.set("build_s", build_s)
     rep.log(f"built in {build_s:.1f} s ({ours.torch.describe()})")
