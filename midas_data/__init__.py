@@ -24,12 +24,21 @@ from midas_data.features.extract import extract_features, warmup_plan
 from midas_data.features.probe import crossfit_confidences
 from midas_data.features.tables import Features, read_features, write_features
 from midas_data.locking import OutputLockedError
-from midas_data.loss import (
+from midas_data.loss import (  # the alpha step of the authors and the stream-batch helpers
     AlphaStats,
+    DirectionSums,
     accumulate,
+    aligned_loss,
+    authors_alpha_step,
+    authors_alpha_update,
+    authors_batch_ratios,
+    batch_alpha_stats,
+    batch_misaligned_loss,
+    direction_sums,
     hard_sample_weight,
     midas_total_loss,
     misaligned_loss,
+    misaligned_targets,
     misaligned_top2_correct,
     modality_weights,
     normalised_confidences,
@@ -38,19 +47,6 @@ from midas_data.loss import (
     update_alpha,
     weak_and_strong,
     weak_modality,
-)
-from midas_data.loss.alpha import (
-    DirectionSums,
-    authors_alpha_step,
-    authors_alpha_update,
-    authors_batch_ratios,
-    direction_sums,
-)
-from midas_data.loss.batch import (
-    aligned_loss,
-    batch_alpha_stats,
-    batch_misaligned_loss,
-    misaligned_targets,
 )
 from midas_data.mining.config import MineConfig
 from midas_data.mining.knn import DifferentLabelIndex, search_different_label

@@ -59,27 +59,21 @@ def pack_batch(batch: object) -> PackedBatch:
     slots: list[_Slot] = []
     end = 0
 
-    def walk(x: object) -> object:
+    def leaf(x: object) -> object:
         nonlocal end
-        if isinstance(x, torch.Tensor):
-            t = x.detach()
-            if t.device.type != "cpu":
-                raise ValueError("pack_batch moves CPU tensors; this one is on " + str(t.device))
-            t = t.contiguous()
-            slot = _Slot(end, t.numel() * t.element_size(), t.dtype, tuple(t.shape))
-            end += -(-slot.nbytes // ALIGN) * ALIGN
-            tensors.append(t)
-            slots.append(slot)
-            return slot
-        if isinstance(x, dict):
-            return {k: walk(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [walk(v) for v in x]
-        if isinstance(x, tuple) and not hasattr(x, "_fields"):
-            return tuple(walk(v) for v in x)
-        return x
+        if not isinstance(x, torch.Tensor):
+            return x
+        t = x.detach()
+        if t.device.type != "cpu":
+            raise ValueError("pack_batch moves CPU tensors; this one is on " + str(t.device))
+        t = t.contiguous()
+        slot = _Slot(end, t.numel() * t.element_size(), t.dtype, tuple(t.shape))
+        end += -(-slot.nbytes // ALIGN) * ALIGN
+        tensors.append(t)
+        slots.append(slot)
+        return slot
 
-    tree = walk(batch)
+    tree = _map_leaves(batch, leaf)
     buf = torch.empty(end, dtype=torch.uint8)
     for t, slot in zip(tensors, slots):
         if slot.nbytes:
@@ -94,21 +88,26 @@ def unpack_batch(packed: object) -> object:
         return packed
     flat = packed.buf if isinstance(packed.buf, torch.Tensor) else torch.from_numpy(packed.buf)
 
-    def walk(x: object) -> object:
-        if isinstance(x, _Slot):
-            raw = flat[x.offset:x.offset + x.nbytes]
-            if x.nbytes == 0:
-                return torch.empty(x.shape, dtype=x.dtype)
-            return raw.view(x.dtype).reshape(x.shape)
-        if isinstance(x, dict):
-            return {k: walk(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [walk(v) for v in x]
-        if isinstance(x, tuple) and not hasattr(x, "_fields"):
-            return tuple(walk(v) for v in x)
-        return x
+    def leaf(x: object) -> object:
+        if not isinstance(x, _Slot):
+            return x
+        if x.nbytes == 0:
+            return torch.empty(x.shape, dtype=x.dtype)
+        return flat[x.offset:x.offset + x.nbytes].view(x.dtype).reshape(x.shape)
 
-    return walk(packed.tree)
+    return _map_leaves(packed.tree, leaf)
+
+
+def _map_leaves(x: object, leaf) -> object:
+    """`x` with every leaf replaced by `leaf(x)`, through dicts, lists and plain tuples
+    (named tuples are leaves); pack and unpack walk a batch the same way."""
+    if isinstance(x, dict):
+        return {k: _map_leaves(v, leaf) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_map_leaves(v, leaf) for v in x]
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):
+        return tuple(_map_leaves(v, leaf) for v in x)
+    return leaf(x)
 
 
 def torch_batch(read: dict) -> dict:
