@@ -3,16 +3,22 @@ the shard cache.
 
 The manifest, the Arrow indexes and the features and pairs tables are small next to the
 shards; they are copied into an immutable snapshot directory under
-`cache_dir/roots/<url digest>/<content digest>/` (one per manifest and listing of features
-and pairs, so a dataset rewritten remotely gets a new snapshot and a reader never mixes
-old and new files), and every existing stage reads them as it reads a local dataset.
-Shards are read through `RemoteSplitReader`, which fetches each one whole into the shard
-cache (verified against the manifest's sha256) before its first read.
+`cache_dir/roots/<url digest>/<key>/`, and every existing stage reads them as it reads a
+local dataset. A root written by midas-data is versioned (see `midas_data.storage.layout`):
+its manifest names the version and maps each file to the folder that holds it, so the key is
+the version and the files are read from where the map says. A flat root (a dataset copied
+with any tool) is keyed by its manifest and a listing of its features and pairs tables, so
+a dataset rewritten in place gets a new snapshot too; a reader never mixes old and new files.
+A reader pins its snapshot (a shared lock on its `.complete` file) while it is open; beyond
+the newest `keep_snapshots` per URL, snapshots nobody pins are deleted when a new one is
+made. Shards are read through `RemoteSplitReader`, which fetches each one whole into the
+shard cache (verified against the manifest's sha256) before its first read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -31,28 +37,35 @@ from midas_data.dataset.reader import Dataset, SplitReader
 from midas_data.errors import MidasDataError, UnsafeInputError, where
 from midas_data.storage.cache import NoRoom, ShardCache
 from midas_data.storage.fetch import FetchError, RetryPolicy, download, read_ranges
+from midas_data.storage.layout import EXTRA_RE, Layout, split_manifest
 from midas_data.storage.prefetch import Prefetcher
 from midas_data.storage.urls import filesystem
 
-# The derived tables a snapshot copies besides manifest and indexes; nothing else is fetched.
-_EXTRA_RE = re.compile(r"^(features/[a-z]+\.arrow|pairs/[a-z]+/part-\d{5}-of-\d{5}\.arrow"
-                       r"|pairs/[a-z]+/report\.json)$")
 FAILURE_TTL = 30.0  # seconds a shard that could not be fetched fails fast in this process
 FETCH_MODES = ("auto", "shard", "range")
+DEFAULT_KEEP_SNAPSHOTS = 2  # per URL: the current version and the one before it
+_LAYOUT = ".layout.json"
 
 
 class RemoteRoot:
     """A dataset URL, the file system that reads it, and the cache its shards go to."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
-                 cache: ShardCache | None = None, retry: RetryPolicy | None = None):
+                 cache: ShardCache | None = None, retry: RetryPolicy | None = None,
+                 keep_snapshots: int = DEFAULT_KEEP_SNAPSHOTS):
         self.url = str(url).rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.cache = cache or ShardCache()
         self.retry = retry or RetryPolicy()
+        if keep_snapshots < 1:
+            raise ValueError(f"keep_snapshots must be >= 1, got {keep_snapshots}")
+        self.keep_snapshots = int(keep_snapshots)
         self._fs, self.path = filesystem(self.url, self.storage_options, self.retry.timeout)
         self._fs_pid = os.getpid()
         self.snapshots = self.cache.dir / "roots" / hashlib.sha256(self.url.encode()).hexdigest()[:20]
+        # Where each file of the snapshot's version lives (flat until snapshot() reads it).
+        self.layout = Layout("", None)
+        self._pin: int | None = None
 
     @property
     def fs(self):
@@ -66,16 +79,92 @@ class RemoteRoot:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_fs"] = None  # rebuilt on first use where it is unpickled
+        state["_pin"] = None  # the process that opened the snapshot holds the pin
         return state
 
+    def __del__(self) -> None:
+        self.unpin()
+
+    def location(self, rel: str) -> str:
+        """Where a dataset-relative path of the opened version lives, relative to the root."""
+        return rel if rel == MANIFEST else self.layout.where(rel)
+
     def url_of(self, rel: str) -> str:
-        return f"{self.url}/{rel}"
+        return f"{self.url}/{self.location(rel)}"
 
     def fetch_to(self, rel: str, tmp_dir: Path, size: int | None = None,
                  sha256: str | None = None) -> Path:
         """Download `rel` (a path the manifest or the listing names) into tmp_dir, checked."""
-        return download(self.fs, f"{self.path}/{rel}", self.url_of(rel), tmp_dir, size, sha256,
-                        self.retry)
+        return download(self.fs, f"{self.path}/{self.location(rel)}", self.url_of(rel), tmp_dir,
+                        size, sha256, self.retry)
+
+    # -- pins and eviction of snapshots --------------------------------------------------
+    def _try_pin(self, snap: Path) -> bool:
+        """Share-lock snap/.complete (held until unpin) if the snapshot is still there."""
+        marker = snap / ".complete"
+        try:
+            fd = os.open(marker, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                same = os.stat(marker).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # evicted between open and lock
+                os.close(fd)
+                return False
+            with contextlib.suppress(OSError):
+                os.utime(marker)  # most recently used
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        self.unpin()
+        self._pin = fd
+        return True
+
+    def unpin(self) -> None:
+        fd, self._pin = getattr(self, "_pin", None), None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _evict_snapshots(self, current: Path) -> list[Path]:
+        """Delete this URL's snapshots beyond the newest `keep_snapshots` that no reader pins,
+        and builds a killed process left behind. Called under the URL's root lock."""
+        tmp_root = self.snapshots / ".tmp"
+        for left in tmp_root.glob(".build-*"):  # builds happen under the lock we hold
+            shutil.rmtree(left, ignore_errors=True)
+        found = []
+        for d in self.snapshots.iterdir():
+            if d.name.startswith(".") or d == current or not d.is_dir():
+                continue
+            try:
+                found.append(((d / ".complete").stat().st_mtime_ns, d))
+            except FileNotFoundError:
+                found.append((-1, d))  # never completed: nobody can have opened it
+        found.sort(reverse=True)
+        evicted = []
+        for _, d in found[self.keep_snapshots - 1:]:
+            fd = None
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(d / ".complete", os.O_RDONLY)
+            try:
+                if fd is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live reader holds it
+                gone = Path(tempfile.mkdtemp(prefix=".evict-", dir=tmp_root))
+                os.replace(d, gone / "snap")  # vanishes at once for new readers
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            shutil.rmtree(gone, ignore_errors=True)
+            evicted.append(d)
+        return evicted
 
     def _extras(self, splits: list[str]) -> list[tuple[str, str]]:
         """(relative path, version tag) of the features and pairs tables present remotely."""
@@ -89,7 +178,7 @@ class RemoteRoot:
                 rel = full[len(self.path) + 1:] if full.startswith(self.path + "/") else None
                 if rel is None and full.startswith(self.url + "/"):
                     rel = full[len(self.url) + 1:]
-                if rel and _EXTRA_RE.match(rel):
+                if rel and EXTRA_RE.match(rel):
                     found[rel] = json.dumps([info.get("size"), str(info.get("ETag") or info.get("etag")
                                              or info.get("LastModified") or info.get("mtime") or "")])
         for sp in splits:  # file systems that cannot list (plain HTTP) still find the features
@@ -101,47 +190,80 @@ class RemoteRoot:
         return sorted(found.items())
 
     def snapshot(self) -> Path:
-        """The local snapshot directory of the current remote state (built if new)."""
+        """The local snapshot directory of the current remote state (built if new), pinned
+        by this object until `unpin`; sets `layout` to the version's map."""
         tmp_root = self.snapshots / ".tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
-        tmp = self.fetch_to(MANIFEST, tmp_root)
-        try:
-            text = tmp.read_bytes()
+        for _ in range(8):  # a snapshot evicted between finding and pinning it: look again
+            tmp = self.fetch_to(MANIFEST, tmp_root)
             try:
-                manifest = json.loads(text)
-                splits = [s for s in manifest.get("splits", {}) if re.fullmatch(r"[a-z]+", s)]
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-                raise MidasDataError(f"{where(file=self.url_of(MANIFEST))}: manifest is not "
-                                     f"valid JSON ({e})") from e
+                snap = self._snapshot_of(tmp.read_bytes(), tmp_root)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            if snap is not None:
+                info = json.loads((snap / _LAYOUT).read_text())
+                self.layout = Layout(info["version"], info["files"], info["previous"])
+                return snap
+        raise MidasDataError(f"{self.url}: its snapshot under {self.snapshots} was deleted as "
+                             "soon as it was made, again and again; is another process clearing "
+                             "the cache?")
+
+    def _snapshot_of(self, text: bytes, tmp_root: Path) -> Path | None:
+        try:
+            raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise AttributeError("not a JSON object")
+            manifest, layout = split_manifest(raw, self.url_of(MANIFEST))
+            splits = [s for s in manifest.get("splits", {}) if re.fullmatch(r"[a-z]+", s)]
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise MidasDataError(f"{where(file=self.url_of(MANIFEST))}: manifest is not "
+                                 f"valid JSON ({e})") from e
+        if layout.flat:  # no map: list what is there; the key covers the listing
             extras = self._extras(splits)
             key = hashlib.sha256(text + json.dumps(extras).encode()).hexdigest()[:24]
-            snap = self.snapshots / key
-            if (snap / ".complete").is_file():
-                return snap
-            with self.cache._lock(f"root-{self.snapshots.name}"):
-                if (snap / ".complete").is_file():
-                    return snap
-                build = Path(tempfile.mkdtemp(prefix=".build-", dir=tmp_root))
-                try:
-                    (build / MANIFEST).write_bytes(text)
-                    for sp, meta in manifest["splits"].items():
-                        rel = meta.get("index") if isinstance(meta, dict) else None
-                        if not isinstance(rel, str) or rel != f"index/{sp}.arrow":
-                            raise UnsafeInputError(f"{where(self.url_of(MANIFEST), field=f'splits.{sp}.index')}: "
-                                                   f"{rel!r} is not index/{sp}.arrow; refused")
-                        self._place(rel, build, meta.get("index_sha256"))
-                    for rel, _ in extras:
-                        self._place(rel, build, None)
-                    (build / ".complete").write_text(self.url + "\n")
-                    if snap.exists():  # an incomplete leftover of a killed process
-                        shutil.rmtree(snap, ignore_errors=True)
-                    os.replace(build, snap)
-                finally:
-                    shutil.rmtree(build, ignore_errors=True)
+            extra_files = [rel for rel, _ in extras]
+        else:  # the version names everything it holds
+            key = f"{layout.version}-{hashlib.sha256(text).hexdigest()[:12]}"
+            extra_files = sorted(rel for rel in layout.files or {} if EXTRA_RE.match(rel))
+        snap = self.snapshots / key
+        if (snap / ".complete").is_file() and self._try_pin(snap):
             return snap
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        with self.cache._lock(f"root-{self.snapshots.name}"):
+            if (snap / ".complete").is_file():
+                return snap if self._try_pin(snap) else None
+            build = Path(tempfile.mkdtemp(prefix=".build-", dir=tmp_root))
+            try:
+                # The dataset's own manifest (without the layout section), as on local disk.
+                (build / MANIFEST).write_bytes(text if layout.flat else
+                                               (json.dumps(manifest, indent=2) + "\n").encode())
+                self.layout = layout
+                files = {}
+                for sp, meta in manifest["splits"].items():
+                    rel = meta.get("index") if isinstance(meta, dict) else None
+                    if not isinstance(rel, str) or rel != f"index/{sp}.arrow":
+                        raise UnsafeInputError(f"{where(self.url_of(MANIFEST), field=f'splits.{sp}.index')}: "
+                                               f"{rel!r} is not index/{sp}.arrow; refused")
+                    self._place(rel, build, meta.get("index_sha256"))
+                    files[rel] = ""
+                for rel in extra_files:
+                    self._place(rel, build, None)
+                    files[rel] = ""
+                if layout.flat:  # what a stage publishing over this root maps to the root
+                    files.update((s["path"], "") for s in manifest.get("shards", [])
+                                 if isinstance(s, dict) and isinstance(s.get("path"), str))
+                (build / _LAYOUT).write_text(json.dumps(
+                    {"version": layout.version, "files": files if layout.flat else layout.files,
+                     "previous": layout.previous}))
+                (build / ".complete").write_text(self.url + "\n")
+                if snap.exists():  # an incomplete leftover of a killed process
+                    shutil.rmtree(snap, ignore_errors=True)
+                os.replace(build, snap)
+            finally:
+                shutil.rmtree(build, ignore_errors=True)
+            pinned = self._try_pin(snap)
+            self._evict_snapshots(snap)
+            return snap if pinned else None
 
     def _place(self, rel: str, build: Path, sha256: str | None) -> None:
         dest = build / rel
@@ -265,7 +387,8 @@ class RemoteSplitReader(SplitReader):
             raise self._failed[shard][1].for_key(key)
         url = self.shard_urls[shard]
         try:
-            out = read_ranges(self.remote.fs, f"{self.remote.path}/{self._shard_rel[shard]}",
+            rel = self.remote.location(self._shard_rel[shard])
+            out = read_ranges(self.remote.fs, f"{self.remote.path}/{rel}",
                               url, starts, ends, self.remote.retry)
         except FetchError as e:
             self._failed[shard] = (time.monotonic(), e)
@@ -355,19 +478,34 @@ class RemoteDataset(Dataset):
     def __init__(self, url: str, *, storage_options: dict[str, Any] | None = None,
                  cache_dir: str | os.PathLike | None = None, cache_limit: int | str | None = None,
                  retry: RetryPolicy | None = None, prefetch: int = 4, fetch: str = "auto",
-                 workdir: str | os.PathLike | None = None):
+                 workdir: str | os.PathLike | None = None,
+                 keep_snapshots: int = DEFAULT_KEEP_SNAPSHOTS):
         """workdir: a new directory to copy the snapshot into and use as `root`, for stages
         that write beside the manifest (features, pairs) before uploading; without it
-        `root` is the shared, read-only snapshot."""
+        `root` is the shared, read-only snapshot, pinned until `close()`.
+        keep_snapshots: snapshots of this URL kept in the cache besides those readers pin."""
         if fetch not in FETCH_MODES:
             raise ValueError(f"fetch must be one of {FETCH_MODES}, got {fetch!r}")
-        self.remote = RemoteRoot(url, storage_options, ShardCache(cache_dir, cache_limit), retry)
+        self.remote = RemoteRoot(url, storage_options, ShardCache(cache_dir, cache_limit), retry,
+                                 keep_snapshots)
         self.url = self.remote.url
         self.prefetch, self.fetch = prefetch, fetch
         root = self.remote.snapshot()
         if workdir is not None:
             root = Path(shutil.copytree(root, workdir, ignore=shutil.ignore_patterns(".complete")))
+            self.remote.unpin()  # a private copy: the shared snapshot may go
         super().__init__(root)
+
+    @property
+    def version(self) -> str:
+        """The id of the remote version this dataset reads ("" for a flat root)."""
+        return self.remote.layout.version
+
+    def close(self) -> None:
+        """Release the shards this process holds open and the pin on the snapshot."""
+        for sr in self._splits.values():
+            sr.close()
+        self.remote.unpin()
 
     @property
     def cache(self) -> ShardCache:
