@@ -8,6 +8,8 @@
   and a fault named "always-<fault>" is never consumed.
 - `moto_s3()`: moto's threaded S3 server on a free port and the s3fs storage options that
   reach it.
+- `gcs_emulator()`: gcp-storage-emulator's in-memory GCS server on a free port and the
+  gcsfs storage options that reach it (anonymous).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from collections import Counter, defaultdict
@@ -214,4 +217,41 @@ def upload(local: Path, url: str, storage_options: dict) -> None:
     for p in sorted(local.rglob("*")):
         if p.is_file():
             fs.put_file(str(p), f"{url[len('s3://'):]}/{p.relative_to(local).as_posix()}")
+    fs.invalidate_cache()
+
+
+@contextlib.contextmanager
+def gcs_emulator(bucket: str = "midas"):
+    """(storage options for gcsfs) of an in-memory GCS emulator on 127.0.0.1 holding `bucket`.
+
+    gcsfs's experimental bucket-type probe (on by default in recent versions) asks a gRPC
+    endpoint the emulator does not have and waits a minute per bucket; it is read when gcsfs
+    is imported, so it is switched off here, before that."""
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    import fsspec
+    from gcp_storage_emulator.server import create_server
+
+    if "Extended" in fsspec.get_filesystem_class("gs").__name__:
+        raise RuntimeError("gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false "
+                           "was set; its bucket-type probe would hang on the emulator")
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+    server.start()
+    try:
+        yield {"endpoint_url": f"http://127.0.0.1:{port}", "token": "anon", "project": "test"}
+    finally:
+        server.stop()
+
+
+def upload_gcs(local: Path, url: str, storage_options: dict) -> None:
+    """Copy a local dataset directory to gs://bucket/prefix (the bucket exists)."""
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem(**storage_options)
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            fs.put_file(str(p), f"{url[len('gs://'):]}/{p.relative_to(local).as_posix()}")
     fs.invalidate_cache()
