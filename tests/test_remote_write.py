@@ -15,7 +15,7 @@ from midas_data import MidasDataError, Sample, build_dataset, open_dataset
 from midas_data.cli import main
 from midas_data.storage import FetchError, RetryPolicy
 from midas_data.storage.publish import publish, remote_stage
-from midas_data.stream.dataset import MidasDataset
+from midas_data.stream.dataset import MidasDataset, MidasLoader
 from tests.remote_servers import moto_s3, upload
 
 FAST = RetryPolicy(attempts=2, backoff=0.01, max_backoff=0.02, timeout=2.0)
@@ -119,17 +119,19 @@ def _hook_puts(monkeypatch, on_put):
     monkeypatch.setattr(pub, "filesystem", hooked)
 
 
-def test_a_reader_of_v1_streams_an_exact_epoch_while_v2_is_published(s3, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_reader_of_v1_streams_an_exact_epoch_while_v2_is_published(s3, tmp_path, monkeypatch,
+                                                                      workers):
     v1, v2 = _build(tmp_path / "v1", 0), _build(tmp_path / "v2", 1)
     want1, want2 = _values(v1), _values(v2)
     assert want1.keys() == want2.keys() and not _same(want1, want2)  # same keys, new bytes
-    publish(v1, "s3://out/live", s3)
+    url = f"s3://out/live{workers}"
+    publish(v1, url, s3)
     # A cold cache and no prefetch: every shard of v1 is fetched after the publish began.
-    stream = MidasDataset(open_dataset("s3://out/live", storage_options=s3,
-                                       cache_dir=tmp_path / "c", prefetch=0),
-                          batch_size=4, policy="none")
-    it = iter(stream)
-    got: dict[str, np.ndarray] = {}
+    stream = MidasDataset(open_dataset(url, storage_options=s3, cache_dir=tmp_path / "c",
+                                       prefetch=0), batch_size=4, policy="none")
+    it = iter(MidasLoader(stream, num_workers=workers))
+    delivered: list[tuple[str, np.ndarray]] = []
     mid_publish: list[dict] = []
 
     def step(rpath: str, before: bool) -> None:
@@ -137,20 +139,23 @@ def test_a_reader_of_v1_streams_an_exact_epoch_while_v2_is_published(s3, tmp_pat
             return
         b = next(it, None)  # the reader goes on between uploads
         if b is not None:
-            got.update(zip(b["key"], b["inputs"]["a"].numpy()))
+            delivered.extend(zip(b["key"], b["inputs"]["a"].numpy()))
         if not rpath.endswith("/manifest.json") and not mid_publish:  # a fresh reader meanwhile
-            fresh = MidasDataset("s3://out/live", batch_size=4, policy="none",
+            fresh = MidasDataset(url, batch_size=4, policy="none",
                                  storage_options=s3, cache_dir=tmp_path / "c2")
             mid_publish.append(_epoch(fresh))
 
     _hook_puts(monkeypatch, step)
-    publish(v2, "s3://out/live", s3, overwrite=True)
+    publish(v2, url, s3, overwrite=True)
     monkeypatch.undo()
+    assert 0 < len(delivered) < len(want1), "the publish did not happen mid-epoch"
     for b in it:
-        got.update(zip(b["key"], b["inputs"]["a"].numpy()))
+        delivered.extend(zip(b["key"], b["inputs"]["a"].numpy()))
+    got = dict(delivered)
+    assert len(got) == len(delivered), "a sample was delivered twice"
     assert _same(got, want1), "the v1 reader's epoch was not exactly v1"
     assert mid_publish and _same(mid_publish[0], want1), "v1 was not whole during the publish"
-    after = MidasDataset("s3://out/live", batch_size=4, policy="none", storage_options=s3,
+    after = MidasDataset(url, batch_size=4, policy="none", storage_options=s3,
                          cache_dir=tmp_path / "c")
     assert _same(_epoch(after), want2), "a reader opened after the publish did not get v2"
 
@@ -298,3 +303,25 @@ def test_old_snapshots_are_evicted_unless_a_reader_holds_them(s3, tmp_path):
     last = open_dataset(url, storage_options=s3, cache_dir=cache, keep_snapshots=1)
     assert {p for p in held_root.parent.iterdir() if not p.name.startswith(".")} == {last.root}
     last.close()
+
+
+@pytest.mark.parametrize("section,field", [
+    ({"layout": 2}, "remote_layout.layout"),
+    ({"layout": 1, "version": "../x", "files": {}}, "remote_layout.version"),
+    ({"layout": 1, "version": "20261201T000000000000Z-0000abcd",
+      "files": {"../../etc/passwd": ""}}, "remote_layout.files.../../etc/passwd"),
+    ({"layout": 1, "version": "20261201T000000000000Z-0000abcd",
+      "files": {"shards/train-000000.tar": "/abs"}}, "remote_layout.files.shards/train-000000.tar"),
+    ({"layout": 1, "version": "20261201T000000000000Z-0000abcd", "files": {},
+      "previous": ["nope"]}, "remote_layout.previous"),
+])
+def test_a_layout_pointing_anywhere_else_is_refused_naming_the_field(section, field):
+    import re
+
+    from midas_data.errors import UnsafeInputError
+    from midas_data.storage.layout import split_manifest
+
+    with pytest.raises(UnsafeInputError,
+                       match=re.escape(f"file s3://b/d/manifest.json, field '{field}'")):
+        split_manifest({"format": "midas-data", "remote_layout": section},
+                       "s3://b/d/manifest.json")

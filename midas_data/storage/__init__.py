@@ -5,6 +5,8 @@
 - `cache`: the bounded, node-wide shard cache (atomic placement, locks, LRU eviction, pins).
 - `prefetch`: fetching the shards of a reader's next batches in background threads.
 - `remote`: `RemoteDataset` and `RemoteSplitReader`, what `open_dataset(url)` returns.
+- `layout`: the versioned layout of a remote root (manifest.json last, versions/<id>/).
+- `publish`: writing a remote root as a new version; collecting old versions.
 """
 
 from midas_data.storage.cache import ShardCache, default_cache_dir

@@ -163,7 +163,8 @@ def publish(local_dir: str | Path, url: str, storage_options: dict[str, Any] | N
 
 @contextlib.contextmanager
 def staged(out: str | Path, storage_options: dict[str, Any] | None = None,
-           overwrite: bool = False) -> Iterator[Path]:
+           overwrite: bool = False,
+           keep_versions: int = DEFAULT_KEEP_VERSIONS) -> Iterator[Path]:
     """A local directory to build into; for a remote `out` it is a temporary one, published
     as a new version when the block succeeds and deleted either way."""
     if not is_remote(out):
@@ -172,7 +173,8 @@ def staged(out: str | Path, storage_options: dict[str, Any] | None = None,
     tmp = Path(tempfile.mkdtemp(prefix="midas-stage-"))
     try:
         yield tmp / "dataset"
-        publish(tmp / "dataset", str(out), storage_options, overwrite)
+        publish(tmp / "dataset", str(out), storage_options, overwrite,
+                keep_versions=keep_versions)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -221,7 +221,8 @@ class RemoteRoot:
                                  f"valid JSON ({e})") from e
         if layout.flat:  # no map: list what is there; the key covers the listing
             extras = self._extras(splits)
-            key = hashlib.sha256(text + json.dumps(extras).encode()).hexdigest()[:24]
+            # (salted: snapshots made before they held a layout file are not reused)
+            key = hashlib.sha256(text + json.dumps(extras).encode() + b"layout-1").hexdigest()[:24]
             extra_files = [rel for rel, _ in extras]
         else:  # the version names everything it holds
             key = f"{layout.version}-{hashlib.sha256(text).hexdigest()[:12]}"
