@@ -49,6 +49,10 @@ def test_build_shards_to_s3_uploads_a_readable_dataset(s3, tmp_path, monkeypatch
     assert res.exit_code == 0, res.output
     ds = open_dataset("s3://out/mfeat", storage_options=s3)
     assert ds.splits == ["train", "val", "test"] and ds.verify() == []
+    assert ds.version and ds.remote.url_of("index/train.arrow").startswith(
+        f"s3://out/mfeat/versions/{ds.version}/")
+    res = CliRunner().invoke(main, ["inspect", "s3://out/mfeat", "--verify"])
+    assert res.exit_code == 0 and "verify: OK" in res.output, res.output
     res = CliRunner().invoke(main, ["build-shards", "--out", "s3://out/mfeat", "--quiet"])
     assert res.exit_code != 0 and "already holds a dataset" in res.output
 

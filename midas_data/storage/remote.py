@@ -135,8 +135,9 @@ class RemoteRoot:
         """Delete this URL's snapshots beyond the newest `keep_snapshots` that no reader pins,
         and builds a killed process left behind. Called under the URL's root lock."""
         tmp_root = self.snapshots / ".tmp"
-        for left in tmp_root.glob(".build-*"):  # builds happen under the lock we hold
-            shutil.rmtree(left, ignore_errors=True)
+        for pattern in (".build-*", ".evict-*"):  # both happen under the lock we hold
+            for left in tmp_root.glob(pattern):
+                shutil.rmtree(left, ignore_errors=True)
         found = []
         for d in self.snapshots.iterdir():
             if d.name.startswith(".") or d == current or not d.is_dir():
