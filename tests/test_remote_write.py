@@ -329,3 +329,33 @@ def test_a_layout_pointing_anywhere_else_is_refused_naming_the_field(section, fi
                        match=re.escape(f"file s3://b/d/manifest.json, field '{field}'")):
         split_manifest({"format": "midas-data", "remote_layout": section},
                        "s3://b/d/manifest.json")
+
+
+def test_a_snapshot_pinned_by_another_process_is_not_evicted(s3, tmp_path):
+    import subprocess
+    import sys
+
+    url, cache = "s3://out/pinproc", tmp_path / "c"
+    publish(_build(tmp_path / "v0", 0), url, s3)
+    code = ("import sys, json; from midas_data import open_dataset; "
+            "ds = open_dataset(sys.argv[1], storage_options=json.loads(sys.argv[2]), "
+            "cache_dir=sys.argv[3], keep_snapshots=1); print(ds.root, flush=True); "
+            "sys.stdin.read()")  # holds the dataset open until its stdin closes
+    proc = subprocess.Popen([sys.executable, "-c", code, url, json.dumps(s3), str(cache)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        held = proc.stdout.readline().strip()
+        assert held, "the reader process did not open the dataset"
+        for i in (1, 2):
+            publish(_build(tmp_path / f"v{i}", i), url, s3, overwrite=True, keep_versions=3)
+            newest = open_dataset(url, storage_options=s3, cache_dir=cache, keep_snapshots=1)
+            newest.close()
+        snaps = {str(p) for p in newest.root.parent.iterdir() if not p.name.startswith(".")}
+        assert snaps == {held, str(newest.root)}
+    finally:
+        proc.stdin.close()
+        proc.wait(60)
+    publish(_build(tmp_path / "v3", 3), url, s3, overwrite=True, keep_versions=3)
+    last = open_dataset(url, storage_options=s3, cache_dir=cache, keep_snapshots=1)
+    assert [p for p in last.root.parent.iterdir() if not p.name.startswith(".")] == [last.root]
+    last.close()
