@@ -359,3 +359,23 @@ def test_a_snapshot_pinned_by_another_process_is_not_evicted(s3, tmp_path):
     last = open_dataset(url, storage_options=s3, cache_dir=cache, keep_snapshots=1)
     assert [p for p in last.root.parent.iterdir() if not p.name.startswith(".")] == [last.root]
     last.close()
+
+
+def test_a_failed_collection_still_publishes_and_the_next_publish_collects(s3, tmp_path,
+                                                                           monkeypatch):
+    import midas_data.storage.publish as pub
+
+    url = "s3://out/gcfail"
+    ids = [publish(_build(tmp_path / "v0", 0), url, s3)]
+
+    def broken(*a, **k):
+        raise ConnectionError("delete refused")
+
+    monkeypatch.setattr(pub, "collect_garbage", broken)
+    for i in (1, 2):
+        with pytest.warns(UserWarning, match="is published, but deleting old versions failed"):
+            ids.append(publish(_build(tmp_path / f"v{i}", i), url, s3, overwrite=True))
+    monkeypatch.undo()
+    assert _root_version(s3, url) == ids[-1] and _versions(s3, url) == set(ids)
+    ids.append(publish(_build(tmp_path / "v3", 3), url, s3, overwrite=True))
+    assert _versions(s3, url) == set(ids[-2:])

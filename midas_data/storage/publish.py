@@ -20,6 +20,7 @@ import contextlib
 import json
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,13 @@ class _Root:
         self.put_bytes(record, location(MANIFEST, new.version))
         self.put_bytes(record, MANIFEST)  # readers switch here, in one PUT
         self.invalidate()
-        deleted = collect_garbage(self.fs, self.path, new, keep_versions, rm=self.rm)
+        try:
+            deleted = collect_garbage(self.fs, self.path, new, keep_versions, rm=self.rm)
+        except Exception as e:  # published all the same: the next publish collects again
+            warnings.warn(f"{self.url}: version {new.version} is published, but deleting old "
+                          f"versions failed ({type(e).__name__}: {e}); the next publish tries "
+                          "again", stacklevel=3)
+            deleted = []
         self.invalidate()
         return deleted
 
