@@ -224,16 +224,16 @@ def upload(local: Path, url: str, storage_options: dict) -> None:
 def gcs_emulator(bucket: str = "midas"):
     """(storage options for gcsfs) of an in-memory GCS emulator on 127.0.0.1 holding `bucket`.
 
-    gcsfs's experimental bucket-type probe (on by default in recent versions) asks a gRPC
-    endpoint the emulator does not have and waits a minute per bucket; it is read when gcsfs
-    is imported, so it is switched off here, before that."""
-    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    Recent gcsfs registers, by default, a file system whose bucket-type probe asks a gRPC
+    endpoint the emulator does not have (and waits a minute per bucket); the plain
+    GCSFileSystem is registered for gs:// while the emulator runs."""
     import fsspec
+    import gcsfs.core
     from gcp_storage_emulator.server import create_server
 
-    if "Extended" in fsspec.get_filesystem_class("gs").__name__:
-        raise RuntimeError("gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false "
-                           "was set; its bucket-type probe would hang on the emulator")
+    registered = {p: fsspec.get_filesystem_class(p) for p in ("gs", "gcs")}
+    for p in registered:
+        fsspec.register_implementation(p, gcsfs.core.GCSFileSystem, clobber=True)
     logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -244,13 +244,15 @@ def gcs_emulator(bucket: str = "midas"):
         yield {"endpoint_url": f"http://127.0.0.1:{port}", "token": "anon", "project": "test"}
     finally:
         server.stop()
+        for p, cls in registered.items():
+            fsspec.register_implementation(p, cls, clobber=True)
 
 
 def upload_gcs(local: Path, url: str, storage_options: dict) -> None:
     """Copy a local dataset directory to gs://bucket/prefix (the bucket exists)."""
-    import gcsfs
+    import gcsfs.core
 
-    fs = gcsfs.GCSFileSystem(**storage_options)
+    fs = gcsfs.core.GCSFileSystem(**storage_options)
     for p in sorted(local.rglob("*")):
         if p.is_file():
             fs.put_file(str(p), f"{url[len('gs://'):]}/{p.relative_to(local).as_posix()}")

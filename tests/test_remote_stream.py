@@ -53,7 +53,6 @@ def s3(served):
 def gcs(served):
     import importlib.util
 
-    # find_spec, not importorskip: gcsfs must not be imported before gcs_emulator() runs
     if importlib.util.find_spec("gcsfs") is None:
         pytest.skip("gs:// needs gcsfs: pip install 'midas-data[gcs]'")
     if importlib.util.find_spec("gcp_storage_emulator") is None:
@@ -160,9 +159,9 @@ def test_gs_root_delivers_every_item_once_and_publishes_versions(served, gcs, tm
         assert all(np.array_equal(g["a"], w["a"]) for g, w in zip(got, local))
     assert ds.version and not old.version
     publish(served / "ds", url, opts, overwrite=True)  # the flat version falls out: collected
-    import gcsfs
+    import gcsfs.core
 
-    fs = gcsfs.GCSFileSystem(**opts)
+    fs = gcsfs.core.GCSFileSystem(**opts)
     assert not fs.exists("midas/ds/shards/train-000000.tar")
     assert len(fs.ls("midas/ds/versions")) == 2
 
