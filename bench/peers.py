@@ -95,18 +95,19 @@ def _arrays(n: int):
             rng.standard_normal((n, 256), dtype=np.float32), np.arange(n) % 10)
 
 
-def check_epoch(name: str, batches, a, b, y, quiet: bool = False) -> None:
-    """Every sample once, with the values written (an "id" column names the row); shuffled."""
+def check_epoch(name: str, batches, columns: dict, quiet: bool = False) -> None:
+    """Every sample once, its values equal to `columns[c][id]` for each column c (an "id"
+    column names the row), and the order shuffled."""
     import numpy as np
 
     seen = []
     for batch in batches:
         ids = batch["id"].numpy()
-        assert np.array_equal(batch["a"].numpy(), a[ids]), name
-        assert np.array_equal(batch["b"].numpy(), b[ids]), name
-        assert np.array_equal(batch["cls"].numpy(), y[ids]), name
+        for c, values in columns.items():
+            assert np.array_equal(batch[c].numpy(), values[ids]), (name, c)
         seen.extend(ids.tolist())
-    assert sorted(seen) == list(range(len(y))), f"{name}: not every sample exactly once"
+    n = len(next(iter(columns.values())))
+    assert sorted(seen) == list(range(n)), f"{name}: not every sample exactly once"
     assert seen != sorted(seen), f"{name}: epoch not shuffled"
     if not quiet:
         print(f"  {name}: {len(seen)} samples, each once, values equal to the arrays, shuffled")
@@ -123,7 +124,7 @@ def _check_streaming(tmp: Path, a, b, y, workers: int) -> None:
             w.write({"id": i, "a": a[i], "b": b[i], "cls": int(y[i])})
     ds = ms.StreamingDataset(local=str(out), shuffle=True, shuffle_algo="naive", batch_size=64)
     check_epoch(f"MosaicML Streaming {ms.version}, MDS, {workers} workers",
-                 DataLoader(ds, batch_size=64, num_workers=workers), a, b, y)
+                 DataLoader(ds, batch_size=64, num_workers=workers), {"a": a, "b": b, "cls": y})
 
 
 def _lit_sample(i: int) -> dict:
@@ -145,7 +146,7 @@ def _check_litdata(tmp: Path, a, b, y, workers: int) -> None:
                 chunk_bytes="1MB", num_workers=1, verbose=False, start_method="fork")
     ds = ld.StreamingDataset(input_dir=str(out), shuffle=True)
     check_epoch(f"litdata {ld.version}, optimize + StreamingDataset, {workers} workers",
-                 DataLoader(ds, batch_size=64, num_workers=workers), a, b, y)
+                 DataLoader(ds, batch_size=64, num_workers=workers), {"a": a, "b": b, "cls": y})
 
 
 def main() -> None:

@@ -147,7 +147,8 @@ class PeerRows:
         self.mosaic = why_not(load_streaming) is None
         if self.mosaic:
             mds = mosaic_setup(tmp, a, b, y)
-            check_epoch("MosaicML Streaming", mosaic_batches(mds, 0), a, b, y, quiet=True)
+            check_epoch("MosaicML Streaming", mosaic_batches(mds, 0),
+                        {"a": a, "b": b, "cls": y}, quiet=True)
             for k in (0, workers):
                 self.readers[f"MosaicML Streaming (uniform), {k} workers"] = (
                     lambda k=k: count_peer(mosaic_batches(mds, k)), n)
@@ -157,7 +158,8 @@ class PeerRows:
         self.lit = why_not(load_litdata) is None
         if self.lit:
             lit = litdata_setup(tmp, a, b, y)
-            check_epoch("litdata", litdata_batches(lit, 0), a, b, y, quiet=True)
+            check_epoch("litdata", litdata_batches(lit, 0),
+                        {"a": a, "b": b, "cls": y}, quiet=True)
             for k in (0, workers):
                 self.readers[f"litdata (chunk shuffle), {k} workers"] = (
                     lambda k=k: count_peer(litdata_batches(lit, k)), n)

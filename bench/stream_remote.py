@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from peers import load_streaming, why_not  # bench/peers.py
+from peers import check_epoch, load_streaming, why_not  # bench/peers.py
 
 from midas_data import Sample, build_dataset, open_dataset
 from midas_data.stream.dataset import MidasDataset
@@ -75,17 +75,29 @@ def epoch(ds, batch: int, epoch_no: int = 0, max_batches: int | None = None,
 
 # MosaicML Streaming: the peer rows, kept apart from ours -----------------------------------
 
-def mosaic_write(local: Path, out: Path) -> Path:
-    """The dataset's train samples in MDS shards of about the same size as ours."""
+def mosaic_write(local: Path, out: Path) -> dict[str, np.ndarray]:
+    """The dataset's train samples in MDS shards of about the same size as ours, with an "id"
+    column (the row); returns the columns written, for the check of what comes back."""
     ms = load_streaming()
     sr = open_dataset(local).split("train")
     batch = sr.read_batch(np.arange(len(sr)))
+    columns = {**{m: batch["inputs"][m] for m in DIMS}, "cls": np.asarray(batch["label"])}
     shard_bytes = max(s["bytes"] for s in open_dataset(local).manifest["shards"])
-    cols = {m: f"ndarray:float32:{d}" for m, d in DIMS.items()} | {"cls": "int"}
-    with ms.MDSWriter(out=str(out), columns=cols, size_limit=shard_bytes) as w:
+    types = {"id": "int", **{m: f"ndarray:float32:{d}" for m, d in DIMS.items()}, "cls": "int"}
+    with ms.MDSWriter(out=str(out), columns=types, size_limit=shard_bytes) as w:
         for i in range(len(sr)):
-            w.write({**{m: batch["inputs"][m][i] for m in DIMS}, "cls": int(batch["label"][i])})
-    return out
+            w.write({"id": i, **{m: columns[m][i] for m in DIMS}, "cls": int(columns["cls"][i])})
+    return columns
+
+
+def mosaic_check(batch: int, local: Path, remote: str, columns: dict[str, np.ndarray]) -> None:
+    """One cold epoch from the server, untimed: every sample once, with the values written."""
+    from torch.utils.data import DataLoader
+
+    ds = load_streaming().StreamingDataset(remote=remote, local=str(local), shuffle=True,
+                                           shuffle_algo="naive", batch_size=batch)
+    check_epoch("MosaicML s3", DataLoader(ds, batch_size=batch, num_workers=0), columns, quiet=True)
+    del ds
 
 
 def mosaic_epoch(batch: int, local: Path, remote: str | None = None) -> tuple[float, int]:
@@ -159,9 +171,11 @@ def main() -> None:
 
             n_train = len(open_dataset(local).split("train"))
             if no_mosaic is None:
-                mds = mosaic_write(local, work / "mds")
+                mds = work / "mds"
+                columns = mosaic_write(local, mds)
                 upload(mds, "s3://bench/mds", opts)
                 os.environ["S3_ENDPOINT_URL"] = endpoint  # where MosaicML Streaming's boto3 looks
+                mosaic_check(args.batch, work / "m-check", "s3://bench/mds", columns)
             for r in range(args.repeat):
                 run("local disk", open_dataset(local))
                 run("s3 cold (prefetch 4)", open_dataset(url, storage_options=opts,
