@@ -52,7 +52,7 @@ def load_streaming() -> types.SimpleNamespace:
     if "streaming.base.dataset" not in sys.modules:
         spec = importlib.util.find_spec("streaming")
         if spec is None or not spec.submodule_search_locations:
-            raise ImportError("mosaicml-streaming is not installed (run `make bench-setup`)")
+            raise ImportError("mosaicml-streaming is not installed")
         root = list(spec.submodule_search_locations)[0]
         if "streaming" not in sys.modules:  # a real import that worked is left as it is
             _bare_package("streaming", root)
