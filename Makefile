@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out/demo
 
-.PHONY: demo test setup lint
+.PHONY: demo test setup lint bench-setup
 
 $(BIN)/midas-data: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,14 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# The peers the benchmarks compare against (MosaicML Streaming, LitData), beside the CPU torch:
+# the peers without their dependencies, then what they import (the [bench] extra) with torch
+# and numpy held at the installed versions; fails if either changed or a peer does not read
+# back what it wrote (bench/peers.py). docs/BENCHMARKS.md says why.
+bench-setup: setup
+	$(BIN)/python -m pip freeze | grep -iE '^(torch|numpy)==' > $(VENV)/held.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/held.txt -e '.[cpu,dev,bench]'
+	$(BIN)/python -m pip install -q --no-deps -r bench/requirements-peers.txt
+	$(BIN)/python -m pip freeze | grep -iE '^(torch|numpy)==' | diff $(VENV)/held.txt -
+	$(BIN)/python bench/peers.py

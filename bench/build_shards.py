@@ -3,8 +3,9 @@
 Build: `midas_data.build_dataset` on a synthetic dataset (default 10k samples, two float32
 modalities of 256 and 1024 values, i.e. ~1 KB and ~4 KB payloads), against plain
 `webdataset.ShardWriter` writing the same .npy bytes (encoded in the loop, same shard
-size) and, when `mosaicml-streaming` imports, MosaicML's `MDSWriter` on the same arrays,
-in the same run. Each is timed from in-memory arrays to files on disk, best of `--repeat`
+size) and, when the peers are installed (`make bench-setup`, loaded by bench/peers.py),
+MosaicML's `MDSWriter` and `litdata.optimize` (1 worker process, and one per core) on the
+same arrays, in the same run. Each is timed from in-memory arrays to files on disk, best of `--repeat`
 interleaved rounds. Ours also fsyncs every shard and renames the finished directory into
 place; the peers do neither. Goals: >= 2x ShardWriter and >= 0.5x MDSWriter; the script
 fails below 0.8x ShardWriter.
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from peers import load_litdata, load_streaming, why_not  # bench/peers.py
 
 from midas_data import Sample, build_dataset, open_dataset
 
@@ -70,22 +72,33 @@ def build_plain(samples: list[Sample], out: Path) -> float:
     return time.perf_counter() - t
 
 
-def mds_unavailable() -> str | None:
-    try:
-        from streaming import MDSWriter  # noqa: F401
-    except Exception as e:  # not installed, or its torchvision does not load with this torch
-        return f"{type(e).__name__}: {str(e)[:120]}"
-    return None
-
-
 def build_mds(samples: list[Sample], out: Path) -> float:
-    from streaming import MDSWriter
-
+    MDSWriter = load_streaming().MDSWriter  # bench/peers.py: without torchvision/transformers
     t = time.perf_counter()
     columns = {m: f"ndarray:float32:{d}" for m, d in DIMS.items()} | {"cls": "int"}
     with MDSWriter(out=str(out), columns=columns, size_limit=int(SHARD_MB * 1024 * 1024)) as w:
         for s in samples:
             w.write({**{m: s.payloads[m] for m in DIMS}, "cls": int(s.label)})
+    return time.perf_counter() - t
+
+
+_LIT_SAMPLES: list[Sample] = []  # what litdata.optimize's forked worker reads
+
+
+def _lit_sample(i: int) -> dict:
+    s = _LIT_SAMPLES[i]
+    return {**{m: s.payloads[m] for m in DIMS}, "cls": int(s.label)}
+
+
+def build_litdata(samples: list[Sample], out: Path, workers: int = 1) -> float:
+    """litdata.optimize with `workers` worker processes (forked; their start is timed too)."""
+    optimize = load_litdata().optimize
+    global _LIT_SAMPLES
+    _LIT_SAMPLES = samples
+    t = time.perf_counter()
+    optimize(fn=_lit_sample, inputs=list(range(len(samples))), output_dir=str(out),
+             chunk_bytes=f"{int(SHARD_MB)}MB", num_workers=workers, verbose=False,
+             start_method="fork")
     return time.perf_counter() - t
 
 
@@ -123,10 +136,14 @@ def main() -> None:
     try:
         samples = make_samples(args.n)
         payload_mb = args.n * sum(len(npy_bytes(np.zeros(d, np.float32))) for d in DIMS.values()) / 1e6
-        no_mds = mds_unavailable()
+        no_mds, no_lit = why_not(load_streaming), why_not(load_litdata)
         writers = {"webdataset.ShardWriter": build_plain, "midas_data.build_dataset": build_ours}
         if no_mds is None:
             writers["MosaicML MDSWriter"] = build_mds
+        if no_lit is None:
+            writers["litdata.optimize, 1 worker"] = build_litdata
+            writers[f"litdata.optimize, {os.cpu_count()} workers"] = (
+                lambda s, o: build_litdata(s, o, workers=os.cpu_count()))
         times: dict[str, list[float]] = {k: [] for k in writers}
         for r in range(args.repeat):  # interleaved, so drift in the machine hits all alike
             for k, fn in writers.items():
@@ -136,17 +153,23 @@ def main() -> None:
                     shutil.rmtree(out)
         print(f"build: {args.n} samples, {payload_mb:.1f} MB of .npy payloads, shards of "
               f"<= {SHARD_COUNT} samples, best of {args.repeat}, in {root}")
-        if no_mds:
-            print(f"  MosaicML MDSWriter not measured: `from streaming import MDSWriter` failed ({no_mds})")
-        print(f"  {'writer':<26} {'s':>7} {'samples/s':>11} {'MB/s':>8}")
+        for name, why in (("MosaicML MDSWriter", no_mds), ("litdata.optimize", no_lit)):
+            if why:
+                print(f"  {name} not measured ({why}; `make bench-setup` installs it)")
+        print(f"  {'writer':<30} {'s':>7} {'samples/s':>11} {'MB/s':>8}")
         best = {k: min(v) for k, v in times.items()}
         for k, t in best.items():
-            print(f"  {k:<26} {t:>7.3f} {args.n / t:>11.0f} {payload_mb / t:>8.1f}")
+            print(f"  {k:<30} {t:>7.3f} {args.n / t:>11.0f} {payload_mb / t:>8.1f}")
         ratio = best["webdataset.ShardWriter"] / best["midas_data.build_dataset"]
         print(f"  throughput ratio ours/ShardWriter = {ratio:.2f} (goal >= 2)")
         if no_mds is None:
             print(f"  throughput ratio ours/MDSWriter = "
                   f"{best['MosaicML MDSWriter'] / best['midas_data.build_dataset']:.2f} (goal >= 0.5)")
+        if no_lit is None:
+            print(f"  throughput ratio ours/litdata.optimize = "
+                  f"{best['litdata.optimize, 1 worker'] / best['midas_data.build_dataset']:.2f} "
+                  f"(1 worker process), {best[f'litdata.optimize, {os.cpu_count()} workers'] / best['midas_data.build_dataset']:.2f} "
+                  f"({os.cpu_count()} worker processes)")
 
         ds_dir = root / f"midas_data{args.repeat - 1}"
         probe = open_dataset(ds_dir).split("train")

@@ -8,7 +8,11 @@ page cache warm (the dataset is read once before timing):
 - TensorDataset + DataLoader(shuffle=True, batch_size=64), 0 and `--workers` workers.
 - webdataset: shard shuffle + a 1,000-sample shuffle buffer, decode, batches of 64
   (timed on the first `--peer-samples` samples only, to keep the run short).
-- MosaicML Streaming (MDS, uniform shuffle), when `streaming` imports; says so otherwise.
+- The peers, when installed (`make bench-setup`; loaded by bench/peers.py), each read once and
+  checked (every sample once, values equal to the arrays) before timing, 0 and `--workers`
+  workers: MosaicML Streaming (MDS, uniform shuffle of the whole epoch, as ours) and litdata
+  (`optimize` + `StreamingDataset`, its own chunk-then-sample shuffle). Says so when not.
+  `--peers-only` times just MidasDataset (aligned and random partners) against the peers.
 - SplitReader.read_batch over a shuffled epoch: the dataset layer alone.
 - MidasDataset, aligned only (policy none) and random partners, through MidasLoader with
   0 and `--workers` workers; and "packed": the same dataset whose worker batches cross the
@@ -22,7 +26,7 @@ full shuffled epoch. The default is 20,000 samples so that a run stays within ab
 minutes on two busy cores; `--samples 50000` is the size the goals were set on (about six
 minutes there). Ratios printed at the end. Worker ratios depend on idle cores: on a shared
 machine they say little (the run prints the load average).
-Run: python bench/stream.py [--samples 20000] [--rounds 3] [--workers 2]
+Run: python bench/stream.py [--samples 20000] [--rounds 3] [--workers 2] [--peers-only]
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peers import check_epoch, load_litdata, load_streaming, why_not  # bench/peers.py
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from midas_data import Sample, build_dataset, open_dataset
@@ -129,30 +134,139 @@ def wds_loader(root: Path, n_peer: int) -> int:
     return count(pipe)
 
 
-def mosaic_available() -> str | None:
-    try:
-        import streaming  # noqa: F401
-    except Exception as e:  # not installed, or installed without a torchvision that loads
-        return f"{type(e).__name__}: {str(e)[:120]}"
-    return None
+# The peers (MosaicML Streaming, litdata): installed by `make bench-setup`, loaded through
+# bench/peers.py. Kept in this block, apart from the worker rows above.
+
+class PeerRows:
+    """The peer readers on the same arrays, each checked once (untimed) before timing."""
+
+    def __init__(self, tmp: Path, a: np.ndarray, b: np.ndarray, y: np.ndarray, workers: int):
+        self.readers: dict[str, tuple[Callable[[], int], int]] = {}
+        self.notes: list[str] = []
+        n = len(y)
+        self.mosaic = why_not(load_streaming) is None
+        if self.mosaic:
+            mds = mosaic_setup(tmp, a, b, y)
+            check_epoch("MosaicML Streaming", mosaic_batches(mds, 0),
+                        {"a": a, "b": b, "cls": y}, quiet=True)
+            for k in (0, workers):
+                self.readers[f"MosaicML Streaming (uniform), {k} workers"] = (
+                    lambda k=k: count_peer(mosaic_batches(mds, k)), n)
+        else:
+            self.notes.append(f"MosaicML Streaming not measured ({why_not(load_streaming)}; "
+                              f"`make bench-setup` installs it)")
+        self.lit = why_not(load_litdata) is None
+        if self.lit:
+            lit = litdata_setup(tmp, a, b, y)
+            check_epoch("litdata", litdata_batches(lit, 0),
+                        {"a": a, "b": b, "cls": y}, quiet=True)
+            for k in (0, workers):
+                self.readers[f"litdata (chunk shuffle), {k} workers"] = (
+                    lambda k=k: count_peer(litdata_batches(lit, k)), n)
+        else:
+            self.notes.append(f"litdata not measured ({why_not(load_litdata)}; "
+                              f"`make bench-setup` installs it)")
+
+    def print_ratios(self, rate: dict[str, float], workers: int) -> None:
+        for note in self.notes:
+            print(f"  {note}")
+        for k in (0, workers):
+            ours = rate[f"MidasDataset none, {k} workers"]
+            if self.mosaic:
+                print(f"  aligned {k} workers / MosaicML Streaming {k} workers   "
+                      f"{ours / rate[f'MosaicML Streaming (uniform), {k} workers']:6.3f}  (goal >= 3)")
+            if self.lit:
+                print(f"  aligned {k} workers / litdata {k} workers              "
+                      f"{ours / rate[f'litdata (chunk shuffle), {k} workers']:6.3f}")
+
+
+def count_peer(batches) -> int:
+    return sum(len(b["cls"]) for b in batches)
+
+
+def peer_sample(i: int, a: np.ndarray, b: np.ndarray, y: np.ndarray) -> dict:
+    return {"id": i, "a": a[i], "b": b[i], "cls": int(y[i])}
 
 
 def mosaic_setup(dir_: Path, a: np.ndarray, b: np.ndarray, y: np.ndarray) -> Path:
-    from streaming import MDSWriter
-
     out = dir_ / "mds"
-    with MDSWriter(out=str(out), columns={"a": "ndarray:float32:1024", "b": "ndarray:float32:256",
-                                         "cls": "int"}, size_limit=1 << 26) as w:
+    cols = {"id": "int", "a": "ndarray:float32:1024", "b": "ndarray:float32:256", "cls": "int"}
+    with load_streaming().MDSWriter(out=str(out), columns=cols, size_limit=1 << 26) as w:
         for i in range(len(y)):
-            w.write({"a": a[i], "b": b[i], "cls": int(y[i])})
+            w.write(peer_sample(i, a, b, y))
     return out
 
 
-def mosaic_loader(local: Path) -> int:
-    from streaming import StreamingDataset
+def mosaic_batches(local: Path, workers: int) -> DataLoader:
+    """A uniform shuffle of every sample ("naive": one permutation of the whole epoch), as ours."""
+    ds = load_streaming().StreamingDataset(local=str(local), shuffle=True, shuffle_algo="naive",
+                                           batch_size=BATCH)
+    return DataLoader(ds, batch_size=BATCH, num_workers=workers)
 
-    ds = StreamingDataset(local=str(local), shuffle=True, shuffle_algo="naive", batch_size=BATCH)
-    return count(DataLoader(ds, batch_size=BATCH, num_workers=0))
+
+_LIT: tuple = ()  # the arrays litdata.optimize's forked worker reads
+
+
+def _lit_sample(i: int) -> dict:
+    return peer_sample(i, *_LIT)
+
+
+def litdata_setup(dir_: Path, a: np.ndarray, b: np.ndarray, y: np.ndarray) -> Path:
+    global _LIT
+    _LIT = (a, b, y)
+    out = dir_ / "litdata"
+    load_litdata().optimize(fn=_lit_sample, inputs=list(range(len(y))), output_dir=str(out),
+                            chunk_bytes="64MB", num_workers=1, verbose=False, start_method="fork")
+    return out
+
+
+def litdata_batches(out: Path, workers: int) -> DataLoader:
+    """litdata's own shuffle: chunks in a random order, samples shuffled within each chunk."""
+    ds = load_litdata().StreamingDataset(input_dir=str(out), shuffle=True)
+    return DataLoader(ds, batch_size=BATCH, num_workers=workers)
+
+
+def time_interleaved(readers: dict[str, tuple[Callable[[], int], int]],
+                     rounds: int) -> dict[str, float]:
+    """Best items/s of `rounds` interleaved rounds (every reader once per round)."""
+    best = {name: float("inf") for name in readers}
+    for _ in range(rounds):
+        for name, (fn, n) in readers.items():
+            t = time.perf_counter()
+            got = fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+            assert got == n, (name, got, n)
+    return {name: readers[name][1] / best[name] for name in readers}
+
+
+def peers_only(args: argparse.Namespace) -> None:
+    """`--peers-only`: MidasDataset aligned and random against the peers, nothing else."""
+    w = args.workers
+    with tempfile.TemporaryDirectory(prefix="midas-stream-peers-") as tmp:
+        tmp = Path(tmp)
+        a, b, y = make_tensors(args.samples)
+        root = tmp / "ds"
+        build(root, {"a": a, "b": b}, y)
+        peers = PeerRows(tmp, a, b, y, w)
+        readers: dict[str, tuple[Callable[[], int], int]] = {}
+        for policy in ("none", "random"):
+            for k in (0, w):
+                readers[f"MidasDataset {policy}, {k} workers"] = (
+                    lambda p=policy, k=k: midas(root, p, k), args.samples)
+        readers.update(peers.readers)
+        for path in sorted(tmp.rglob("*")):  # warm the page cache
+            if path.is_file():
+                path.read_bytes()
+        t0 = time.perf_counter()
+        rate = time_interleaved(readers, args.rounds)
+    print(f"{args.samples} samples of two float32 modalities (1,024 and 256 values), batch {BATCH}, "
+          f"shuffled epochs, best of {args.rounds} interleaved rounds ({time.perf_counter() - t0:.0f} s); "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"  {'reader':<44} {'items/s':>10}")
+    for name in readers:
+        print(f"  {name:<44} {rate[name]:>10.0f}")
+    print("ratios (same process):")
+    peers.print_ratios(rate, w)
 
 
 def main() -> None:
@@ -162,8 +276,11 @@ def main() -> None:
     ap.add_argument("--peer-samples", type=int, default=5_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--peers-only", action="store_true", help="MidasDataset against the peers only")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.peers_only:
+        return peers_only(args)
     w = args.workers
     with tempfile.TemporaryDirectory(prefix="midas-stream-bench-") as tmp:
         tmp = Path(tmp)
@@ -173,8 +290,7 @@ def main() -> None:
         build(png_root, {"img": png_files(tmp / "png_files", args.png_samples)},
               np.arange(args.png_samples) % 10)
         tx, ty, tz = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(y)
-        why_no_mosaic = mosaic_available()
-        mds = mosaic_setup(tmp, a, b, y) if why_no_mosaic is None else None
+        peers = PeerRows(tmp, a, b, y, w)
         readers: dict[str, tuple[Callable[[], int], int]] = {
             "tensor indexing by a permutation": (lambda: tensor_index(tx, ty, tz), args.samples),
             "TensorDataset + DataLoader, 0 workers": (lambda: tensor_loader(tx, ty, tz, 0), args.samples),
@@ -183,8 +299,7 @@ def main() -> None:
                                                         min(args.peer_samples, args.samples)),
             "SplitReader.read_batch (dataset layer)": (lambda: reader_only(root), args.samples),
         }
-        if mds is not None:
-            readers["MosaicML Streaming (MDS, uniform)"] = (lambda: mosaic_loader(mds), args.samples)
+        readers.update(peers.readers)
         for policy in ("none", "random"):
             for k in (0, w):
                 readers[f"MidasDataset {policy}, {k} workers"] = (
@@ -212,8 +327,6 @@ def main() -> None:
           f"shuffled epochs, best of {args.rounds} interleaved rounds ({time.perf_counter() - t0:.0f} s); "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
     print(f"build_dataset: {args.samples / t_build:.0f} samples/s")
-    if why_no_mosaic:
-        print(f"MosaicML Streaming not measured: `import streaming` failed ({why_no_mosaic})")
     print(f"  {'reader':<44} {'items/s':>10} {'main-process CPU us/item':>26}")
     for name in readers:
         print(f"  {name:<44} {rate[name]:>10.0f} {cpu[name] / readers[name][1] * 1e6:>26.1f}")
@@ -235,9 +348,7 @@ def main() -> None:
           f"{cpu[f'PNG 64x64, {w} workers, packed'] / args.png_samples * 1e6:.0f} us in the main "
           f"process with {w} workers, packed)")
     print(f"  aligned 0 workers / webdataset                 {none0 / rate['webdataset, shard shuffle + 1000 buffer']:6.3f}")
-    if mds is not None:
-        print(f"  aligned 0 workers / MosaicML Streaming         "
-              f"{none0 / rate['MosaicML Streaming (MDS, uniform)']:6.3f}  (goal >= 3)")
+    peers.print_ratios(rate, w)
 
 
 if __name__ == "__main__":
