@@ -195,6 +195,24 @@ def test_resume_on_s3_root_gives_identical_remaining_sequence(served, s3, old_wo
     assert consumed + rest == full
 
 
+@pytest.mark.parametrize("fetch,bounded", [("shard", False), ("shard", True), ("auto", True),
+                                           ("range", False)])
+def test_remote_read_batch_equals_the_local_batch(served, http, tmp_path, fetch, bounded):
+    """Whole batch decoded at once (all shards held open), shard by shard (a bounded cache
+    pins one shard at a time) or by range: the same keys, labels and arrays as on disk."""
+    limit = 3 * max(_shard_path(served, i).stat().st_size for i in range(9)) if bounded else None
+    remote = open_dataset(http.url + "/ds", cache_dir=tmp_path, cache_limit=limit, fetch=fetch,
+                          prefetch=0).split("train")
+    local = open_dataset(served / "ds").split("train")
+    rng = np.random.default_rng(3)
+    for rows in (rng.permutation(N)[:23], np.array([5, -1, 0]), np.array([], np.int64)):
+        got, want = remote.read_batch(rows), local.read_batch(rows)
+        assert got["key"] == want["key"] and np.array_equal(got["label"], want["label"])
+        for m in ("a", "b"):
+            assert got["inputs"][m].shape == want["inputs"][m].shape
+            assert np.array_equal(got["inputs"][m], want["inputs"][m])
+
+
 @pytest.mark.parametrize("fetch", ["shard", "auto", "range"])
 def test_cache_limit_smaller_than_the_dataset(served, http, tmp_path, fetch):
     sizes = [_shard_path(served, i).stat().st_size for i in range(9)]

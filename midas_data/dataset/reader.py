@@ -441,11 +441,14 @@ class SplitReader:
         mods = self._mods(modalities)
         inputs: dict = {}
         for m in mods:
-            values = [d[m] for d in samples]
-            stack = self._ext[m] != "txt" and _same_shapes(values)
-            inputs[m] = np.stack(values) if stack else values
+            inputs[m] = self._column(m, [d[m] for d in samples])
         return {"key": [d["__key__"] for d in samples],
                 "label": np.array([d["label"] for d in samples], dtype=np.int64), "inputs": inputs}
+
+    def _column(self, m: str, values: list):
+        """One modality's batch column: arrays of one shape stacked; text and ragged values
+        stay a list."""
+        return np.stack(values) if self._ext[m] != "txt" and _same_shapes(values) else values
 
     def get_many_per_sample(self, rows: np.ndarray, modalities: list[str] | None = None) -> list[dict]:
         """`get_many` one sample at a time (one pread each): the reference path, and the one

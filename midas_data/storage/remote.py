@@ -446,9 +446,83 @@ class RemoteSplitReader(SplitReader):
         return out  # type: ignore[return-value]
 
     def read_batch(self, rows: np.ndarray, modalities: list[str] | None = None) -> dict:
-        """As SplitReader.read_batch, through this reader's `get_many` (shards from the
-        cache or read by range, prefetch bookkeeping), in the same layout."""
-        return self.batch_of(self.get_many(rows, modalities), modalities)
+        """As SplitReader.read_batch (same layout, same checks), shards from the cache or
+        read by range, with the prefetch bookkeeping of `get_many`.
+
+        When every shard of the batch can be held open at once (an unbounded cache keeps
+        them all), the whole batch goes through the local batch decoder in one call;
+        otherwise shard by shard (one shard pinned at a time, so a bounded cache may evict
+        the others), each shard's rows batch-decoded, or read by range when the cache has
+        no room, and placed back in the order of `rows`."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        last = False
+        if self._prefetcher is not None and self._prefetcher.pid == os.getpid():
+            last = self._prefetcher.reading(rows)
+        try:
+            rows = np.array([self._row_number(r) for r in rows.tolist()], dtype=np.int64)
+            mods = self._mods(modalities)
+            shards = self.shard[rows]
+            uniq = np.unique(shards).tolist()
+            if not uniq or (self.fetch != "range" and len(uniq) <= self.max_open
+                            and self._open_all(uniq, rows, shards)):
+                return self._in_shard(lambda: super(RemoteSplitReader, self).read_batch(rows, mods),
+                                      rows[0] if len(rows) else 0)
+            parts = []
+            for s in uniq:
+                pos = np.flatnonzero(shards == s)
+                parts.append((pos, self._shard_batch(int(s), rows[pos], mods)))
+            return self._assemble(parts, len(rows), mods)
+        finally:
+            if last:  # the plan is read: hold no pin (a worker may exit without closing)
+                self.close()
+
+    def _in_shard(self, read, row: int):
+        """Run a local read; a fetch failure names the batch's first key."""
+        try:
+            return read()
+        except FetchError as e:
+            raise e.for_key(self.keys[int(row)]) from e.__cause__
+
+    def _open_all(self, shards: list[int], rows: np.ndarray, of_row: np.ndarray) -> bool:
+        """Pin every shard of a batch; False (pinning none beyond the cache's room) when the
+        cache cannot hold one of them."""
+        for s in shards:
+            try:
+                self._in_shard(lambda s=s: self._fd(int(s)), rows[np.flatnonzero(of_row == s)[0]])
+            except NoRoom:
+                return False
+        return True
+
+    def _shard_batch(self, shard: int, rows: np.ndarray, mods: list[str]) -> dict:
+        try:
+            self._in_shard(lambda: self._fd(shard), rows[0])
+        except NoRoom:
+            return self.batch_of(self._get_by_range(shard, rows, mods), mods)
+        return self._in_shard(lambda: super(RemoteSplitReader, self).read_batch(rows, mods), rows[0])
+
+    def _assemble(self, parts: list[tuple[np.ndarray, dict]], b: int, mods: list[str]) -> dict:
+        """One batch from per-shard batches: part i's rows go to positions parts[i][0]."""
+        keys: list = [None] * b
+        labels = np.empty(b, np.int64)
+        inputs: dict = {}
+        for pos, part in parts:
+            for p, k in zip(pos.tolist(), part["key"]):
+                keys[p] = k
+            labels[pos] = part["label"]
+        for m in mods:
+            vals = [part["inputs"][m] for _, part in parts]
+            if all(isinstance(v, np.ndarray) for v in vals) and len({(v.dtype, v.shape[1:]) for v in vals}) == 1:
+                out = np.empty((b, *vals[0].shape[1:]), vals[0].dtype)
+                for (pos, _), v in zip(parts, vals):
+                    out[pos] = v
+                inputs[m] = out
+            else:  # text, ragged values, or shapes that differ between shards: as batch_of does
+                items: list = [None] * b
+                for (pos, _), v in zip(parts, vals):
+                    for p, x in zip(pos.tolist(), v):
+                        items[p] = x
+                inputs[m] = self._column(m, items)
+        return {"key": keys, "label": labels, "inputs": inputs}
 
     def plan_reads(self, batches: list[np.ndarray]) -> None:
         """The rows of the batches this process will read next, in order: fetch their shards
