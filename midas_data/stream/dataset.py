@@ -4,7 +4,7 @@ It yields whole batches (use it with `DataLoader(ds, batch_size=None, num_worker
 `MidasLoader`), because exactly-once delivery with equal batch counts per rank is decided
 per batch: every rank and worker recomputes the epoch plan from (seed, epoch) and keeps
 its own batches (`midas_data.stream.epoch_plan`: `batch_spans` for the rank,
-`worker_batches` for the worker, `offset_after_step` for the resume state). Which row
+`worker_groups` for the worker, `offset_after_step` for the resume state). Which row
 lends each anchor its swapped modality is the partner policy's job
 (`midas_data.stream.partners`); misaligned samples are expressed by an in-batch partner
 index per swapped modality (`partner[b, m]`), the paper's in-batch construction, so a
