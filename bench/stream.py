@@ -14,7 +14,9 @@ page cache warm (the dataset is read once before timing):
   0 and `--workers` workers: as MidasLoader sends them (each worker sends groups of
   consecutive batches as one packed queue item, the group size picked from the decoded
   batch size), and "one batch per item" (`batches_per_transfer=1`, one packed batch per
-  queue item, what MidasLoader did before groups).
+  queue item, what MidasLoader did before groups), and "persistent" (grouped, workers kept
+  across passes, as a training loop over many epochs would keep them; the workers' CPU of
+  a persistent loader is not counted, they are not waited for).
 - Workers with a payload that needs real decoding: 64x64 RGB PNG images (`--png-samples`),
   aligned only, 0 against `--workers` workers, grouped and one batch per item.
 
@@ -89,6 +91,15 @@ def count(batches) -> int:
 def midas(root: Path, policy: str, workers: int, per_transfer: int | None = None) -> int:
     ds = MidasDataset(root, batch_size=BATCH, policy=policy)
     return count(MidasLoader(ds, num_workers=workers, batches_per_transfer=per_transfer))
+
+
+def persistent(root: Path, policy: str, workers: int) -> Callable[[], int]:
+    """One pass of a MidasLoader whose workers stay up across passes (started on a first,
+    untimed pass), as a training loop over many epochs runs it."""
+    loader = MidasLoader(MidasDataset(root, batch_size=BATCH, policy=policy), num_workers=workers,
+                         persistent_workers=True)
+    count(loader)
+    return lambda: count(loader)
 
 
 def transfer_group(root: Path, workers: int) -> int:
@@ -194,9 +205,12 @@ def main() -> None:
                     lambda p=policy, k=k: midas(root, p, k), args.samples)
             readers[f"MidasDataset {policy}, {w} workers, 1 batch/item"] = (
                 lambda p=policy: midas(root, p, w, per_transfer=1), args.samples)
+            readers[f"MidasDataset {policy}, {w} workers, persistent"] = (
+                persistent(root, policy, w), args.samples)
         for k, per in ((0, None), (w, None), (w, 1)):
             readers[f"PNG 64x64, {k} workers{', 1 batch/item' if per else ''}"] = (
                 lambda k=k, per=per: midas(png_root, "none", k, per), args.png_samples)
+        readers[f"PNG 64x64, {w} workers, persistent"] = (persistent(png_root, "none", w), args.png_samples)
         for path in sorted(tmp.rglob("*.tar")):  # warm the page cache
             path.read_bytes()
         assert midas(root, "random", 0) == args.samples  # and the imports
@@ -241,13 +255,16 @@ def main() -> None:
         per = (cpu[name] + kids[name]) / readers[name][1]
         return cores * cpu[base] / readers[base][1] / per if per > 0 else float("nan")
 
-    print(f"  {'':<32} {'grouped':>8} {'1 batch/item':>13} {'CPU bound on ' + str(cores) + ' idle cores':>26}")
+    print(f"  {'':<32} {'grouped':>8} {'1 batch/item':>13} {'persistent':>11} "
+          f"{'CPU bound on ' + str(cores) + ' idle cores':>26}")
     for label, pre in (("none", "MidasDataset none, "), ("random", "MidasDataset random, "),
                        ("PNG", "PNG 64x64, ")):
         base, grouped, single = f"{pre}0 workers", f"{pre}{w} workers", f"{pre}{w} workers, 1 batch/item"
+        kept = f"{pre}{w} workers, persistent"
         goal = "(goal >= 1.6 on idle cores)" if label == "PNG" else "(goal >= 1.0)"
         print(f"  {label:<6} {w} workers / 0 workers      {rate[grouped] / rate[base]:8.3f} "
-              f"{rate[single] / rate[base]:13.3f} {bound(grouped, base):26.2f}  {goal}")
+              f"{rate[single] / rate[base]:13.3f} {rate[kept] / rate[base]:11.3f} "
+              f"{bound(grouped, base):26.2f}  {goal}")
     print(f"  aligned 0 workers / webdataset                 {none0 / rate['webdataset, shard shuffle + 1000 buffer']:6.3f}")
     if mds is not None:
         print(f"  aligned 0 workers / MosaicML Streaming         "

@@ -334,9 +334,37 @@ def test_iterating_again_after_break_continues_from_the_consumed_batches(uneven,
     assert loader.dataset.epoch == 1 and again == _epoch_keys(uneven, 1, 0, epoch=1)[0]
 
 
-def test_loader_refuses_persistent_workers(uneven):
-    with pytest.raises(ValueError, match="persistent_workers"):
-        MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=1, persistent_workers=True)
+def test_persistent_workers_follow_the_loaders_epoch_offset_and_resume(uneven):
+    """Workers kept across passes (no fork per pass) take each pass's epoch and offset from
+    the loader: whole epochs, a pass left early and continued, set_epoch and
+    load_state_dict all give what fresh in-process loading gives."""
+    def keys(loader) -> list[list[str]]:
+        return [real_keys(b) for b in loader]
+
+    def epoch(e: int, state: dict | None = None) -> list[list[str]]:
+        ds = MidasDataset(uneven, batch_size=2)
+        ds.set_epoch(e)
+        if state is not None:
+            ds.load_state_dict(state)
+        return keys(MidasLoader(ds, num_workers=0))
+
+    loader = MidasLoader(MidasDataset(uneven, batch_size=2), num_workers=2, persistent_workers=True,
+                         batches_per_transfer=3)
+    assert [keys(loader) for _ in range(2)] == [epoch(0), epoch(1)]  # rolls over each pass
+    first = []
+    for b in loader:  # epoch 2, left inside a worker's group
+        first.append(real_keys(b))
+        if len(first) == 7:
+            break
+    assert loader.state_dict()["offset"] == 14
+    assert first + keys(loader) == epoch(2), "the pass after break did not continue"
+    loader.dataset.set_epoch(9)
+    assert keys(loader) == epoch(9)
+    state = {"seed": 0, "epoch": 4, "offset": 20, "num_samples": 61, "policy": "random"}
+    loader.load_state_dict(state)
+    assert keys(loader) == epoch(4, state)
+    fresh = MidasLoader(MidasDataset(uneven, batch_size=2), num_workers=2)
+    assert keys(fresh) == epoch(0) and fresh._pass_state is None  # workers forked afresh
 
 
 def test_resume_state_from_other_dataset_is_refused(uneven, tmp_path):

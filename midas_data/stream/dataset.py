@@ -110,6 +110,7 @@ class MidasDataset(IterableDataset):
         self._rank, self._world = rank, world_size
         self.epoch, self.offset = 0, 0
         self._transfer_group = 0  # batches per worker-queue item; set by MidasLoader for its workers
+        self._pass_state: torch.Tensor | None = None  # persistent workers: [epoch, offset, group]
         self._exhausted = False  # set when an iteration ran to the end of the epoch
         self.features = None
         feat_path = self.root / "features" / f"{split}.arrow"
@@ -170,6 +171,8 @@ class MidasDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is None:
             self.begin_epoch()
+        elif self._pass_state is not None:  # a persistent worker: this pass's position, from the loader
+            self.epoch, self.offset, self._transfer_group = (int(v) for v in self._pass_state.tolist())
         order, partner_of = self.partners.order(self.seed, self.epoch)
         start, n, paired = self.offset, len(order), self.partners.paired
         spans = plan.batch_spans(n, start, self.batch_size, world, rank, self.drop_last,
@@ -414,7 +417,9 @@ class MidasLoader(DataLoader):
     Iterating again after leaving a pass early (`break`) continues from the batches consumed,
     for every num_workers, as `state_dict()` reports; a pass run to its end rolls over to
     the next epoch. Workers are started afresh for every pass (they copy the dataset's
-    epoch and offset then), so `persistent_workers=True` is refused.
+    epoch and offset then) unless `persistent_workers=True`: then they stay up across
+    passes and take each pass's epoch, offset and group size from the loader through a
+    small shared-memory tensor, written before the pass starts (no fork per pass).
 
     batches_per_transfer: with workers, each worker sends groups of this many consecutive
     batches of its share as one item of the worker queue (one packed buffer; the loader
@@ -428,9 +433,6 @@ class MidasLoader(DataLoader):
 
     def __init__(self, dataset: MidasDataset, num_workers: int = 0, *,
                  batches_per_transfer: int | None = None, **kwargs):
-        if kwargs.get("persistent_workers"):
-            raise ValueError("MidasLoader starts its workers afresh for every pass so that they see "
-                             "set_epoch() and the resume offset; leave persistent_workers=False")
         if batches_per_transfer is not None and (isinstance(batches_per_transfer, bool)
                                                  or int(batches_per_transfer) != batches_per_transfer
                                                  or batches_per_transfer < 1):
@@ -438,6 +440,9 @@ class MidasLoader(DataLoader):
                              f"got {batches_per_transfer!r}")
         self.batches_per_transfer = batches_per_transfer
         super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
+        # Persistent workers copied the dataset once; each pass's position reaches them here.
+        self._pass_state = (torch.zeros(3, dtype=torch.int64).share_memory_()
+                            if self.persistent_workers else None)
 
     def transfer_group(self) -> int:
         """Batches per worker-queue item for the next pass (0 without workers)."""
@@ -452,10 +457,14 @@ class MidasLoader(DataLoader):
         ds: MidasDataset = self.dataset  # type: ignore[assignment]
         ds.begin_epoch()  # before workers copy it
         ds._transfer_group = self.transfer_group()
+        if self._pass_state is not None:  # before the workers are told to start the pass
+            self._pass_state.copy_(torch.tensor([ds.epoch, ds.offset, ds._transfer_group]))
+            ds._pass_state = self._pass_state
         try:
             items = super().__iter__()
         finally:
-            ds._transfer_group = 0  # the dataset's own iteration (and plain DataLoaders) gets dicts
+            # the dataset's own iteration (and plain DataLoaders) gets dicts, at its own position
+            ds._transfer_group, ds._pass_state = 0, None
         for item in items:
             batches = unpack_batch(item)  # a worker's group of batches, or one in-process batch
             for batch in batches if isinstance(batches, list) else (batches,):
