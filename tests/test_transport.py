@@ -85,3 +85,23 @@ def test_groups_cross_dataloader_workers_in_order(n):
     got = [b for item in DataLoader(Groups(), batch_size=None, num_workers=2) for b in unpack_batch(item)]
     assert [b["stream_state"]["offset"] for b in got] == [2 * i + 2 for i in range(6 * n)]
     assert all(_same(b, _batch(i)) for i, b in enumerate(got))
+
+
+def test_packing_without_shared_memory_or_madvise_falls_back_to_equal_batches(monkeypatch):
+    """Where pages cannot be faulted in at once (no madvise), or torch cannot make shared
+    memory, packing still gives the same batches (a private buffer the queue shares itself)."""
+    from midas_data.dataset import transport
+
+    group = [_batch(i) for i in range(2)]
+    monkeypatch.setattr(transport, "_madvise", False)
+    packed = pack_batch(group)
+    assert packed.buf.is_shared()
+    assert all(_same(a, b) for a, b in zip(group, unpack_batch(pickle.loads(ForkingPickler.dumps(packed)))))
+
+    def no_shm(n):
+        raise RuntimeError("unable to open shared memory object")
+
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared", no_shm)
+    packed = pack_batch(group)
+    assert not packed.buf.is_shared()
+    assert all(_same(a, b) for a, b in zip(group, unpack_batch(pickle.loads(ForkingPickler.dumps(packed)))))
