@@ -15,11 +15,19 @@ page cache warm (the dataset is read once before timing):
   `--peers-only` times just MidasDataset (aligned and random partners) against the peers.
 - SplitReader.read_batch over a shuffled epoch: the dataset layer alone.
 - MidasDataset, aligned only (policy none) and random partners, through MidasLoader with
-  0 and `--workers` workers; and "packed": the same dataset whose worker batches cross the
-  worker queue as one byte array (midas_data.dataset.transport), unpacked in the main
-  process.
+  0 and `--workers` workers: as MidasLoader sends them (each worker sends groups of
+  consecutive batches as one packed queue item, the group size picked from the decoded
+  batch size), and "one batch per item" (`batches_per_transfer=1`, one packed batch per
+  queue item, what MidasLoader did before groups), and "persistent" (grouped, workers kept
+  across passes, as a training loop over many epochs would keep them; the workers' CPU of
+  a persistent loader is not counted, they are not waited for).
 - Workers with a payload that needs real decoding: 64x64 RGB PNG images (`--png-samples`),
-  aligned only, 0 against `--workers` workers, as is and packed.
+  aligned only, 0 against `--workers` workers, grouped and one batch per item.
+
+CPU time is reported per item for the main process and, with workers, for the workers
+together (they are waited for at the end of every pass): on two idle cores the loader can
+go no faster than 2 / (main + workers CPU per item), which is how a worker ratio measured
+on a busy machine should be read.
 
 Data: `--samples` samples of two float32 modalities of 1,024 and 256 values, batch 64, a
 full shuffled epoch. The default is 20,000 samples so that a run stays within about three
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,10 +50,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from peers import check_epoch, load_litdata, load_streaming, why_not  # bench/peers.py
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from midas_data import Sample, build_dataset, open_dataset
-from midas_data.dataset.transport import pack_batch, unpack_batch
 from midas_data.stream.dataset import MidasDataset, MidasLoader
 
 BATCH = 64
@@ -81,27 +89,33 @@ def png_files(dir_: Path, n: int, seed: int = 1) -> list[Path]:
     return out
 
 
-class Packed(IterableDataset):
-    """A MidasDataset whose batches cross the worker queue packed (one byte array each)."""
-
-    def __init__(self, ds: MidasDataset):
-        self.ds = ds
-
-    def __iter__(self):
-        for b in self.ds:
-            yield pack_batch(b)
-
-
 def count(batches) -> int:
     return sum(len(b["key"]) if isinstance(b, dict) else len(b[-1]) for b in batches)
 
 
-def midas(root: Path, policy: str, workers: int, packed: bool = False) -> int:
+def midas(root: Path, policy: str, workers: int, per_transfer: int | None = None) -> int:
     ds = MidasDataset(root, batch_size=BATCH, policy=policy)
-    if not packed:
-        return count(MidasLoader(ds, num_workers=workers))
-    loader = DataLoader(Packed(ds), batch_size=None, num_workers=workers)
-    return count(unpack_batch(b) for b in loader)
+    return count(MidasLoader(ds, num_workers=workers, batches_per_transfer=per_transfer))
+
+
+def persistent(root: Path, policy: str, workers: int) -> Callable[[], int]:
+    """One pass of a MidasLoader whose workers stay up across passes (started on a first,
+    untimed pass), as a training loop over many epochs runs it."""
+    loader = MidasLoader(MidasDataset(root, batch_size=BATCH, policy=policy), num_workers=workers,
+                         persistent_workers=True)
+    count(loader)
+    return lambda: count(loader)
+
+
+def transfer_group(root: Path, workers: int) -> int:
+    """The group size MidasLoader picks for this data (batches per worker-queue item)."""
+    return MidasLoader(MidasDataset(root, batch_size=BATCH), num_workers=workers).transfer_group()
+
+
+def children_cpu() -> float:
+    """CPU seconds of the finished child processes (DataLoader workers, once joined)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def reader_only(root: Path) -> int:
@@ -304,49 +318,66 @@ def main() -> None:
             for k in (0, w):
                 readers[f"MidasDataset {policy}, {k} workers"] = (
                     lambda p=policy, k=k: midas(root, p, k), args.samples)
-            readers[f"MidasDataset {policy}, {w} workers, packed"] = (
-                lambda p=policy: midas(root, p, w, packed=True), args.samples)
-        for k, packed in ((0, False), (w, False), (w, True)):
-            readers[f"PNG 64x64, {k} workers{', packed' if packed else ''}"] = (
-                lambda k=k, packed=packed: midas(png_root, "none", k, packed), args.png_samples)
+            readers[f"MidasDataset {policy}, {w} workers, 1 batch/item"] = (
+                lambda p=policy: midas(root, p, w, per_transfer=1), args.samples)
+            readers[f"MidasDataset {policy}, {w} workers, persistent"] = (
+                persistent(root, policy, w), args.samples)
+        for k, per in ((0, None), (w, None), (w, 1)):
+            readers[f"PNG 64x64, {k} workers{', 1 batch/item' if per else ''}"] = (
+                lambda k=k, per=per: midas(png_root, "none", k, per), args.png_samples)
+        readers[f"PNG 64x64, {w} workers, persistent"] = (persistent(png_root, "none", w), args.png_samples)
         for path in sorted(tmp.rglob("*.tar")):  # warm the page cache
             path.read_bytes()
         assert midas(root, "random", 0) == args.samples  # and the imports
         best = {name: float("inf") for name in readers}
-        cpu = {name: float("inf") for name in readers}  # this process's CPU time, not workers'
+        cpu = {name: float("inf") for name in readers}  # this process's CPU time
+        kids = {name: float("inf") for name in readers}  # its DataLoader workers' CPU time
         t0 = time.perf_counter()
         for _ in range(args.rounds):
             for name, (fn, n) in readers.items():
-                t, c = time.perf_counter(), time.process_time()
+                t, c, k = time.perf_counter(), time.process_time(), children_cpu()
                 got = fn()
                 best[name] = min(best[name], time.perf_counter() - t)
                 cpu[name] = min(cpu[name], time.process_time() - c)
+                kids[name] = min(kids[name], children_cpu() - k)
                 assert got == n, (name, got, n)
         rate = {name: readers[name][1] / best[name] for name in readers}
+        groups = transfer_group(root, w), transfer_group(png_root, w)
     print(f"{args.samples} samples of two float32 modalities (1,024 and 256 values), batch {BATCH}, "
           f"shuffled epochs, best of {args.rounds} interleaved rounds ({time.perf_counter() - t0:.0f} s); "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
     print(f"build_dataset: {args.samples / t_build:.0f} samples/s")
-    print(f"  {'reader':<44} {'items/s':>10} {'main-process CPU us/item':>26}")
+    print(f"MidasLoader's groups with {w} workers: {groups[0]} batches per queue item "
+          f"(float32 data), {groups[1]} (PNG)")
+    print(f"  {'reader':<44} {'items/s':>10} {'CPU us/item: main':>18} {'workers':>8}")
     for name in readers:
-        print(f"  {name:<44} {rate[name]:>10.0f} {cpu[name] / readers[name][1] * 1e6:>26.1f}")
+        n = readers[name][1]
+        print(f"  {name:<44} {rate[name]:>10.0f} {cpu[name] / n * 1e6:>18.1f} {kids[name] / n * 1e6:>8.1f}")
     td0 = rate["TensorDataset + DataLoader, 0 workers"]
     none0, rand0 = rate["MidasDataset none, 0 workers"], rate["MidasDataset random, 0 workers"]
     print("ratios (same process):")
     print(f"  aligned 0 workers / TensorDataset 0 workers     {none0 / td0:6.3f}  (goal >= 0.25)")
     print(f"  random partners / aligned, 0 workers           {rand0 / none0:6.3f}  (goal >= 0.9)")
-    for pol in ("none", "random"):
-        base = rate[f"MidasDataset {pol}, 0 workers"]
-        print(f"  {pol:<6} {w} workers / 0 workers: as is {rate[f'MidasDataset {pol}, {w} workers'] / base:6.3f}, "
-              f"packed {rate[f'MidasDataset {pol}, {w} workers, packed'] / base:6.3f}  (goal >= 1.0)")
-    base = rate["PNG 64x64, 0 workers"]
-    print(f"  PNG    {w} workers / 0 workers: as is {rate[f'PNG 64x64, {w} workers'] / base:6.3f}, "
-          f"packed {rate[f'PNG 64x64, {w} workers, packed'] / base:6.3f}  (goal >= 1.6 on idle cores)")
-    print(f"  (on a busy machine the worker ratios say little; what bounds them on idle cores is the\n"
-          f"  main process's CPU per item with workers against the CPU per item without: PNG "
-          f"{cpu['PNG 64x64, 0 workers'] / args.png_samples * 1e6:.0f} us at 0 workers, "
-          f"{cpu[f'PNG 64x64, {w} workers, packed'] / args.png_samples * 1e6:.0f} us in the main "
-          f"process with {w} workers, packed)")
+    cores = min(w, os.cpu_count() or 1)
+
+    def bound(name: str, base: str) -> float:
+        """The ratio CPU time allows on `cores` idle cores: the CPU per item with workers
+        (main process and workers) spread over the cores, against the CPU per item of the
+        0-worker run (all in the main process). Latency (workers starting, an uneven tail)
+        comes on top."""
+        per = (cpu[name] + kids[name]) / readers[name][1]
+        return cores * cpu[base] / readers[base][1] / per if per > 0 else float("nan")
+
+    print(f"  {'':<32} {'grouped':>8} {'1 batch/item':>13} {'persistent':>11} "
+          f"{'CPU bound on ' + str(cores) + ' idle cores':>26}")
+    for label, pre in (("none", "MidasDataset none, "), ("random", "MidasDataset random, "),
+                       ("PNG", "PNG 64x64, ")):
+        base, grouped, single = f"{pre}0 workers", f"{pre}{w} workers", f"{pre}{w} workers, 1 batch/item"
+        kept = f"{pre}{w} workers, persistent"
+        goal = "(goal >= 1.6 on idle cores)" if label == "PNG" else "(goal >= 1.0)"
+        print(f"  {label:<6} {w} workers / 0 workers      {rate[grouped] / rate[base]:8.3f} "
+              f"{rate[single] / rate[base]:13.3f} {rate[kept] / rate[base]:11.3f} "
+              f"{bound(grouped, base):26.2f}  {goal}")
     print(f"  aligned 0 workers / webdataset                 {none0 / rate['webdataset, shard shuffle + 1000 buffer']:6.3f}")
     peers.print_ratios(rate, w)
 

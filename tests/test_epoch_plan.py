@@ -15,11 +15,13 @@ from midas_data.stream.epoch_plan import (
     batch_spans,
     epoch_order,
     fill_positions,
+    group_bounds,
     matched_order,
     num_batches,
     offset_after_step,
     partner_rng,
     worker_batches,
+    worker_groups,
 )
 
 N_VALUES = (0, 1, 2, 5, 17, 100, 101)
@@ -30,6 +32,7 @@ LAST_STEP_N = (*N_VALUES, 9, 13, 14, 15, 25, 26, 29)
 BATCH_SIZES = (1, 4, 7)
 WORLD_SIZES = (1, 2, 3)
 WORKER_COUNTS = (0, 1, 2, 3)
+GROUP_SIZES = (1, 2, 3, 16)  # batches per worker-queue item (MidasLoader's batches_per_transfer)
 FAST = settings(max_examples=60, deadline=None)
 
 
@@ -76,9 +79,13 @@ def round_robin(per_worker: list[list[np.ndarray]]) -> list[np.ndarray]:
     return out
 
 
-def read_rank(order, offset, b, world, rank, workers) -> list[np.ndarray]:
+def read_rank(order, offset, b, world, rank, workers, group: int = 1) -> list[np.ndarray]:
+    """``rank``'s batches as a DataLoader delivers them when each worker sends groups of
+    ``group`` batches as one queue item: it polls the workers' items in turn."""
     batches = rank_batches(order, offset, b, world, rank)
-    return round_robin([worker_batches(batches, w, workers) for w in range(max(workers, 1))])
+    per_worker = [[[batches[k] for k in g] for g in worker_groups(len(batches), w, workers, group)]
+                  for w in range(max(workers, 1))]
+    return [x for item in round_robin(per_worker) for x in item]
 
 
 def padded_rank_batches(order: np.ndarray, offset: int, batch_size: int, world_size: int,
@@ -292,16 +299,42 @@ def test_batch_spans_rejects_bad_arguments() -> None:
 
 
 def test_worker_round_robin_reproduces_rank_order() -> None:
-    for n, b, world, workers in itertools.product(
-        N_VALUES, BATCH_SIZES, WORLD_SIZES, WORKER_COUNTS
+    for n, b, world, workers, group in itertools.product(
+        N_VALUES, BATCH_SIZES, WORLD_SIZES, WORKER_COUNTS, GROUP_SIZES
     ):
         order = epoch_order(n, 3, 0)
         for rank in range(world):
             expected = rank_batches(order, 0, b, world, rank)
-            got = read_rank(order, 0, b, world, rank, workers)
+            got = read_rank(order, 0, b, world, rank, workers, group)
             assert len(got) == len(expected), "Missing samples: batch count differs"
             for x, y in zip(got, expected):
-                assert np.array_equal(x, y), f"Incorrect sample order with {workers} workers"
+                assert np.array_equal(x, y), (
+                    f"Incorrect sample order with {workers} workers, groups of {group}")
+
+
+def test_transfer_groups_cover_the_batches_in_order_and_grow_to_the_group_size() -> None:
+    """Groups are consecutive runs of batches, each batch in exactly one, dealt to the
+    workers in turn; a worker's first group holds one batch, round r holds min(G, 2**r)."""
+    for k, workers, group in itertools.product((0, 1, 2, 7, 40, 101), (0, 1, 2, 3), GROUP_SIZES):
+        bounds = group_bounds(k, workers, group)
+        case = f"K={k} workers={workers} G={group}"
+        assert bounds[0] == 0 and bounds[-1] == k and np.all(np.diff(bounds) >= 1), case
+        sizes = np.diff(bounds)
+        w = max(workers, 1)
+        want = np.minimum(group, 2 ** np.minimum(np.arange(len(sizes)) // w, 30))
+        assert np.array_equal(sizes[:-1], want[:-1]), case
+        assert not k or 1 <= sizes[-1] <= want[-1], case  # the last group may be short
+        per_worker = [worker_groups(k, i, workers, group) for i in range(w)]
+        dealt = [g for j in range(len(sizes)) for g in [per_worker[j % w][j // w]]]
+        assert [list(g) for g in dealt] == [list(range(lo, hi)) for lo, hi in zip(bounds, bounds[1:])], case
+        assert sorted(i for groups in per_worker for g in groups for i in g) == list(range(k)), case
+        for i in range(w):
+            assert worker_batches(list(range(k)), i, workers, group) == [
+                x for g in per_worker[i] for x in g], case
+    with pytest.raises(ValueError, match="group_size"):
+        group_bounds(5, 2, 0)
+    with pytest.raises(ValueError, match="worker_id"):
+        worker_groups(5, 2, 2, 3)
 
 
 # ---------------------------------------------------------------- resume
@@ -314,14 +347,15 @@ def test_resume_with_any_world_size_and_workers_continues_the_order() -> None:
             offset = min(steps * b * world, n)  # whole steps of the old world size
             done = np.concatenate([order[:0]] + global_batches(order, 0, b, world)[: steps * world])
             assert np.array_equal(done, order[:offset]), "Incorrect sample order before resume"
-            for new_world, workers in itertools.product(WORLD_SIZES, WORKER_COUNTS):
+            for new_world, workers, group in itertools.product(WORLD_SIZES, WORKER_COUNTS, (1, 3)):
                 per_rank = [
-                    read_rank(order, offset, b, new_world, r, workers) for r in range(new_world)
+                    read_rank(order, offset, b, new_world, r, workers, group) for r in range(new_world)
                 ]
                 assert len({len(x) for x in per_rank}) == 1, "Unequal batch counts after resume"
                 rest = [x for k in range(len(per_rank[0])) for x in (r[k] for r in per_rank)]
                 got = np.concatenate([order[:0], *rest])
-                case = f"n={n} B={b} W={world}->{new_world} offset={offset} workers={workers}"
+                case = (f"n={n} B={b} W={world}->{new_world} offset={offset} workers={workers} "
+                        f"G={group}")
                 assert_exactly_once(got, order[offset:], case)
                 assert np.array_equal(got, order[offset:]), f"Incorrect sample order ({case})"
 

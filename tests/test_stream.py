@@ -42,13 +42,14 @@ def uneven(tmp_path_factory) -> Path:
     return _dataset(tmp_path_factory.mktemp("stream") / "ds")
 
 
-def _epoch_batches(root, world, workers, batch_size=4, epoch=0, policy="random", **kw) -> list[list[dict]]:
-    """Per rank, the batches of one epoch."""
+def _epoch_batches(root, world, workers, batch_size=4, epoch=0, policy="random", *,
+                   per_transfer=None, **kw) -> list[list[dict]]:
+    """Per rank, the batches of one epoch (per_transfer: MidasLoader's batches_per_transfer)."""
     out = []
     for rank in range(world):
         ds = MidasDataset(root, batch_size=batch_size, rank=rank, world_size=world, policy=policy, **kw)
         ds.set_epoch(epoch)
-        out.append(list(MidasLoader(ds, num_workers=workers)))
+        out.append(list(MidasLoader(ds, num_workers=workers, batches_per_transfer=per_transfer)))
     return out
 
 
@@ -61,6 +62,21 @@ def _epoch_keys(root, world, workers, batch_size=4, epoch=0, policy="random", **
     """Per rank, the list of batches (lists of the real rows' keys) of one epoch."""
     return [[real_keys(b) for b in batches]
             for batches in _epoch_batches(root, world, workers, batch_size, epoch, policy, **kw)]
+
+
+def assert_same_batch(a: dict, b: dict, what: str) -> None:
+    """Every field of two stream batches is equal (tensors by value, NaN equal to NaN)."""
+    assert a.keys() == b.keys(), what
+    for name in a:
+        x, y = a[name], b[name]
+        if name == "inputs":
+            for m in x:
+                assert torch.equal(x[m], y[m]), f"{what}: inputs[{m}]"
+        elif isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(torch.nan_to_num(x, nan=-7.0),
+                                                      torch.nan_to_num(y, nan=-7.0)), f"{what}: {name}"
+        else:
+            assert x == y, f"{what}: {name}"
 
 
 def assert_fill_rows_masked(batch: dict) -> None:
@@ -97,6 +113,41 @@ def test_every_item_delivered_once_across_ranks_and_workers(uneven, world, worke
                 assert bool(b["valid"].all()) and len(b["key"]) == batch_size
     last_real = [int(batches[-1]["valid"].sum()) for batches in per_rank]
     assert max(last_real) - min(last_real) <= 1, f"uneven last step {last_real}"
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("workers,per_transfer", [(1, 4), (2, 1), (2, 2), (2, 16), (3, 3)])
+def test_batches_sent_in_groups_equal_the_in_process_batches(uneven, world, workers, per_transfer):
+    """Workers that send groups of consecutive batches as one queue item deliver the same
+    batches, field by field and in the same order, as in-process loading: exactly once,
+    equal batch counts per rank, the same fill rows, partners and resume states."""
+    ref = _epoch_batches(uneven, world, 0, batch_size=2, epoch=1)
+    got = _epoch_batches(uneven, world, workers, batch_size=2, epoch=1, per_transfer=per_transfer)
+    assert [len(b) for b in got] == [len(b) for b in ref], "unequal batch counts"
+    for rank, (want, have) in enumerate(zip(ref, got)):
+        for k, (a, b) in enumerate(zip(want, have)):
+            assert_same_batch(a, b, f"rank {rank} batch {k}")
+
+
+def test_loader_picks_the_transfer_group_from_the_decoded_batch_size(uneven, tmp_path):
+    from midas_data.dataset.transport import transfer_group_size
+
+    ds = MidasDataset(uneven, batch_size=2)
+    assert ds.row_bytes() == 64 + 40 * 2 + 4 * 4 + 3 * 4  # per-row fields + float32 [4] and [3]
+    assert MidasLoader(ds, num_workers=0).transfer_group() == 0  # in-process: nothing crosses
+    assert MidasLoader(ds, num_workers=2, batches_per_transfer=5).transfer_group() == 5
+    assert MidasLoader(ds, num_workers=2).transfer_group() == transfer_group_size(
+        2 * ds.row_bytes(), len(ds), 2)
+    text = tmp_path / "text"  # no fixed shape: the mean encoded sample size stands in
+    build_dataset([Sample(f"t{i}", i % 2, {"t": "word " * (i + 1)}, split="train") for i in range(8)],
+                  text, progress=False)
+    tds = MidasDataset(text, batch_size=2)
+    shards = [s for s in tds.ds.manifest["shards"] if s["split"] == "train"]
+    mean = sum(s["bytes"] for s in shards) // sum(s["count"] for s in shards)
+    assert tds.row_bytes() == 64 + 40 + mean
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="batches_per_transfer"):
+            MidasLoader(ds, num_workers=2, batches_per_transfer=bad)
 
 
 def test_order_does_not_depend_on_worker_count(uneven):
@@ -162,6 +213,33 @@ def test_resume_gives_identical_remaining_sequence(uneven, old_world, new_world,
     rest = [k for step in range(len(resumed[0])) for r in range(new_world) for k in resumed[r][step]]
     assert sorted(consumed) == sorted(full_seq[: len(consumed)])
     assert consumed + rest == full_seq, "Incorrect sample order after resume"
+
+
+@pytest.mark.parametrize("new_world,new_workers,new_per_transfer", [(1, 0, None), (2, 3, 2), (3, 2, 16)])
+def test_resume_from_inside_a_group_gives_identical_remaining_sequence(uneven, new_world, new_workers,
+                                                                       new_per_transfer):
+    """A state taken after a batch in the middle of a worker's group (the rest of the group
+    already in the main process) resumes to the identical remaining sequence with another
+    worker count, group size and world size."""
+    full = [k for b in _epoch_keys(uneven, 1, 0, batch_size=2, epoch=2)[0] for k in b]
+    loader = MidasLoader(MidasDataset(uneven, batch_size=2), num_workers=2, batches_per_transfer=4)
+    loader.dataset.set_epoch(2)
+    consumed = []
+    for b in loader:  # groups of 1, 1, 2, 2, 4, 4: batch 7 is the second of worker 0's third group
+        consumed.extend(real_keys(b))
+        if len(consumed) == 14:
+            break
+    state = loader.state_dict()
+    assert state["offset"] == 14
+    resumed = []
+    for r in range(new_world):
+        ds = MidasDataset(uneven, batch_size=2, rank=r, world_size=new_world)
+        ds.load_state_dict(json.loads(json.dumps(state)))
+        resumed.append([real_keys(b) for b in MidasLoader(ds, num_workers=new_workers,
+                                                          batches_per_transfer=new_per_transfer)])
+    assert len({len(b) for b in resumed}) == 1, "unequal batch counts after resume"
+    rest = [k for step in range(len(resumed[0])) for r in range(new_world) for k in resumed[r][step]]
+    assert consumed + rest == full, "Incorrect sample order after resume"
 
 
 def test_in_process_state_dict_tracks_consumed_items(uneven):
@@ -234,12 +312,14 @@ def test_materialize_misaligned_ignores_fill_rows(uneven):
     assert len(masked["anchor"]) < len(full["anchor"]) and bool(valid[rows].all())
 
 
-@pytest.mark.parametrize("workers", [0, 1, 2])
-def test_iterating_again_after_break_continues_from_the_consumed_batches(uneven, workers):
-    """A pass left early (break) continues where it stopped, for every worker count, as
-    state_dict() says; a pass run to its end rolls over to the next epoch."""
+@pytest.mark.parametrize("workers,per_transfer", [(0, None), (1, None), (2, None), (2, 3)])
+def test_iterating_again_after_break_continues_from_the_consumed_batches(uneven, workers, per_transfer):
+    """A pass left early (break) continues where it stopped, for every worker count (also
+    when the break falls inside a worker's group of batches), as state_dict() says; a pass
+    run to its end rolls over to the next epoch."""
     ref = _epoch_keys(uneven, 1, 0, batch_size=4, epoch=0)[0]
-    loader = MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=workers)
+    loader = MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=workers,
+                         batches_per_transfer=per_transfer)
     first = []
     for b in loader:
         first.append(real_keys(b))
@@ -254,9 +334,37 @@ def test_iterating_again_after_break_continues_from_the_consumed_batches(uneven,
     assert loader.dataset.epoch == 1 and again == _epoch_keys(uneven, 1, 0, epoch=1)[0]
 
 
-def test_loader_refuses_persistent_workers(uneven):
-    with pytest.raises(ValueError, match="persistent_workers"):
-        MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=1, persistent_workers=True)
+def test_persistent_workers_follow_the_loaders_epoch_offset_and_resume(uneven):
+    """Workers kept across passes (no fork per pass) take each pass's epoch and offset from
+    the loader: whole epochs, a pass left early and continued, set_epoch and
+    load_state_dict all give what fresh in-process loading gives."""
+    def keys(loader) -> list[list[str]]:
+        return [real_keys(b) for b in loader]
+
+    def epoch(e: int, state: dict | None = None) -> list[list[str]]:
+        ds = MidasDataset(uneven, batch_size=2)
+        ds.set_epoch(e)
+        if state is not None:
+            ds.load_state_dict(state)
+        return keys(MidasLoader(ds, num_workers=0))
+
+    loader = MidasLoader(MidasDataset(uneven, batch_size=2), num_workers=2, persistent_workers=True,
+                         batches_per_transfer=3)
+    assert [keys(loader) for _ in range(2)] == [epoch(0), epoch(1)]  # rolls over each pass
+    first = []
+    for b in loader:  # epoch 2, left inside a worker's group
+        first.append(real_keys(b))
+        if len(first) == 7:
+            break
+    assert loader.state_dict()["offset"] == 14
+    assert first + keys(loader) == epoch(2), "the pass after break did not continue"
+    loader.dataset.set_epoch(9)
+    assert keys(loader) == epoch(9)
+    state = {"seed": 0, "epoch": 4, "offset": 20, "num_samples": 61, "policy": "random"}
+    loader.load_state_dict(state)
+    assert keys(loader) == epoch(4, state)
+    fresh = MidasLoader(MidasDataset(uneven, batch_size=2), num_workers=2)
+    assert keys(fresh) == epoch(0) and fresh._pass_state is None  # workers forked afresh
 
 
 def test_resume_state_from_other_dataset_is_refused(uneven, tmp_path):
@@ -286,11 +394,31 @@ def test_corrupt_shard_mid_epoch_names_shard_and_key(tmp_path):
     assert shard in str(e.value) and "s0030" in str(e.value) and "'a'" in str(e.value)
 
 
-def test_skip_mode_reports_what_it_skipped_and_keeps_the_rest(tmp_path):
+def test_corrupt_shard_inside_a_group_fails_at_the_groups_turn(tmp_path):
+    """A damaged batch inside a worker's group of batches: the loader delivers every batch
+    before that group, in order, then raises naming the key, and nothing after it, so the
+    consumed position (and a resume from it) stays a prefix of the order."""
+    root = _dataset(tmp_path / "ds")
+    clean = [b["key"] for b in MidasLoader(MidasDataset(root, batch_size=2), num_workers=0)]
+    # groups of 1, 1, 2, 2, 4, 4 batches: batch 8 is the third of worker 0's group 6..9
+    _flip_payload_byte(root, clean[8][0])
+    loader = MidasLoader(MidasDataset(root, batch_size=2), num_workers=2, batches_per_transfer=4)
+    got = []
+    with pytest.raises(CorruptShardError) as e:
+        for b in loader:
+            got.append(b["key"])
+    assert got == clean[:6], "batches out of order, or after the damaged one, were delivered"
+    assert loader.state_dict()["offset"] == 12
+    assert clean[8][0] in str(e.value) and "'a'" in str(e.value)
+
+
+@pytest.mark.parametrize("per_transfer", [None, 3])
+def test_skip_mode_reports_what_it_skipped_and_keeps_the_rest(tmp_path, per_transfer):
     root = _dataset(tmp_path / "ds")
     _flip_payload_byte(root, "s0030")
     keys, skipped = [], []
-    for b in MidasLoader(MidasDataset(root, batch_size=4, on_error="skip"), num_workers=2):
+    for b in MidasLoader(MidasDataset(root, batch_size=4, on_error="skip"), num_workers=2,
+                         batches_per_transfer=per_transfer):
         keys.extend(real_keys(b))
         skipped.extend(b["skipped"])
     assert skipped == ["s0030"]

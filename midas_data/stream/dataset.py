@@ -4,7 +4,7 @@ It yields whole batches (use it with `DataLoader(ds, batch_size=None, num_worker
 `MidasLoader`), because exactly-once delivery with equal batch counts per rank is decided
 per batch: every rank and worker recomputes the epoch plan from (seed, epoch) and keeps
 its own batches (`midas_data.stream.epoch_plan`: `batch_spans` for the rank,
-`worker_batches` for the worker, `offset_after_step` for the resume state). Which row
+`worker_groups` for the worker, `offset_after_step` for the resume state). Which row
 lends each anchor its swapped modality is the partner policy's job
 (`midas_data.stream.partners`); misaligned samples are expressed by an in-batch partner
 index per swapped modality (`partner[b, m]`), the paper's in-batch construction, so a
@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from midas_data.dataset.reader import Dataset, open_dataset
-from midas_data.dataset.transport import pack_batch, torch_batch, unpack_batch
+from midas_data.dataset.transport import pack_batch, torch_batch, transfer_group_size, unpack_batch
 from midas_data.distributed import rank_and_world_size
 from midas_data.errors import CorruptShardError, MidasDataError, SchemaError, where
 from midas_data.features.tables import read_features
@@ -109,7 +109,8 @@ class MidasDataset(IterableDataset):
         self.shuffle, self.transform, self.on_error = shuffle, transform, on_error
         self._rank, self._world = rank, world_size
         self.epoch, self.offset = 0, 0
-        self._pack_in_workers = False  # set by MidasLoader while it starts its workers
+        self._transfer_group = 0  # batches per worker-queue item; set by MidasLoader for its workers
+        self._pass_state: torch.Tensor | None = None  # persistent workers: [epoch, offset, group]
         self._exhausted = False  # set when an iteration ran to the end of the epoch
         self.features = None
         feat_path = self.root / "features" / f"{split}.arrow"
@@ -170,6 +171,8 @@ class MidasDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is None:
             self.begin_epoch()
+        elif self._pass_state is not None:  # a persistent worker: this pass's position, from the loader
+            self.epoch, self.offset, self._transfer_group = (int(v) for v in self._pass_state.tolist())
         order, partner_of = self.partners.order(self.seed, self.epoch)
         start, n, paired = self.offset, len(order), self.partners.paired
         spans = plan.batch_spans(n, start, self.batch_size, world, rank, self.drop_last,
@@ -182,22 +185,56 @@ class MidasDataset(IterableDataset):
             extra = fill if k == len(spans) - 1 else fill[:0]  # fill pads only the final batch
             return np.concatenate([order[lo:hi], order[extra]])
 
-        mine = plan.worker_batches(range(len(spans)), worker, workers)
+        # In a MidasLoader worker, groups of consecutive batches cross the worker queue as one
+        # packed buffer each (midas_data.dataset.transport); a plain DataLoader's worker, or
+        # the main process, yields plain dicts one batch at a time.
+        grouped = info is not None and self._transfer_group > 0
+        groups = plan.worker_groups(len(spans), worker, workers, self._transfer_group if grouped else 1)
         if hasattr(self.reader, "plan_reads"):  # remote root: fetch this worker's shards ahead
-            self.reader.plan_reads([rows_of(k) for k in mine])
-        for k in mine:
+            self.reader.plan_reads([rows_of(k) for group in groups for k in group])
+
+        def build(k: int) -> dict:
             lo, hi = (int(v) for v in spans[k])
             batch = self._make_batch(rows_of(k), hi - lo, partner_of, lo)
             offset = plan.offset_after_step(n, start, self.batch_size, world, k)
             batch["stream_state"] = {"seed": self.seed, "epoch": self.epoch, "offset": offset}
-            if info is None:
-                self.offset = offset
-            # In a MidasLoader worker, one shared-memory segment per batch instead of one per
-            # tensor (see midas_data.dataset.transport); a plain DataLoader gets the dict.
-            yield pack_batch(batch) if info is not None and self._pack_in_workers else batch
+            return batch
+
+        for group in groups:
+            if not grouped:
+                for k in group:
+                    batch = build(k)
+                    if info is None:
+                        self.offset = batch["stream_state"]["offset"]
+                    yield batch
+                continue
+            # A batch that fails (a damaged shard) fails its whole group: the loader raises
+            # at the group's turn, after every earlier batch, so the consumed position stays
+            # a prefix of the order (sending the group's first batches alone would let the
+            # next worker's group overtake the failed batch).
+            yield pack_batch([build(k) for k in group])
         if info is None:
             self.offset = n  # epoch done (items dropped by drop_last included)
             self._exhausted = True
+
+    def row_bytes(self) -> int:
+        """About how many bytes one row of a batch holds once decoded: exact for the
+        fixed-shape modalities (tensors, images), the mean encoded sample size of the split's
+        shards for the others (text, audio), plus the per-row fields. Sizes the groups of
+        batches that MidasLoader's workers send at once."""
+        total, unknown = 64 + 40 * len(self.modalities), False
+        for m in self.modalities:
+            spec = self.ds.schema[m]
+            shape = spec.get("shape")
+            if spec["kind"] == "text" or not shape or None in shape:
+                unknown = True
+            else:
+                total += int(np.prod(shape)) * np.dtype(spec["dtype"]).itemsize
+        if unknown:
+            shards = [s for s in self.ds.manifest.get("shards", ()) if s.get("split") == self.split]
+            count = sum(int(s.get("count", 0)) for s in shards)
+            total += sum(int(s.get("bytes", 0)) for s in shards) // max(count, 1)
+        return total
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -380,30 +417,62 @@ class MidasLoader(DataLoader):
     Iterating again after leaving a pass early (`break`) continues from the batches consumed,
     for every num_workers, as `state_dict()` reports; a pass run to its end rolls over to
     the next epoch. Workers are started afresh for every pass (they copy the dataset's
-    epoch and offset then), so `persistent_workers=True` is refused.
+    epoch and offset then) unless `persistent_workers=True`: then they stay up across
+    passes and take each pass's epoch, offset and group size from the loader through a
+    small shared-memory tensor, written before the pass starts (no fork per pass).
+
+    batches_per_transfer: with workers, each worker sends groups of this many consecutive
+    batches of its share as one item of the worker queue (one packed buffer; the loader
+    splits it back into batches), because the queue costs the main process about a
+    millisecond per item whatever its size. None (default) picks it from the decoded batch
+    size (`transfer_group_size`): groups of about `TRANSFER_BYTES`, at most
+    `MAX_TRANSFER_GROUP` batches, 1 for batches that large. A worker's first groups are
+    smaller (1, 2, 4, ... batches), so the first batch comes as soon as one is built. The
+    batches and their order are the same for any value.
     """
 
-    def __init__(self, dataset: MidasDataset, num_workers: int = 0, **kwargs):
-        if kwargs.get("persistent_workers"):
-            raise ValueError("MidasLoader starts its workers afresh for every pass so that they see "
-                             "set_epoch() and the resume offset; leave persistent_workers=False")
+    def __init__(self, dataset: MidasDataset, num_workers: int = 0, *,
+                 batches_per_transfer: int | None = None, **kwargs):
+        if batches_per_transfer is not None and (isinstance(batches_per_transfer, bool)
+                                                 or int(batches_per_transfer) != batches_per_transfer
+                                                 or batches_per_transfer < 1):
+            raise ValueError(f"batches_per_transfer must be an integer >= 1 or None (automatic), "
+                             f"got {batches_per_transfer!r}")
+        self.batches_per_transfer = batches_per_transfer
         super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
+        # Persistent workers copied the dataset once; each pass's position reaches them here.
+        self._pass_state = (torch.zeros(3, dtype=torch.int64).share_memory_()
+                            if self.persistent_workers else None)
+
+    def transfer_group(self) -> int:
+        """Batches per worker-queue item for the next pass (0 without workers)."""
+        if self.num_workers == 0:
+            return 0
+        if self.batches_per_transfer is not None:
+            return int(self.batches_per_transfer)
+        ds: MidasDataset = self.dataset  # type: ignore[assignment]
+        return transfer_group_size(ds.batch_size * ds.row_bytes(), len(ds), self.num_workers)
 
     def __iter__(self):
         ds: MidasDataset = self.dataset  # type: ignore[assignment]
         ds.begin_epoch()  # before workers copy it
-        ds._pack_in_workers = self.num_workers > 0
+        ds._transfer_group = self.transfer_group()
+        if self._pass_state is not None:  # before the workers are told to start the pass
+            self._pass_state.copy_(torch.tensor([ds.epoch, ds.offset, ds._transfer_group]))
+            ds._pass_state = self._pass_state
         try:
-            batches = super().__iter__()
+            items = super().__iter__()
         finally:
-            ds._pack_in_workers = False  # the dataset's own iteration (and plain DataLoaders) gets dicts
-        for batch in batches:
-            batch = unpack_batch(batch)
-            # The consumed position lives in the dataset, whatever process built the batch, so
-            # a pass left early continues from here and state_dict() reports the same point.
-            state = batch["stream_state"]
-            ds.epoch, ds.offset = int(state["epoch"]), int(state["offset"])
-            yield batch
+            # the dataset's own iteration (and plain DataLoaders) gets dicts, at its own position
+            ds._transfer_group, ds._pass_state = 0, None
+        for item in items:
+            batches = unpack_batch(item)  # a worker's group of batches, or one in-process batch
+            for batch in batches if isinstance(batches, list) else (batches,):
+                # The consumed position lives in the dataset, whatever process built the batch,
+                # so a pass left early continues from here and state_dict() reports the same point.
+                state = batch["stream_state"]
+                ds.epoch, ds.offset = int(state["epoch"]), int(state["offset"])
+                yield batch
         ds.offset, ds._exhausted = len(ds.reader), True  # epoch finished
 
     def __len__(self) -> int:

@@ -26,7 +26,8 @@ size or worker count.
 What the stream (`midas_data.stream.dataset`) calls on every pass: its partner policy's
 order (:func:`epoch_order`, or :func:`matched_order` for the paired policies), then
 :func:`batch_spans` for its rank (and :func:`fill_positions` for the rows that pad its
-final batch), :func:`worker_batches` for its DataLoader worker, :func:`offset_after_step`
+final batch), :func:`worker_groups` for its DataLoader worker (groups of consecutive
+batches that cross the worker queue as one item), :func:`offset_after_step`
 for the resume state saved with each batch, and per batch
 :func:`partner_rng` and :func:`assign_partners`. :func:`num_batches` is its ``len``.
 """
@@ -170,18 +171,53 @@ def offset_after_step(n: int, offset: int, batch_size: int, world_size: int, ste
     return min(int(offset) + (int(step) + 1) * int(batch_size) * int(world_size), int(n))
 
 
-def worker_batches(batches: Sequence[T], worker_id: int, num_workers: int) -> list[T]:
-    """Batches of one DataLoader worker: batch k goes to worker ``k % num_workers``.
+def worker_batches(batches: Sequence[T], worker_id: int, num_workers: int,
+                   group_size: int = 1) -> list[T]:
+    """Batches of one DataLoader worker, in the order it builds them: the concatenation of
+    its :func:`worker_groups` (with ``group_size=1``: batch k goes to worker
+    ``k % num_workers``).
 
     The stream passes ``range(K)`` (the indices of its rank's :func:`batch_spans`) and
     builds batch k from ``spans[k]``.
     ``num_workers=0`` (in-process loading) counts as one worker. torch's DataLoader polls
     workers round-robin, so the rank's output order equals ``batches`` for any count.
     """
+    return [batches[k] for group in worker_groups(len(batches), worker_id, num_workers, group_size)
+            for k in group]
+
+
+def group_bounds(num_batches_: int, num_workers: int, group_size: int) -> np.ndarray:
+    """Where the transfer groups of a rank's ``num_batches_`` batches start and end, int64
+    [G + 1]: group j holds batches ``[bounds[j], bounds[j+1])`` and goes to worker
+    ``j % num_workers``, which sends it across the worker queue as one item.
+
+    Groups of round r (groups ``r*workers ... (r+1)*workers - 1``) hold
+    ``min(group_size, 2**r)`` batches: the first batch of every worker comes alone, so the
+    first batch is not held back while a worker builds a whole group, and the groups grow
+    to ``group_size``. Consecutive groups cover consecutive batches, so polling the workers
+    in turn yields the batches in order."""
+    _check_nonneg(num_batches=num_batches_)
+    workers, size = max(int(num_workers), 1), int(group_size)
+    if size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    sizes: list[int] = []
+    total = 0
+    while total < num_batches_:
+        sizes.append(min(size, 1 << min(len(sizes) // workers, 30)))
+        total += sizes[-1]
+    ends = np.minimum(np.cumsum(sizes, dtype=np.int64), num_batches_)
+    return np.concatenate([np.zeros(1, np.int64), ends])
+
+
+def worker_groups(num_batches_: int, worker_id: int, num_workers: int,
+                  group_size: int = 1) -> list[range]:
+    """The groups of batch indices (``0..num_batches_-1``) that one DataLoader worker
+    builds and sends, one queue item per group (:func:`group_bounds`)."""
     workers = max(int(num_workers), 1)
     if not 0 <= worker_id < workers:
         raise ValueError(f"worker_id must be in [0, {workers}), got {worker_id}")
-    return list(batches[worker_id::workers])
+    bounds = group_bounds(num_batches_, workers, group_size)
+    return [range(int(bounds[j]), int(bounds[j + 1])) for j in range(worker_id, len(bounds) - 1, workers)]
 
 
 def partner_rng(seed: int, epoch: int, first_item_offset: int) -> np.random.Generator:

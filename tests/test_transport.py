@@ -1,0 +1,107 @@
+"""The worker-queue transport: groups of batches packed into one shared buffer, and the
+automatic group size (midas_data.dataset.transport)."""
+
+from __future__ import annotations
+
+import pickle
+from multiprocessing.reduction import ForkingPickler
+
+import pytest
+import torch
+import torch.multiprocessing  # noqa: F401  (registers torch's reductions for the queue's pickler)
+
+from midas_data.dataset.transport import (
+    MAX_TRANSFER_GROUP,
+    TRANSFER_BYTES,
+    PackedBatch,
+    pack_batch,
+    transfer_group_size,
+    unpack_batch,
+)
+
+
+def _batch(i: int) -> dict:
+    g = torch.Generator().manual_seed(i)
+    return {"key": [f"k{i}a", f"k{i}b"], "label": torch.tensor([i, i + 1]),
+            "inputs": {"x": torch.randn(2, 3, 5, generator=g)[:, :, ::2], "t": ["s1", "s2"],
+                       "h": torch.randn(2, 4, generator=g).to(torch.bfloat16),
+                       "u": torch.randint(0, 255, (2, 7), generator=g, dtype=torch.uint8)},
+            "valid": torch.tensor([True, False]), "conf": torch.tensor([[float("nan"), 0.5]] * 2),
+            "empty": torch.zeros(0, 3), "skipped": [], "stream_state": {"offset": 2 * i + 2}}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+                and torch.equal(torch.nan_to_num(a.float(), nan=-7.0), torch.nan_to_num(b.float(), nan=-7.0)))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def test_a_group_of_batches_packs_into_one_shared_buffer_and_unpacks_to_equal_batches():
+    group = [_batch(i) for i in range(3)]
+    packed = pack_batch(group)
+    assert isinstance(packed, PackedBatch)
+    assert packed.buf.is_shared(), "the buffer must be made in shared memory, not copied into it"
+    for via in (ForkingPickler.dumps, pickle.dumps):  # the worker queue's pickler, and plain pickle
+        got = unpack_batch(pickle.loads(via(packed)))
+        assert isinstance(got, list) and len(got) == 3
+        assert all(_same(a, b) for a, b in zip(group, got))
+        ptrs = {t.untyped_storage().data_ptr() for b in got
+                for t in (b["label"], b["valid"], *(v for v in b["inputs"].values() if isinstance(v, torch.Tensor)))}
+        assert len(ptrs) == 1, "every tensor of the group is a view of one buffer"
+        for b in got:
+            for t in (b["label"], b["conf"], b["inputs"]["x"], b["inputs"]["h"]):
+                assert t.is_contiguous()
+    got = unpack_batch(pickle.loads(ForkingPickler.dumps(packed)))
+    got[0]["label"][0] = 99  # writable views, each over its own bytes
+    assert got[0]["label"].tolist() == [99, 1] and got[1]["label"].tolist() == [1, 2]
+
+
+def test_transfer_group_size_fills_the_byte_budget_and_keeps_workers_balanced():
+    many = 10_000  # batches in a pass: balance does not bind
+    assert transfer_group_size(TRANSFER_BYTES // 5, many, 2) == 5
+    assert transfer_group_size(100, many, 2) == MAX_TRANSFER_GROUP
+    assert transfer_group_size(TRANSFER_BYTES + 1, many, 2) == 1  # a large batch goes alone
+    assert transfer_group_size(0, many, 2) == MAX_TRANSFER_GROUP
+    assert transfer_group_size(100, 64, 2) == 4  # every worker gets at least eight groups
+    assert transfer_group_size(100, 64, 0) == 8
+    assert transfer_group_size(100, 3, 4) == 1
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_groups_cross_dataloader_workers_in_order(n):
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Groups(IterableDataset):
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            for j in range(info.id, 6, info.num_workers):
+                yield pack_batch([_batch(j * n + i) for i in range(n)])
+
+    got = [b for item in DataLoader(Groups(), batch_size=None, num_workers=2) for b in unpack_batch(item)]
+    assert [b["stream_state"]["offset"] for b in got] == [2 * i + 2 for i in range(6 * n)]
+    assert all(_same(b, _batch(i)) for i, b in enumerate(got))
+
+
+def test_packing_without_shared_memory_or_madvise_falls_back_to_equal_batches(monkeypatch):
+    """Where pages cannot be faulted in at once (no madvise), or torch cannot make shared
+    memory, packing still gives the same batches (a private buffer the queue shares itself)."""
+    from midas_data.dataset import transport
+
+    group = [_batch(i) for i in range(2)]
+    monkeypatch.setattr(transport, "_madvise", False)
+    packed = pack_batch(group)
+    assert packed.buf.is_shared()
+    assert all(_same(a, b) for a, b in zip(group, unpack_batch(pickle.loads(ForkingPickler.dumps(packed)))))
+
+    def no_shm(n):
+        raise RuntimeError("unable to open shared memory object")
+
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared", no_shm)
+    packed = pack_batch(group)
+    assert not packed.buf.is_shared()
+    assert all(_same(a, b) for a, b in zip(group, unpack_batch(pickle.loads(ForkingPickler.dumps(packed)))))
