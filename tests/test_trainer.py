@@ -113,6 +113,17 @@ def test_same_seed_gives_identical_losses_and_metrics(dataset, baseline, tmp_pat
     assert all(math.isfinite(v) for v in uni) and uni[-1] < uni[0]
 
 
+def test_persistent_workers_train_exactly_as_in_process(dataset, baseline, tmp_path):
+    """With workers the trainer keeps them up across epochs; each epoch still gets the same
+    batches in the same order, so a 3-epoch run ends where the in-process baseline ended."""
+    results = train(dataset, tmp_path, mfeat_config(num_workers=2), progress=False, plots=False)
+    got, want = strip_times(results), strip_times(baseline[1])
+    assert got.pop("config")["num_workers"] == 2
+    want.pop("config")
+    assert got == want
+    assert strip_times(read_metrics(tmp_path)) == strip_times(read_metrics(baseline[0]))
+
+
 class Killed(Exception):
     pass
 

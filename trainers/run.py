@@ -120,7 +120,9 @@ def _train(root: str | Path, out: Path, config: TrainConfig, resume: bool, progr
     stream = MidasDataset(root, "train", batch_size=config.batch_size, seed=config.seed,
                           modalities=mods, **config.partner_options())
     policy = stream.policy  # none unless method is midas
-    loader = MidasLoader(stream, num_workers=config.num_workers)
+    # Workers stay up across epochs (each epoch's plan reaches them without a fork).
+    loader = MidasLoader(stream, num_workers=config.num_workers,
+                         persistent_workers=config.num_workers > 0)
     held_out = {s: MidasDataset(root, s, batch_size=config.eval_batch_size, policy="none",
                                 shuffle=False, modalities=mods, rank=0, world_size=1)
                 for s in ("val", "test")}
