@@ -80,7 +80,7 @@ def test_misaligned_index_of_an_empty_batch_is_empty():
     assert all(len(t) == 0 for t in idx)
 
 
-@pytest.mark.parametrize("missing", [0.0, 0.25])
+@pytest.mark.parametrize("missing", [0.0, 0.25, 1.0])
 def test_swapped_joined_equals_gathered_features_forward_and_backward(missing):
     """One gather from the concatenated features = per-modality gathers then cat, for the
     values and for the gradient that reaches each modality's features."""
@@ -139,7 +139,7 @@ def _plain_midas_loss(model: MultimodalModel, batch: dict, alpha: float, weak: i
     return F.cross_entropy(fused, y) + uni_ce + lam * l_mis
 
 
-@pytest.mark.parametrize("missing", [0.0, 0.3])
+@pytest.mark.parametrize("missing", [0.0, 0.3, 1.0])
 def test_train_step_loss_and_update_equal_the_plain_formulation(missing):
     """train_step's loss and the parameters after its update equal, bit for bit, those of
     the plain formulation above (same model, same batch, same optimizer step)."""

@@ -224,4 +224,4 @@ def swapped_joined(joined: Tensor, index: MisalignedIndex) -> Tensor:
     advanced indexing's; both add each row's gradients in row order, so the sums are equal).
     """
     n, M = index.flat.shape
-    return joined.reshape(-1, joined.shape[1] // M).index_select(0, index.flat.reshape(-1)).view(n, -1)
+    return joined.reshape(-1, joined.shape[1] // M).index_select(0, index.flat.reshape(-1)).view(n, joined.shape[1])
