@@ -1,8 +1,10 @@
 """Cost of a MIDAS training step against a Joint step, same model, same batches, same run.
 
 MIDAS swaps encoder *features* inside the batch, so its extra work over Joint is the fused
-head on the 2B misaligned rows plus the loss bookkeeping; the target is a per-sample time
-ratio MIDAS / Joint <= 1.5. Two cases:
+head on the 2B misaligned rows (forward and backward), the unimodal losses' gradient into
+the encoders, and the loss bookkeeping (source labels and confidences, hard-sample weights,
+the soft-label cross-entropy, the alpha statistics); the target is a per-sample time ratio
+MIDAS / Joint <= 1.2. Two cases:
 - mfeat fac+mor (216-d and 6-d views, MLP encoders in -> 128 -> 64): the cheapest encoders,
   where any per-step overhead shows most;
 - a ResNet-18 on a synthetic spectrogram [1, 64, 64] plus an MLP on a 32-d vector: the
@@ -29,6 +31,7 @@ from midas_data.trainers.models import MultimodalModel
 from midas_data.stream.epoch_plan import assign_partners, partner_rng
 
 BATCH = 64
+TARGET = 1.2  # MIDAS / Joint time per step
 
 
 def make_batches(inputs: dict[str, np.ndarray], labels: np.ndarray, count: int, seed: int = 0) -> list[dict]:
@@ -46,7 +49,8 @@ def make_batches(inputs: dict[str, np.ndarray], labels: np.ndarray, count: int, 
 def compare(name: str, model: MultimodalModel, batches: list[dict], device: torch.device,
             reps: int) -> float:
     """Steps of Joint and MIDAS alternate batch by batch, so that both see the same machine
-    load; the ratio is of the median step times."""
+    load; the ratio is of the median step times. The ratio of median process CPU times is
+    printed beside it: on a shared machine it leaves out the time spent waiting for a core."""
     info = DistInfo(0, 1, device, False)
     arms = {}
     for method in ("joint", "midas"):
@@ -56,22 +60,25 @@ def compare(name: str, model: MultimodalModel, batches: list[dict], device: torc
         set_weak(tracker, [0.9, 0.4])  # weak = modality 1, as after warm-up
         arms[method] = (m, torch.optim.Adam(m.parameters(), lr=cfg.lr), cfg, RunState(), tracker)
     times: dict[str, list[float]] = {m: [] for m in arms}
+    cpu: dict[str, list[float]] = {m: [] for m in arms}
     for rep in range(reps + 1):
         for b in batches:
             for method, (m, opt, cfg, run, tracker) in arms.items():
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 train_step(m, b, opt, cfg, run, tracker, info)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 if rep:  # the first pass warms caches and the allocator
                     times[method].append(time.perf_counter() - t)
+                    cpu[method].append(time.process_time() - c)
     joint, midas = (statistics.median(times[m]) for m in ("joint", "midas"))
     ratio = midas / joint
+    cpu_ratio = statistics.median(cpu["midas"]) / statistics.median(cpu["joint"])
     print(f"{name:36s} joint {joint * 1e3:8.3f} ms/step ({joint / BATCH * 1e6:7.1f} us/sample)  "
           f"midas {midas * 1e3:8.3f} ms/step ({midas / BATCH * 1e6:7.1f} us/sample)  "
-          f"ratio {ratio:.3f} {'ok' if ratio <= 1.5 else 'OVER 1.5'}")
+          f"ratio {ratio:.3f} {'ok' if ratio <= TARGET else f'OVER {TARGET}'} (cpu time {cpu_ratio:.3f})")
     return ratio
 
 
@@ -102,7 +109,7 @@ def main() -> None:
                            {"spec": (1, 64, 64), "vec": (32,)}, 10, 512,
                            encoders={"spec": "resnet18", "vec": "mlp"})
     r2 = compare("ResNet-18 spectrogram [1,64,64]+MLP", conv, make_batches(spec, y, 2), device, 3)
-    raise SystemExit(0 if max(r1, r2) <= 1.5 else 1)
+    raise SystemExit(0 if max(r1, r2) <= TARGET else 1)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ MIDAS math (confidences, soft labels, modality and hard weights, the alpha step)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from midas_data.loss import (
     aligned_loss,
     authors_alpha_update,
     direction_sums,
-    hard_sample_weight,
+    in_batch_hard_weight,
     midas_total_loss,
     misaligned_loss,
     modality_weights,
@@ -45,6 +46,7 @@ from midas_data.stream.dataset import MidasLoader
 
 from .config import TrainConfig
 from .distributed import DistInfo, all_sum, all_sum_named
+from .models import MisalignedIndex
 
 ALPHA_CHUNK = 16  # batches of misaligned rows per `accumulate` call (epoch-mode alpha)
 
@@ -90,7 +92,7 @@ class EpochTracker:
             self.alpha_stats = AlphaStats(**self.alpha_stats)
 
     def add_alpha_rows(self, *rows: Tensor) -> None:
-        self.pending.append([t.detach() for t in rows])
+        self.pending.append([t.detach() if t.requires_grad else t for t in rows])
         if len(self.pending) >= ALPHA_CHUNK:  # a fixed chunking: resumed runs sum identically
             self.flush_alpha_rows()
 
@@ -112,6 +114,27 @@ def is_warmup(config: TrainConfig, epoch: int) -> bool:
 def set_weak(tracker: EpochTracker, mean_conf: list[float]) -> None:
     """The weak modality has the lowest mean confidence; the strong one the highest other."""
     tracker.weak, tracker.strong = weak_and_strong(mean_conf)
+
+
+@functools.lru_cache(maxsize=8)
+def _modality_weights(num_modalities: int, weak: int, alpha: float, device: torch.device) -> Tensor:
+    """`modality_weights` on the device, built once per (weak, alpha) rather than per step."""
+    return modality_weights(num_modalities, weak, alpha).to(device)
+
+
+def _swapped_hard_weight(out: dict, idx: MisalignedIndex) -> Tensor:
+    """`hard_sample_weight(feats[m][b], feats[m][src])` of every misaligned row (b, m, src).
+
+    The batch's features (all of one width D) are read as one [B * M, D] matrix in idx's flat
+    layout, the model's concatenated `joined` features when it returns them, so that each
+    feature row is normalised once and nothing is gathered twice."""
+    feats = out["feats"]
+    joined = out.get("joined")
+    if joined is None:
+        joined = torch.stack(feats, dim=1)
+    flat = joined.detach().reshape(-1, feats[0].shape[1])
+    whole = len(idx.anchor_flat) == len(flat)  # every (b, m) in order: the anchor rows are 0..N-1
+    return in_batch_hard_weight(flat, None if whole else idx.anchor_flat, idx.source_flat)
 
 
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
@@ -153,13 +176,12 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
         mis = None
         if use_mis:
             idx = out["mis_index"]  # row n: anchor idx.b[n], modality idx.m[n] from row idx.src[n]
-            src_labels = y[idx.rows]  # [N, M] label of each modality's source (real rows only)
-            src_conf = all_conf[idx.rows, torch.arange(M, device=y.device)]  # its c^m
+            src_labels = y.take(idx.rows)  # [N, M] label of each modality's source (real rows only)
+            src_conf = all_conf.take(idx.flat)  # its c^m: all_conf[idx.rows, k], [B, M] read as [B * M]
             h = None
             if config.hard_weighting:  # cosine on the swapped modality's features
-                feats = torch.stack(out["feats"])  # [M, B, D]
-                h = hard_sample_weight(feats[idx.m, idx.b], feats[idx.m, idx.src])
-            a = modality_weights(M, tracker.weak, run.alpha).to(y.device)
+                h = _swapped_hard_weight(out, idx)
+            a = _modality_weights(M, tracker.weak, run.alpha, y.device)
             mis = misaligned_loss(out["mis"], src_labels, normalised_confidences(src_conf), a, h)
             w, s_ = tracker.weak, tracker.strong
             rows = (out["mis"], src_labels[:, s_], src_labels[:, w], src_conf[:, s_], src_conf[:, w])

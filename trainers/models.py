@@ -10,6 +10,7 @@ runs through the wrapped module's forward.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -118,8 +119,9 @@ class MultimodalModel(nn.Module):
                 fused: bool = True, detach_unimodal: bool = False) -> dict:
         """One pass for a training step.
 
-        Returns {'feats': [M x [B, D]], 'uni': [M x [B, C]], 'fused': [B, C] or None,
-        'mis': [N, C] fused logits of the misaligned rows or None, 'mis_index': (b, m, src)}.
+        Returns {'feats': [M x [B, D]], 'joined': [B, M * D] (the feats concatenated, the
+        fused head's input) or None, 'uni': [M x [B, C]], 'fused': [B, C] or None, 'mis': [N, C]
+        fused logits of the misaligned rows or None, 'mis_index': `MisalignedIndex` or None}.
         `partner` [B, M] (the stream's in-batch partners) adds the N misaligned rows; row
         (b, m) takes modality m's features from row partner[b, m]. `fused=False` skips the
         fused head (warm-up: DDP must not see a head that gets no gradient). `detach_unimodal`
@@ -132,11 +134,12 @@ class MultimodalModel(nn.Module):
             return {"zero": sum((p * 0).sum() for mod in used for p in mod.parameters())}
         feats = self.encode(inputs)
         uni = self.unimodal_logits([f.detach() for f in feats] if detach_unimodal else feats)
-        out = {"feats": feats, "uni": uni, "fused": self.fuse(feats) if fused else None,
-               "mis": None, "mis_index": None}
+        joined = torch.cat(feats, dim=1) if fused else None  # [B, M*D], what `fuse` takes
+        out = {"feats": feats, "joined": joined, "uni": uni,
+               "fused": self.fused_head(joined) if fused else None, "mis": None, "mis_index": None}
         if partner is not None and fused:
             index = misaligned_index(partner.to(feats[0].device))
-            out["mis"] = self.fuse(swap_features(feats, index.rows))
+            out["mis"] = self.fused_head(swapped_joined(joined, index))
             out["mis_index"] = index
         return out
 
@@ -144,21 +147,81 @@ class MultimodalModel(nn.Module):
 class MisalignedIndex(NamedTuple):
     """The N misaligned rows of a batch, b-major like `materialize_misaligned`: row n is
     anchor `b[n]` with modality `m[n]` taken from row `src[n]`; `rows[n, k]` is the batch
-    row that modality k of misaligned row n comes from."""
+    row that modality k of misaligned row n comes from.
+
+    The flat fields index the batch's (row, modality) pairs laid out row-major, b * M + k,
+    which is the layout of `torch.stack(per_modality, dim=1)` viewed as [B * M, ...] (and of
+    the concatenated features viewed as [B * M, D]): `flat[n, k] = rows[n, k] * M + k`;
+    `anchor_flat[n] = b[n] * M + m[n]` and `source_flat[n] = src[n] * M + m[n]` are the
+    swapped modality's entries of the anchor and of the partner.
+
+    With every partner present the anchor-side fields are the same for every batch of a
+    size; they then come from a cache and are shared: treat all fields as read-only.
+    """
 
     b: Tensor
     m: Tensor
     src: Tensor
     rows: Tensor
+    flat: Tensor
+    anchor_flat: Tensor
+    source_flat: Tensor
+
+
+class _FullLayout(NamedTuple):
+    """The parts of a batch's `MisalignedIndex` that do not depend on the partners when every
+    row has one for every modality: N = B * M rows (b, m) in b-major order."""
+
+    b: Tensor  # [N]
+    m: Tensor  # [N]
+    anchor_flat: Tensor  # [N], b * M + m, which is n itself
+    b_column: Tensor  # [N, 1], b
+    swapped: Tensor  # bool [N, M], column k is the swapped one (k == m)
+    modality: Tensor  # [M], k
+    anchor_cols: Tensor  # [N, M], b * M + k
+
+
+@functools.lru_cache(maxsize=32)
+def _full_layout(size: int, num_modalities: int, device: torch.device) -> _FullLayout:
+    k = torch.arange(num_modalities, device=device)
+    b = torch.arange(size, device=device).repeat_interleave(num_modalities)
+    m = k.repeat(size)
+    return _FullLayout(b, m, torch.arange(size * num_modalities, device=device), b[:, None],
+                       m[:, None] == k[None, :], k, b[:, None] * num_modalities + k[None, :])
 
 
 def misaligned_index(partner: Tensor) -> MisalignedIndex:
     """Index of every valid misaligned row of a batch's `partner` [B, M] (-1 = none)."""
+    M = partner.shape[1]
+    if partner.numel() and int(partner.min()) >= 0:
+        # Every row has a partner for every modality (the usual batch): the rows are all
+        # (b, m) pairs in b-major order, so only the partners' part is computed per batch.
+        full = _full_layout(partner.shape[0], M, partner.device)
+        src = partner.reshape(-1)
+        source_flat = (partner * M + full.modality).reshape(-1, 1)
+        rows = torch.where(full.swapped, src.view(-1, 1), full.b_column)
+        flat = torch.where(full.swapped, source_flat, full.anchor_cols)
+        return MisalignedIndex(full.b, full.m, src, rows, flat, full.anchor_flat, source_flat.view(-1))
     b_idx, m_idx = torch.nonzero(partner >= 0, as_tuple=True)
     src = partner[b_idx, m_idx]
-    return MisalignedIndex(b_idx, m_idx, src, source_rows(b_idx, m_idx, src, partner.shape[1]))
+    rows = source_rows(b_idx, m_idx, src, M)
+    k = torch.arange(M, device=partner.device)
+    return MisalignedIndex(b_idx, m_idx, src, rows, rows * M + k, b_idx * M + m_idx, src * M + m_idx)
 
 
 def swap_features(feats: Sequence[Tensor], rows: Tensor) -> list[Tensor]:
     """Per-modality features of misaligned rows: modality k of row n is feats[k][rows[n, k]]."""
     return [f[rows[:, k]] for k, f in enumerate(feats)]
+
+
+def swapped_joined(joined: Tensor, index: MisalignedIndex) -> Tensor:
+    """The fused head's input for the misaligned rows, [N, M * D], from the aligned one.
+
+    joined: [B, M * D], the batch's M per-modality features of width D concatenated, as
+    `fuse` takes them. Equal to `torch.cat(swap_features(feats, index.rows), dim=1)`, in one
+    gather: one index_add in the backward pass instead of an accumulating index_put per
+    modality plus a split (on the CPU index_select and its backward cost a fraction of
+    advanced indexing's; both add each row's gradients in row order, so the sums are equal).
+    """
+    n, M = index.flat.shape
+    return joined.reshape(-1, joined.shape[1] // M).index_select(0, index.flat.reshape(-1)).view(n, joined.shape[1])

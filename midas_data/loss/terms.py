@@ -25,6 +25,7 @@ __all__ = [
     "accumulate",
     "hard_sample_weight",
     "hard_weight_from_similarity",
+    "in_batch_hard_weight",
     "mean_replaced_similarity",
     "midas_total_loss",
     "misaligned_loss",
@@ -45,6 +46,18 @@ def _check(cond: bool, msg: str | Callable[[], str]) -> None:
     checks run on every training step, and formatting shapes costs more than the check)."""
     if not cond:
         raise ValueError(msg() if callable(msg) else msg)
+
+
+def _nograd(t: Tensor) -> Tensor:
+    """`t` without autograd history: `t.detach()`, skipped when there is none to cut (these
+    helpers run on every training step, and on small tensors each call costs as much as the math)."""
+    return t.detach() if t.requires_grad else t
+
+
+def _as(t: Tensor, like: Tensor) -> Tensor:
+    """`t` detached, in `like`'s dtype and on its device (no copy when it already is)."""
+    t = _nograd(t)
+    return t if t.dtype == like.dtype and t.device == like.device else t.to(device=like.device, dtype=like.dtype)
 
 
 def unimodal_confidence(logits: Tensor, y: Tensor) -> Tensor:
@@ -74,11 +87,11 @@ def normalised_confidences(src_conf: Tensor) -> Tensor:
     exactly (no epsilon), so ordinary rows match a float64 reference bit for bit.
     """
     _check(src_conf.dim() == 2, lambda: f"normalised_confidences: src_conf must be [N,M], got {tuple(src_conf.shape)}")
-    c = src_conf.detach()
+    c = _nograd(src_conf)
     total = c.sum(dim=1, keepdim=True)
     zero = total == 0  # NaN rows stay NaN: a missing confidence is not a zero one
-    uniform = torch.full_like(c, 1.0 / max(c.shape[1], 1))
-    return torch.where(zero, uniform, c / torch.where(zero, torch.ones_like(total), total))
+    # In place on the fresh quotient: this runs on every training step.
+    return (c / total.masked_fill(zero, 1.0)).masked_fill_(zero, 1.0 / max(c.shape[1], 1))
 
 
 def source_rows(anchor: Tensor, swapped: Tensor, partner: Tensor, num_modalities: int) -> Tensor:
@@ -99,8 +112,8 @@ def source_rows(anchor: Tensor, swapped: Tensor, partner: Tensor, num_modalities
 
 def hard_weight_from_similarity(similarity: Tensor) -> Tensor:
     """h = 1 + (s + 1) / 2 in [1, 2], detached; s is clamped to [-1, 1] against rounding."""
-    s = similarity.detach().clamp(-1.0, 1.0)
-    return 1.0 + (s + 1.0) / 2.0
+    # 1 + (s + 1) / 2, in place on the clamped copy (the same roundings, fewer allocations)
+    return _nograd(similarity).clamp(-1.0, 1.0).add_(1.0).div_(2.0).add_(1.0)
 
 
 def hard_sample_weight(f_anchor: Tensor, f_partner: Tensor) -> Tensor:
@@ -114,6 +127,30 @@ def hard_sample_weight(f_anchor: Tensor, f_partner: Tensor) -> Tensor:
            lambda: f"hard_sample_weight: two [N,D] tensors, got {tuple(f_anchor.shape)}, {tuple(f_partner.shape)}")
     s = F.cosine_similarity(f_anchor.detach(), f_partner.detach(), dim=1)
     return hard_weight_from_similarity(s)
+
+
+def in_batch_hard_weight(features: Tensor, anchor: Tensor | None, source: Tensor) -> Tensor:
+    """:func:`hard_sample_weight` of rows whose swapped modality's features are rows of one matrix.
+
+    features: [R, D], e.g. a batch's per-modality features stacked as [B * M, D]; anchor,
+    source: int64 [N], the rows of the anchor's and of the source's features (``None`` for
+    anchor means rows 0..N-1, N = R). Returns h: [N], equal bit for bit to
+    ``hard_sample_weight(features[anchor], features[source])``: each row is normalised once
+    and the cosine is the same sum of the same products, without gathering the raw rows twice.
+    """
+    _check(features.dim() == 2 and source.dim() == 1 and (anchor is None and len(source) == len(features)
+                                                           or anchor is not None and anchor.shape == source.shape),
+           lambda: f"in_batch_hard_weight: features [R,D], anchor and source [N] (anchor None: N = R), got "
+           f"{tuple(features.shape)}, {None if anchor is None else tuple(anchor.shape)}, {tuple(source.shape)}")
+    f = _nograd(features)
+    # F.cosine_similarity's own steps (norms clamped at its eps, each side divided, then
+    # the row sum of the product), taken once per row of `features`.
+    unit = f / torch.linalg.vector_norm(f, dim=1, keepdim=True).clamp_min_(_COSINE_EPS)
+    first = unit if anchor is None else unit.index_select(0, anchor)
+    return hard_weight_from_similarity((first * unit.index_select(0, source)).sum(dim=1))
+
+
+_COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default eps
 
 
 def mean_replaced_similarity(
@@ -176,11 +213,12 @@ def misaligned_loss(
     if n == 0:
         return logits.sum() * 0.0  # mean of nothing would be NaN
     logp = torch.log_softmax(logits, dim=1)
-    ce = -logp.gather(1, src_labels.long())  # [N, M]: CE against each source's one-hot
-    coef = src_weights.detach().to(logp.dtype) * modality_weight.detach().to(device=ce.device, dtype=logp.dtype)
+    labels = src_labels if src_labels.dtype == torch.int64 else src_labels.long()
+    ce = -logp.gather(1, labels)  # [N, M]: CE against each source's one-hot
+    coef = _as(src_weights, logp) * _as(modality_weight, logp)
     per_row = (coef * ce).sum(dim=1)
     if hard_weight is not None:
-        per_row = per_row * hard_weight.detach().to(per_row.dtype)
+        per_row = per_row * _as(hard_weight, per_row)
     return per_row.mean()
 
 

@@ -1,0 +1,165 @@
+"""The training step's shortcuts give exactly the numbers of the straightforward code.
+
+The MIDAS step builds its misaligned rows from one flat (row, modality) index, gathers the
+fused head's input in one pass, normalises each feature row once for the hard-sample
+weights and reuses constant tensors. Each shortcut is compared here with the plain
+formulation it replaces (torch.nonzero + source_rows, per-modality gathers + cat,
+cosine_similarity on gathered rows) with torch.equal: bit for bit, gradients included.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from midas_data.trainers.config import TrainConfig
+from midas_data.trainers.distributed import DistInfo
+from midas_data.trainers.loop import EpochTracker, RunState, train_step
+from midas_data.trainers.models import (
+    MultimodalModel,
+    misaligned_index,
+    swap_features,
+    swapped_joined,
+)
+
+from midas_data.loss import (
+    hard_sample_weight,
+    in_batch_hard_weight,
+    misaligned_loss,
+    modality_weights,
+    normalised_confidences,
+    source_rows,
+)
+
+
+def _plain_index(partner: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    b, m = torch.nonzero(partner >= 0, as_tuple=True)
+    src = partner[b, m]
+    return b, m, src, source_rows(b, m, src, partner.shape[1])
+
+
+def _partners(size: int, modalities: int, seed: int, missing: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    partner = torch.randint(0, size, (size, modalities), generator=g)
+    partner[torch.rand(size, modalities, generator=g) < missing] = -1
+    return partner
+
+
+@pytest.mark.parametrize("modalities", [2, 3])
+@pytest.mark.parametrize("missing", [0.0, 0.3])
+def test_misaligned_index_equals_the_nonzero_index(modalities, missing):
+    """Full batches take the cached layout, others torch.nonzero: both give the rows of
+    torch.nonzero + source_rows, and flat indices that address the same (row, modality)."""
+    for seed in range(5):
+        partner = _partners(9, modalities, seed, missing)
+        idx = misaligned_index(partner)
+        b, m, src, rows = _plain_index(partner)
+        for got, want in ((idx.b, b), (idx.m, m), (idx.src, src), (idx.rows, rows)):
+            assert torch.equal(got, want)
+        k = torch.arange(modalities)
+        assert torch.equal(idx.flat, rows * modalities + k)
+        assert torch.equal(idx.anchor_flat, b * modalities + m)
+        assert torch.equal(idx.source_flat, src * modalities + m)
+
+
+def test_misaligned_index_of_a_full_batch_does_not_depend_on_earlier_batches():
+    """The cached layout is shared between batches of one size: a second batch must not see
+    anything of the first (nor change the tensors the first index returned)."""
+    first = misaligned_index(_partners(6, 2, 0, 0.0))
+    kept = [t.clone() for t in first]
+    second = misaligned_index(_partners(6, 2, 1, 0.0))
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))
+    assert torch.equal(second.rows, _plain_index(_partners(6, 2, 1, 0.0))[3])
+
+
+def test_misaligned_index_of_an_empty_batch_is_empty():
+    idx = misaligned_index(torch.zeros(0, 2, dtype=torch.int64))
+    assert all(len(t) == 0 for t in idx)
+
+
+@pytest.mark.parametrize("missing", [0.0, 0.25, 1.0])
+def test_swapped_joined_equals_gathered_features_forward_and_backward(missing):
+    """One gather from the concatenated features = per-modality gathers then cat, for the
+    values and for the gradient that reaches each modality's features."""
+    for seed in range(4):
+        torch.manual_seed(seed)
+        feats = [torch.randn(11, 5, requires_grad=True) for _ in range(3)]
+        partner = _partners(11, 3, seed, missing)
+        idx = misaligned_index(partner)
+        upstream = torch.randn(len(idx.b), 15)
+
+        plain = torch.cat(swap_features(feats, idx.rows), dim=1)
+        grads_plain = torch.autograd.grad((plain * upstream).sum() + torch.cat(feats, 1).square().sum(), feats)
+        joined = torch.cat(feats, dim=1)
+        got = swapped_joined(joined, idx)
+        grads_got = torch.autograd.grad((got * upstream).sum() + joined.square().sum(), feats)
+        assert torch.equal(got, plain)
+        assert all(torch.equal(a, b) for a, b in zip(grads_got, grads_plain))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_in_batch_hard_weight_is_hard_sample_weight_bit_for_bit(dtype):
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        features = torch.randn(24, 7, generator=g, dtype=dtype) * 10.0 ** (seed % 5 - 2)
+        features[3] = 0.0  # a zero row: cosine_similarity's eps clamp decides
+        source = torch.randint(0, 24, (24,), generator=g)
+        anchor = torch.randint(0, 24, (24,), generator=g)
+        assert torch.equal(in_batch_hard_weight(features, None, source),
+                           hard_sample_weight(features, features[source]))
+        assert torch.equal(in_batch_hard_weight(features, anchor, source),
+                           hard_sample_weight(features[anchor], features[source]))
+
+
+def test_in_batch_hard_weight_names_the_shapes_it_needs():
+    with pytest.raises(ValueError, match="in_batch_hard_weight"):
+        in_batch_hard_weight(torch.zeros(4, 3), None, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="in_batch_hard_weight"):
+        in_batch_hard_weight(torch.zeros(4, 3), torch.zeros(2, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
+
+
+def _plain_midas_loss(model: MultimodalModel, batch: dict, alpha: float, weak: int, lam: float) -> torch.Tensor:
+    """The step's loss as it was first written: nonzero index, gathered features per
+    modality, cosine_similarity on stacked features, weights built on the spot."""
+    y, M = batch["label"], len(model.modalities)
+    feats = model.encode(batch["inputs"])
+    uni = model.unimodal_logits(feats)
+    fused = model.fuse(feats)
+    b, m, src, rows = _plain_index(batch["partner"])
+    mis = model.fuse(swap_features(feats, rows))
+    conf = torch.stack([torch.softmax(z.detach(), 1).gather(1, y[:, None]).squeeze(1) for z in uni], 1)
+    stacked = torch.stack(feats)
+    h = hard_sample_weight(stacked[m, b], stacked[m, src])
+    w = normalised_confidences(conf[rows, torch.arange(M)])
+    l_mis = misaligned_loss(mis, y[rows], w, modality_weights(M, weak, alpha), h)
+    uni_ce = torch.stack([F.cross_entropy(z, y) for z in uni]).mean()
+    return F.cross_entropy(fused, y) + uni_ce + lam * l_mis
+
+
+@pytest.mark.parametrize("missing", [0.0, 0.3, 1.0])
+def test_train_step_loss_and_update_equal_the_plain_formulation(missing):
+    """train_step's loss and the parameters after its update equal, bit for bit, those of
+    the plain formulation above (same model, same batch, same optimizer step)."""
+    torch.manual_seed(0)
+    model = MultimodalModel(["a", "b"], {"a": "tensor", "b": "tensor"}, {"a": (7,), "b": (4,)}, 5, 8)
+    plain = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    batch = {"label": torch.randint(0, 5, (12,), generator=g),
+             "inputs": {"a": torch.randn(12, 7, generator=g), "b": torch.randn(12, 4, generator=g)},
+             "partner": _partners(12, 2, 4, missing)}
+    cfg = dataclasses.replace(TrainConfig.from_preset("mfeat", method="midas"), warmup_epochs=0, lam=0.7)
+    tracker = EpochTracker(0, 2, weak=1, strong=0)
+    info = DistInfo(0, 1, torch.device("cpu"), False)
+    terms = train_step(model, batch, torch.optim.SGD(model.parameters(), lr=0.1), cfg, RunState(alpha=1.3),
+                       tracker, info)
+
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    loss = _plain_midas_loss(plain, batch, alpha=1.3, weak=1, lam=0.7)
+    loss.backward()
+    opt.step()
+    assert torch.equal(terms.total.detach(), loss.detach())
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(p, q), name
