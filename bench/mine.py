@@ -74,7 +74,7 @@ def big_approx(a) -> None:
           f"{x.nbytes / 2**30:.2f} GiB; load average {os.getloadavg()}", flush=True)
     clock = Clock()
     _, I, info = clock(lambda: mine_modality(
-        x, y, a.k, "cpu", np.arange(a.n), approx="auto", approx_above=0, nlist=None, nprobe=None,
+        x, y, a.k, "cpu", np.arange(a.n), approx="auto", approx_above=0, nlist=a.nlist, nprobe=None,
         recall_target=0.95, recall_queries=1000, rng=np.random.default_rng(0), progress=True))
     print(f"approx: {clock.wall:.1f} s wall, {clock.cpu:.1f} CPU s (IVF search {info['search_s']:.1f} s); "
           f"exact estimated {info['estimate_exact_s']:.1f} s; recall@{a.k} {info['recall_at_k']:.4f} "
@@ -182,6 +182,8 @@ def main() -> None:
     ap.add_argument("--big-approx", action="store_true",
                     help="--n rows (default 1M here) through the --approx auto path, IVF")
     ap.add_argument("--exact", action="store_true", help="--big-approx: also the exact search")
+    ap.add_argument("--nlist", type=int, default=None,
+                    help="--big-approx: IVF lists per class (default: the library's choice)")
     ap.add_argument("--data", choices=("clustered", "random"), default="clustered",
                     help="--big-approx data (module docstring)")
     a = ap.parse_args()
