@@ -63,6 +63,32 @@ class NoRoom(Exception):
     """The shard does not fit under the limit without evicting shards in use by this run."""
 
 
+def share_locked(path: Path) -> int | None:
+    """A read-only descriptor of `path` holding a shared flock (an evictor takes it
+    exclusively), its mtime touched as most recently used; None if the file is not there or
+    was replaced between open and lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # evicted between open and lock
+            os.close(fd)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # most recently used
+        return fd
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+
+
 class ShardCache:
     """Whole-shard cache: `open(sha256, size, fetch)` returns a pinned read-only descriptor."""
 
@@ -98,31 +124,12 @@ class ShardCache:
     def _try_pin(self, sha256: str, size: int) -> int | None:
         """Open and share-lock the cached file, or None if it is not (or no longer) there."""
         path = self.path(sha256)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        fd = share_locked(path)
+        if fd is not None and os.fstat(fd).st_size != size:  # cannot happen through this class
+            os.close(fd)
+            self._evict_one(path)
             return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            st = os.fstat(fd)
-            try:
-                same = os.stat(path).st_ino == st.st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # evicted between open and lock: look again
-                os.close(fd)
-                return None
-            if st.st_size != size:  # cannot happen through this class; refuse it anyway
-                os.close(fd)
-                self._evict_one(path)
-                return None
-            with contextlib.suppress(OSError):
-                os.utime(path)  # most recently used
-            return fd
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            raise
+        return fd
 
     def open(self, sha256: str, size: int, fetch: Callable[[Path], Path],
              name: str = "", keep: frozenset[str] | None = None) -> int:

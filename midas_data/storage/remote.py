@@ -35,7 +35,7 @@ import numpy as np
 from midas_data.dataset.manifest import MANIFEST
 from midas_data.dataset.reader import Dataset, SplitReader
 from midas_data.errors import MidasDataError, UnsafeInputError, where
-from midas_data.storage.cache import NoRoom, ShardCache
+from midas_data.storage.cache import NoRoom, ShardCache, share_locked
 from midas_data.storage.fetch import FetchError, RetryPolicy, download, read_ranges
 from midas_data.storage.layout import EXTRA_RE, Layout, split_manifest
 from midas_data.storage.prefetch import Prefetcher
@@ -101,26 +101,9 @@ class RemoteRoot:
     # -- pins and eviction of snapshots --------------------------------------------------
     def _try_pin(self, snap: Path) -> bool:
         """Share-lock snap/.complete (held until unpin) if the snapshot is still there."""
-        marker = snap / ".complete"
-        try:
-            fd = os.open(marker, os.O_RDONLY)
-        except FileNotFoundError:
+        fd = share_locked(snap / ".complete")
+        if fd is None:
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            try:
-                same = os.stat(marker).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # evicted between open and lock
-                os.close(fd)
-                return False
-            with contextlib.suppress(OSError):
-                os.utime(marker)  # most recently used
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            raise
         self.unpin()
         self._pin = fd
         return True
