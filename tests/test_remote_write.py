@@ -318,6 +318,11 @@ def test_old_snapshots_are_evicted_unless_a_reader_holds_them(s3, tmp_path):
       "files": {"shards/train-000000.tar": "/abs"}}, "remote_layout.files.shards/train-000000.tar"),
     ({"layout": 1, "version": "20261201T000000000000Z-0000abcd", "files": {},
       "previous": ["nope"]}, "remote_layout.previous"),
+    # a trailing newline ("$" would have let it in) would reach folder names
+    ({"layout": 1, "version": "20261201T000000000000Z-0000abcd\n", "files": {}},
+     "remote_layout.version"),
+    ({"layout": 1, "version": "20261201T000000000000Z-0000abcd",
+      "files": {"shards/train-000000.tar\n": ""}}, r"remote_layout.files.shards/train-000000.tar\n"),
 ])
 def test_a_layout_pointing_anywhere_else_is_refused_naming_the_field(section, field):
     import re
@@ -379,3 +384,20 @@ def test_a_failed_collection_still_publishes_and_the_next_publish_collects(s3, t
     assert _root_version(s3, url) == ids[-1] and _versions(s3, url) == set(ids)
     ids.append(publish(_build(tmp_path / "v3", 3), url, s3, overwrite=True))
     assert _versions(s3, url) == set(ids[-2:])
+
+
+def test_a_flat_manifest_cannot_name_other_root_files_for_collection():
+    """The files of a flat root are deleted once its version is collected: only names a
+    dataset of this format holds are taken from its manifest."""
+    from midas_data.storage.layout import flat_files
+
+    class NoListing:
+        def find(self, path):
+            raise FileNotFoundError(path)
+
+    manifest = {"shards": [{"path": "shards/train-000000.tar"}, {"path": "notes/important.bin"},
+                           {"path": "shards/train-000001.tar\n"}],
+                "splits": {"train": {"index": "index/train.arrow"},
+                           "val": {"index": "keep/me.arrow"}}}
+    assert flat_files(NoListing(), "b/d", manifest) == {"shards/train-000000.tar": "",
+                                                        "index/train.arrow": ""}

@@ -22,7 +22,7 @@ MAX_MODALITIES = 1024
 MAX_CLASSES = 1 << 20
 MAX_SIZE = 1 << 53  # shard sizes and counts: exact in float64, no int64 overflow
 # Every path a manifest names is one the builder writes: nothing can point outside the dataset.
-SHARD_PATH_RE = re.compile(r"^shards/(train|val|test)-[0-9]{6,9}\.tar$")
+SHARD_PATH_RE = re.compile(r"^shards/(train|val|test)-[0-9]{6,9}\.tar\Z")
 # One limit on key and modality-name length for the builder, the reader and the verifier (a
 # longer key would build but make tar names past what `inspect --verify` reads back).
 MAX_KEY_CHARS = 512

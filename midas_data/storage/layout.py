@@ -26,19 +26,21 @@ import re
 import secrets
 import time
 
+from midas_data.dataset.manifest import SHARD_PATH_RE
 from midas_data.errors import MidasDataError, UnsafeInputError, where
 
 SECTION = "remote_layout"
 VERSIONS = "versions"
 LAYOUT_VERSION = 1
 DEFAULT_KEEP_VERSIONS = 1
-_ID_RE = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{8}$")
+INDEX_PATH_RE = re.compile(r"^index/(train|val|test)\.arrow\Z")
+_ID_RE = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{8}\Z")  # \Z: "$" would let a trailing newline in
 # A path a version may map: plain names (no "..", no hidden files), outside versions/.
 _NAME = r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*"
-FILE_RE = re.compile(rf"^(?!versions/|manifest\.json$){_NAME}(/{_NAME})*$")
+FILE_RE = re.compile(rf"^(?!versions/|manifest\.json\Z){_NAME}(/{_NAME})*\Z")
 # The derived tables a snapshot copies besides manifest and indexes.
 EXTRA_RE = re.compile(r"^(features/[a-z]+\.arrow|pairs/[a-z]+/part-\d{5}-of-\d{5}\.arrow"
-                      r"|pairs/[a-z]+/report\.json)$")
+                      r"|pairs/[a-z]+/report\.json)\Z")
 
 
 def new_version_id(after: str | None = None) -> str:
@@ -146,10 +148,13 @@ def read_record(fs, path: str) -> dict | None:
 def flat_files(fs, root: str, manifest: dict) -> dict[str, str]:
     """The files of a flat dataset at `root` (manifest's shards and indexes, the features
     and pairs tables found there), all mapped to the root itself."""
+    # Only names a dataset of this format can hold: these files are deleted once the flat
+    # version is collected, so a manifest must not be able to name anything else at the root.
     files = {s["path"]: "" for s in manifest.get("shards", []) if isinstance(s, dict)
-             and isinstance(s.get("path"), str)}
+             and isinstance(s.get("path"), str) and SHARD_PATH_RE.match(s["path"])}
     for meta in manifest.get("splits", {}).values():
-        if isinstance(meta, dict) and isinstance(meta.get("index"), str):
+        if isinstance(meta, dict) and isinstance(meta.get("index"), str) \
+                and INDEX_PATH_RE.match(meta["index"]):
             files[meta["index"]] = ""
     for sub in ("features", "pairs"):
         try:

@@ -419,7 +419,9 @@ class MidasLoader(DataLoader):
     the next epoch. Workers are started afresh for every pass (they copy the dataset's
     epoch and offset then) unless `persistent_workers=True`: then they stay up across
     passes and take each pass's epoch, offset and group size from the loader through a
-    small shared-memory tensor, written before the pass starts (no fork per pass).
+    small shared-memory tensor, written before the pass starts (no fork per pass). Only
+    those three reach kept workers: other changes to the dataset after the first pass
+    (its transform, `on_error`, partner options) need a new loader.
 
     batches_per_transfer: with workers, each worker sends groups of this many consecutive
     batches of its share as one item of the worker queue (one packed buffer; the loader
