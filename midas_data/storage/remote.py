@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -400,33 +401,53 @@ class RemoteSplitReader(SplitReader):
             out.append(d)
         return out
 
-    def get_many(self, rows: np.ndarray, modalities: list[str] | None = None) -> list[dict]:
-        """As SplitReader.get_many, reading shard by shard (output in the order of `rows`)."""
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    @contextlib.contextmanager
+    def _reading(self, rows: np.ndarray) -> Iterator[None]:
+        """A read of `rows`: moves the prefetcher's window to it, and once the last planned
+        batch is read holds no pin (a worker may exit without closing)."""
         last = False
         if self._prefetcher is not None and self._prefetcher.pid == os.getpid():
             last = self._prefetcher.reading(rows)
-        if rows.size == 0:
-            return []
-        rows = np.array([self._row_number(r) for r in rows], dtype=np.int64)
-        mods = self._mods(modalities)
-        shards = self.shard[rows]
-        by_shard = np.argsort(shards, kind="stable")
-        out: list[dict | None] = [None] * rows.size
-        for s in np.unique(shards):
-            pos = by_shard[shards[by_shard] == s]
-            try:
-                self._fd(int(s))
-                got = super().get_many(rows[pos], mods)
-            except FetchError as e:
-                raise e.for_key(self.keys[int(rows[pos[0]])]) from e.__cause__
-            except NoRoom:
-                got = self._get_by_range(int(s), rows[pos], mods)
-            for p, d in zip(pos, got):
-                out[int(p)] = d
-        if last:  # the plan is read: hold no pin (a worker may exit without closing)
-            self.close()
-        return out  # type: ignore[return-value]
+        try:
+            yield
+        finally:
+            if last:
+                self.close()
+
+    def _from_shard(self, shard: int, rows: np.ndarray, local: Callable, by_range: Callable):
+        """`local(rows)` on the shard pinned in the cache, or `by_range(rows)` when the cache
+        has no room for it; a fetch failure names the first row's key."""
+        def read():
+            self._fd(shard)
+            return local(rows)
+
+        try:
+            return self._in_shard(read, rows[0])
+        except NoRoom:
+            return by_range(rows)
+
+    def _in_shard(self, read: Callable, row: int):
+        """Run a local read; a fetch failure names the key of `row`."""
+        try:
+            return read()
+        except FetchError as e:
+            raise e.for_key(self.keys[int(row)]) from e.__cause__
+
+    def get_many(self, rows: np.ndarray, modalities: list[str] | None = None) -> list[dict]:
+        """As SplitReader.get_many, reading shard by shard (output in the order of `rows`)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        with self._reading(rows):
+            rows = np.array([self._row_number(r) for r in rows.tolist()], dtype=np.int64)
+            mods = self._mods(modalities)
+            shards = self.shard[rows]
+            out: list[dict | None] = [None] * rows.size
+            for s in np.unique(shards).tolist():
+                pos = np.flatnonzero(shards == s)
+                got = self._from_shard(s, rows[pos], lambda r: super(RemoteSplitReader, self).get_many(r, mods),
+                                       lambda r, s=s: self._get_by_range(s, r, mods))
+                for p, d in zip(pos.tolist(), got):
+                    out[p] = d
+            return out  # type: ignore[return-value]
 
     def read_batch(self, rows: np.ndarray, modalities: list[str] | None = None) -> dict:
         """As SplitReader.read_batch (same layout, same checks), shards from the cache or
@@ -438,10 +459,7 @@ class RemoteSplitReader(SplitReader):
         the others), each shard's rows batch-decoded, or read by range when the cache has
         no room, and placed back in the order of `rows`."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        last = False
-        if self._prefetcher is not None and self._prefetcher.pid == os.getpid():
-            last = self._prefetcher.reading(rows)
-        try:
+        with self._reading(rows):
             rows = np.array([self._row_number(r) for r in rows.tolist()], dtype=np.int64)
             mods = self._mods(modalities)
             shards = self.shard[rows]
@@ -453,18 +471,10 @@ class RemoteSplitReader(SplitReader):
             parts = []
             for s in uniq:
                 pos = np.flatnonzero(shards == s)
-                parts.append((pos, self._shard_batch(int(s), rows[pos], mods)))
+                parts.append((pos, self._from_shard(
+                    s, rows[pos], lambda r: super(RemoteSplitReader, self).read_batch(r, mods),
+                    lambda r, s=s: self.batch_of(self._get_by_range(s, r, mods), mods))))
             return self._assemble(parts, len(rows), mods)
-        finally:
-            if last:  # the plan is read: hold no pin (a worker may exit without closing)
-                self.close()
-
-    def _in_shard(self, read, row: int):
-        """Run a local read; a fetch failure names the batch's first key."""
-        try:
-            return read()
-        except FetchError as e:
-            raise e.for_key(self.keys[int(row)]) from e.__cause__
 
     def _open_all(self, shards: list[int], rows: np.ndarray, of_row: np.ndarray) -> bool:
         """Pin every shard of a batch; False (pinning none beyond the cache's room) when the
@@ -475,13 +485,6 @@ class RemoteSplitReader(SplitReader):
             except NoRoom:
                 return False
         return True
-
-    def _shard_batch(self, shard: int, rows: np.ndarray, mods: list[str]) -> dict:
-        try:
-            self._in_shard(lambda: self._fd(shard), rows[0])
-        except NoRoom:
-            return self.batch_of(self._get_by_range(shard, rows, mods), mods)
-        return self._in_shard(lambda: super(RemoteSplitReader, self).read_batch(rows, mods), rows[0])
 
     def _assemble(self, parts: list[tuple[np.ndarray, dict]], b: int, mods: list[str]) -> dict:
         """One batch from per-shard batches: part i's rows go to positions parts[i][0]."""
