@@ -158,40 +158,31 @@ class PeerRows:
         self.readers: dict[str, tuple[Callable[[], int], int]] = {}
         self.notes: list[str] = []
         n = len(y)
-        self.mosaic = why_not(load_streaming) is None
-        if self.mosaic:
-            mds = mosaic_setup(tmp, a, b, y)
-            check_epoch("MosaicML Streaming", mosaic_batches(mds, 0),
-                        {"a": a, "b": b, "cls": y}, quiet=True)
+        self.measured: list[tuple[str, str, str]] = []  # (peer, its rows' name, goal)
+        peers = (("MosaicML Streaming", "MosaicML Streaming (uniform)", "  (goal >= 3)",
+                  load_streaming, mosaic_setup, mosaic_batches),
+                 ("litdata", "litdata (chunk shuffle)", "", load_litdata, litdata_setup,
+                  litdata_batches))
+        for name, row, goal, loader, setup, batches in peers:
+            reason = why_not(loader)
+            if reason is not None:
+                self.notes.append(f"{name} not measured ({reason}; `make bench-setup` installs it)")
+                continue
+            out = setup(tmp, a, b, y)
+            check_epoch(name, batches(out, 0), {"a": a, "b": b, "cls": y}, quiet=True)
+            self.measured.append((name, row, goal))
             for k in (0, workers):
-                self.readers[f"MosaicML Streaming (uniform), {k} workers"] = (
-                    lambda k=k: count_peer(mosaic_batches(mds, k)), n)
-        else:
-            self.notes.append(f"MosaicML Streaming not measured ({why_not(load_streaming)}; "
-                              f"`make bench-setup` installs it)")
-        self.lit = why_not(load_litdata) is None
-        if self.lit:
-            lit = litdata_setup(tmp, a, b, y)
-            check_epoch("litdata", litdata_batches(lit, 0),
-                        {"a": a, "b": b, "cls": y}, quiet=True)
-            for k in (0, workers):
-                self.readers[f"litdata (chunk shuffle), {k} workers"] = (
-                    lambda k=k: count_peer(litdata_batches(lit, k)), n)
-        else:
-            self.notes.append(f"litdata not measured ({why_not(load_litdata)}; "
-                              f"`make bench-setup` installs it)")
+                self.readers[f"{row}, {k} workers"] = (
+                    lambda k=k, out=out, batches=batches: count_peer(batches(out, k)), n)
 
     def print_ratios(self, rate: dict[str, float], workers: int) -> None:
         for note in self.notes:
             print(f"  {note}")
         for k in (0, workers):
             ours = rate[f"MidasDataset none, {k} workers"]
-            if self.mosaic:
-                print(f"  aligned {k} workers / MosaicML Streaming {k} workers   "
-                      f"{ours / rate[f'MosaicML Streaming (uniform), {k} workers']:6.3f}  (goal >= 3)")
-            if self.lit:
-                print(f"  aligned {k} workers / litdata {k} workers              "
-                      f"{ours / rate[f'litdata (chunk shuffle), {k} workers']:6.3f}")
+            for name, row, goal in self.measured:
+                label = f"aligned {k} workers / {name} {k} workers"
+                print(f"  {label:<50} {ours / rate[f'{row}, {k} workers']:6.3f}{goal}")
 
 
 def count_peer(batches) -> int:
