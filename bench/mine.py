@@ -78,8 +78,8 @@ def big_approx(a) -> None:
         recall_target=0.95, recall_queries=1000, rng=np.random.default_rng(0), progress=True))
     print(f"approx: {clock.wall:.1f} s wall, {clock.cpu:.1f} CPU s (IVF search {info['search_s']:.1f} s); "
           f"exact estimated {info['estimate_exact_s']:.1f} s; recall@{a.k} {info['recall_at_k']:.4f} "
-          f"on {info['recall_anchors']} held-out anchors; nlist {max(info['nlist'])}, nprobe "
-          f"{max(info['nprobe'])}; peak RSS {peak_rss_gib():.2f} GiB; load average "
+          f"on {info['recall_anchors']} held-out anchors; nlist {max(info['nlist'])} per class, "
+          f"nprobe {info['nprobe']} of {info['nprobe_exhaustive']} other-class lists; peak RSS {peak_rss_gib():.2f} GiB; load average "
           f"{os.getloadavg()}", flush=True)
     if a.exact:
         exact = Clock()

@@ -10,8 +10,8 @@ import pytest
 
 from midas_data.features.tables import table_metadata
 from midas_data.mining.config import MineConfig
-from midas_data.mining.ivf import BatchedIVF
-from midas_data.mining.knn import search_different_label
+from midas_data.mining.ivf import CrossClassIVF
+from midas_data.mining.knn import DifferentLabelIndex, search_different_label
 from midas_data.mining.pairs import read_pairs
 from midas_data.mining.plan import choose_approx, lower_bound, mine_modality, recall_per_query
 from midas_data.mining.stage import mine_misaligned
@@ -113,7 +113,8 @@ def test_low_recall_raises_nprobe_until_the_target():
     tried = [t["nprobe"] for t in info["calibration"]]
     assert tried == sorted(tried) and len(tried) > 1  # started below the target, then raised
     assert info["calibration"][0]["recall_at_k"] < 1.0
-    assert info["calibration"][-1]["recall_at_k"] == 1.0 or max(info["nprobe"]) == 16
+    assert (info["calibration"][-1]["recall_at_k"] == 1.0
+            or info["nprobe"] == info["nprobe_exhaustive"])
     assert info["recall_at_k"] == 1.0 and info["recall_target_met"]
 
 
@@ -141,13 +142,52 @@ def test_calibration_keeps_a_margin_below_the_sample_recall():
                             ).tolist() == [2 / 3, 1.0]
 
 
-def test_batched_ivf_probing_every_list_is_exact():
+def oracle(xn, y, rows, k):
+    """float64 brute force: similarities and rows of the k most similar other-label rows."""
+    S = xn[rows].astype(np.float64) @ xn.T.astype(np.float64)
+    S[y[rows][:, None] == y[None, :]] = -np.inf
+    top = np.argsort(-S, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(S, top, 1), top
+
+
+def cross_ivf(x, y, nlist, nprobe):
+    index = DifferentLabelIndex(x, y)  # its normalised, class-sorted rows
+    return index, CrossClassIVF(index.xs, index.bounds, nlist, nprobe)
+
+
+def test_cross_class_ivf_probing_every_other_list_is_exact():
     x, y = clustered()
-    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-    xb, xq = xn[y == 0], xn[y != 0]
-    ivf = BatchedIVF(xb, nlist=9, nprobe=9)
-    D, I = ivf(xq, 5)
-    S = xq.astype(np.float64) @ xb.T.astype(np.float64)
-    want = -np.sort(-S, axis=1)[:, :5]
-    np.testing.assert_allclose(np.sort(D, axis=1)[:, ::-1], want, atol=1e-5)
-    np.testing.assert_allclose(np.take_along_axis(S, I, 1), D, atol=1e-5)
+    index, ivf = cross_ivf(x, y, nlist=9, nprobe=27)
+    assert ivf.exhaustive_nprobe == 27  # 3 other classes x 9 lists
+    rows = np.arange(len(y))
+    D, I = ivf.search(index.xs, index.cls[index.order], 5)
+    want, _ = oracle(index.xs, index.cls[index.order], rows, 5)
+    np.testing.assert_allclose(-np.sort(-D, axis=1), want, atol=1e-5)
+    S = np.einsum("ij,ikj->ik", index.xs.astype(np.float64), index.xs[I].astype(np.float64))
+    np.testing.assert_allclose(S, D, atol=1e-5)  # D is the similarity of the row it names
+
+
+def test_cross_class_ivf_never_probes_the_query_class():
+    x, y = clustered()
+    index, ivf = cross_ivf(x, y, nlist=9, nprobe=40)  # more than the other classes hold
+    cq = index.cls[index.order]
+    _, I = ivf.search(index.xs, cq, 8)
+    assert (I >= 0).all() and (cq[I] != cq[:, None]).all()
+
+
+def test_cross_class_ivf_spends_its_probes_on_the_class_that_holds_the_neighbours():
+    # class 0 sits next to class 1 and far from class 2: every different-label neighbour of a
+    # class-0 row is in class 1, so probing as many lists as class 1 has finds them all, where
+    # a fixed share per class would spend half the probes on class 2
+    rng = np.random.default_rng(0)
+    d, m = 16, 300
+    base = rng.standard_normal(d).astype(np.float32) * 4
+    x = np.concatenate([base + rng.standard_normal((m, d)), base + 0.5 + rng.standard_normal((m, d)),
+                        -base + rng.standard_normal((m, d))]).astype(np.float32)
+    y = np.repeat([0, 1, 2], m)
+    index, ivf = cross_ivf(x, y, nlist=4, nprobe=4)
+    xs_rows = np.flatnonzero(index.cls[index.order] == 0)
+    D, I = ivf.search(index.xs[xs_rows], np.zeros(m, np.int64), 10)
+    want, want_rows = oracle(index.xs, index.cls[index.order], xs_rows, 10)
+    assert (index.cls[index.order][I] == 1).all()
+    np.testing.assert_allclose(-np.sort(-D, axis=1), want, atol=1e-5)

@@ -225,7 +225,7 @@ def test_stage_ranks_from_torchrun_env(dataset, monkeypatch):
 
 
 def test_stage_ivf_reports_recall(dataset):
-    s = mine_misaligned(dataset, k=3, approx="ivf", nlist=2, nprobe=1, report=True, progress=False)
+    s = mine_misaligned(dataset, k=3, approx="ivf", nlist=2, nprobe=9, report=True, progress=False)
     recall = s["splits"]["train"]["recall_at_k"]
     assert set(recall) == {"fac", "mor"} and all(0 <= v <= 1 for v in recall.values())
     rep = json.loads((dataset / "pairs" / "train" / "report.json").read_text())

@@ -33,9 +33,10 @@ class MineConfig:
                                          "search grows as rows^2: ~2 min at 200k x 256 on 2 "
                                          "cores).", min=0)
     nlist: int | None = setting(None, "IVF lists per class (default ~sqrt(n_class)/4).", min=1)
-    nprobe: int | None = setting(None, "IVF lists probed per query (default: raised from 5% of "
-                                       "the lists until the sample recall reaches "
-                                       "--recall-target).", min=1)
+    nprobe: int | None = setting(None, "IVF lists probed per query: in total over the other "
+                                       "classes' lists, nearest first (--index cpu), or per "
+                                       "class (FAISS on GPU). Default: raised from 2 until "
+                                       "the sample recall reaches --recall-target.", min=1)
     recall_target: float = setting(0.95, "IVF: recall@k wanted on the sample; a lower held-out "
                                          "recall is warned about", min=0, max=1)
     report: bool = setting(False, "Similarity histograms, class matrix (PNG + JSON).")

@@ -23,11 +23,13 @@ Memory: the caller's array, one normalised copy, and per block q_block x C x k
 candidates (block rows shrink when C*k is large). On CPU the exact searcher reads the
 class slice in place (``faiss.knn``), so no index copies the data again.
 
-IVF (``approx="ivf"``): one IVF searcher per class with the same merge, so the guarantee
-holds; rows left with fewer than k hits (short inverted lists) are redone exactly. On the
-CPU it is `ivf.BatchedIVF` (list-major matrix products; FAISS's IndexIVFFlat scans lists
-query by query and is bound by memory bandwidth at a million rows), on the GPU FAISS's
-IndexIVFFlat.
+IVF (``approx="ivf"``): on the CPU one `ivf.CrossClassIVF` over all classes, whose lists
+each hold one label and whose queries never probe their own class's lists, so the guarantee
+holds; ``nprobe`` counts lists over all other classes, spent on the classes nearest the
+query (list-major matrix products; FAISS's IndexIVFFlat scans lists query by query and is
+bound by memory bandwidth at a million rows). On the GPU one FAISS IndexIVFFlat per class
+with the merge above (``nprobe`` lists in every class). Rows left with fewer than k hits
+(short inverted lists) are redone exactly.
 
 Backends (``index``, one of INDEX_CHOICES): ``cpu`` FAISS on the CPU; ``gpu`` FAISS on the
 GPU when faiss-gpu is installed and sees a GPU, else the torch backend on CUDA (logged),
@@ -48,7 +50,7 @@ from collections.abc import Callable
 import numpy as np
 
 from midas_data.errors import MidasDataError
-from midas_data.mining.ivf import BatchedIVF, default_nlist, default_nprobe
+from midas_data.mining.ivf import CrossClassIVF, default_nlist, default_nprobe
 from midas_data.progress import progress_bar as tqdm
 
 log = logging.getLogger(__name__)
@@ -235,7 +237,7 @@ class _GpuSearcher:
 
 
 def set_nprobe(searcher, nprobe: int) -> None:
-    """Set the lists probed by an IVF searcher (BatchedIVF or a FAISS IVF index)."""
+    """Set the lists probed by a FAISS IVF searcher (capped at its lists: exhaustive)."""
     target = getattr(searcher, "index", searcher)
     target.nprobe = int(min(nprobe, target.nlist))
 
@@ -243,7 +245,8 @@ def set_nprobe(searcher, nprobe: int) -> None:
 def _make_searchers(xs, bounds, device: str, approx: str | None, nlist, nprobe) -> list[Searcher]:
     """One searcher per class, returning (D, I) with I local to the class slice (-1 = none).
 
-    This is the only place where CPU and GPU differ.
+    Exact on the CPU (FAISS knn on the slice in place); exact or IVF on the GPU. IVF on the
+    CPU is `CrossClassIVF`, built by `DifferentLabelIndex.use_approx`.
     """
     faiss = _faiss()
     slices = [xs[bounds[c]:bounds[c + 1]] for c in range(len(bounds) - 1)]
@@ -251,8 +254,6 @@ def _make_searchers(xs, bounds, device: str, approx: str | None, nlist, nprobe) 
         # faiss.knn reads the slice in place: no per-class copy of the data
         return [lambda xq, kk, xb=xb: faiss.knn(xq, xb, kk, faiss.METRIC_INNER_PRODUCT)
                 for xb in slices]
-    if device == "cpu" and approx == "ivf":
-        return [BatchedIVF(xb, nlist, nprobe) for xb in slices]
     cpu_indexes = []
     for xb in slices:
         if approx == "ivf":
@@ -261,8 +262,6 @@ def _make_searchers(xs, bounds, device: str, approx: str | None, nlist, nprobe) 
             flat = faiss.IndexFlatIP(xs.shape[1])
             flat.add(xb)
             cpu_indexes.append(flat)
-    if device == "cpu":
-        return [ix.search for ix in cpu_indexes]
     res = faiss.StandardGpuResources()
     dev = int(os.environ.get("LOCAL_RANK", 0)) % faiss.get_num_gpus()  # one GPU per torchrun rank
     gpu_indexes = [faiss.index_cpu_to_gpu(res, dev, ix) for ix in cpu_indexes]
@@ -299,9 +298,10 @@ class DifferentLabelIndex:
     """Build once, search many: per-class searchers over an L2-normalised copy of x.
 
     x: float [n, d] (searched as float32; never modified); labels: int [n].
-    index: one of INDEX_CHOICES (module docstring); approx: None (exact) or 'ivf' (FAISS
-    only: per-class IndexIVFFlat, nlist per class index, default ~4 sqrt(n_c); nprobe
-    default max(8, nlist/16), nprobe >= nlist is exhaustive). name: the modality, for
+    index: one of INDEX_CHOICES (module docstring); approx: None (exact) or 'ivf' (not with
+    the torch backend; nlist: lists per class, default ~sqrt(n_c)/4; nprobe: lists probed
+    per query, over all other classes on the CPU, per class on the GPU; default 5% of the
+    lists; `exhaustive_nprobe` lists make it exact). name: the modality, for
     error messages. The torch backend only: torch_device (default this rank's GPU, else
     the CPU), precision and chunk_size (see `torch_knn.TorchKNN`); ``self.torch`` is its
     searcher (``stats``), None for FAISS.
@@ -325,7 +325,8 @@ class DifferentLabelIndex:
         self.pos = np.empty_like(self.order)
         self.pos[self.order] = np.arange(len(self.order))  # input row -> row of xs
         self.torch = None
-        self._exact_searchers: list[Searcher] | None = None
+        self._exact_searchers: list[Searcher] | None = None  # exact, for recall and fallback
+        self._cross: CrossClassIVF | None = None
         if self.device == "torch":
             from midas_data.mining.torch_knn import TorchKNN
 
@@ -333,39 +334,66 @@ class DifferentLabelIndex:
             self._searchers = []
             log.info("%s: mining with %s", _at(name), self.torch.describe())
         else:
-            self._searchers = _make_searchers(self.xs, self.bounds, self.device, approx, nlist,
-                                              nprobe)
+            self._searchers = []
+            self.use_approx(approx, nlist, nprobe)
 
     def use_approx(self, approx: str | None, nlist: int | None = None,
                    nprobe: int | None = None) -> None:
-        """Switch to another search (None: exact; 'ivf') over the same normalised rows."""
+        """Switch to another search (None: exact; 'ivf') over the same normalised rows.
+
+        IVF on the CPU is one `CrossClassIVF` (nprobe: lists per query over all other
+        classes); on the GPU one FAISS IndexIVFFlat per class (nprobe: lists per class).
+        """
         if approx not in APPROX_KINDS:
             raise MidasDataError(f"approx must be one of {APPROX_KINDS}, got {approx!r}")
         if self.device == "torch" and approx is not None:
             raise MidasDataError(f"approx={approx!r} needs FAISS (--index cpu or gpu); the torch "
                                  "backend searches exactly")
-        if self.approx is None and self.torch is None:
-            self._exact_searchers = self._searchers
         self.approx = approx
-        if self.torch is None:
-            self._searchers = (self._exact() if approx is None else
-                               _make_searchers(self.xs, self.bounds, self.device, approx, nlist,
-                                               nprobe))
+        self._cross = None
+        if self.torch is not None:
+            return
+        if approx is None:
+            if self._exact_searchers is None:
+                self._exact_searchers = _make_searchers(self.xs, self.bounds, self.device, None,
+                                                        None, None)
+            self._searchers = self._exact_searchers
+        elif self.device == "cpu":
+            self._cross = CrossClassIVF(self.xs, self.bounds, nlist, nprobe)
+            self._searchers = []
+        else:
+            self._searchers = _make_searchers(self.xs, self.bounds, self.device, approx, nlist,
+                                              nprobe)
 
-    def ivf_lists(self) -> tuple[list[int], list[int]]:
-        """(nlist, nprobe) of each class's IVF searcher."""
-        targets = [getattr(s, "index", s) for s in self._searchers]
-        return [int(t.nlist) for t in targets], [int(t.nprobe) for t in targets]
+    def ivf_lists(self) -> list[int]:
+        """IVF lists of each class (present classes, in label order)."""
+        if self._cross is not None:
+            return list(self._cross.lists_per_class)
+        return [int(getattr(s, "index", s).nlist) for s in self._searchers]
+
+    @property
+    def nprobe(self) -> int:
+        """IVF lists probed per query: over all other classes (CPU), per class (GPU)."""
+        if self._cross is not None:
+            return int(self._cross.nprobe)
+        return max(int(getattr(s, "index", s).nprobe) for s in self._searchers)
+
+    @property
+    def exhaustive_nprobe(self) -> int:
+        """The nprobe from which the IVF reads every candidate row (an exact search)."""
+        if self._cross is not None:
+            return self._cross.exhaustive_nprobe
+        return max(self.ivf_lists())
 
     def set_nprobe(self, nprobe: int) -> None:
-        """Lists probed per class (capped at each class's nlist, where IVF is exhaustive)."""
+        """IVF lists probed per query (capped where the search becomes exhaustive)."""
+        if self._cross is not None:
+            self._cross.nprobe = int(min(nprobe, self._cross.exhaustive_nprobe))
         for s in self._searchers:
             set_nprobe(s, nprobe)
 
     def _exact(self) -> list[Searcher]:
-        if self.approx is None:
-            return self._searchers
-        if self._exact_searchers is None:
+        if self._exact_searchers is None:  # built on the CPU: it only checks samples
             self._exact_searchers = _make_searchers(self.xs, self.bounds, "cpu", None, None, None)
         return self._exact_searchers
 
@@ -395,8 +423,11 @@ class DifferentLabelIndex:
                 d, i = self.torch.search_block(rows, cls[queries[sel]], k)
                 missing = ()
             else:
-                searchers = self._exact() if exact else self._searchers
-                d, i = _search_block(searchers, xs[rows], cls[queries[sel]], self.bounds, k)
+                if self._cross is not None and not exact:
+                    d, i = self._cross.search(xs[rows], cls[queries[sel]], k)
+                else:
+                    searchers = self._exact() if exact else self._searchers
+                    d, i = _search_block(searchers, xs[rows], cls[queries[sel]], self.bounds, k)
                 missing = np.flatnonzero((i < 0).any(axis=1))
             if len(missing):  # IVF probed too few vectors for these rows: redo them exactly
                 d[missing], i[missing] = _search_block(self._exact(), xs[rows[missing]],

@@ -8,11 +8,12 @@ estimate of the exact search's time, printed before the search starts. Then:
 - exact (``approx`` None, or 'auto' at or below ``approx_above`` rows, or any size on a GPU):
   the probe's rows are already answered, the other anchors are searched; the estimate cost
   nothing extra.
-- IVF (``approx`` 'ivf', or 'auto' above ``approx_above`` rows on the CPU): per-class IVF
-  over the same normalised rows. Without an explicit ``nprobe`` the probe sample calibrates
-  it: nprobe grows by a quarter (at least one list) until recall@k on the sample, less two
-  standard errors of its mean, reaches ``recall_target`` (or every list is probed, which is
-  exhaustive); the margin makes a held-out sample land above the target too. After the full search, recall@k is measured again on a
+- IVF (``approx`` 'ivf', or 'auto' above ``approx_above`` rows on the CPU): IVF over the
+  same normalised rows (`knn.DifferentLabelIndex.use_approx`). Without an explicit
+  ``nprobe`` the probe sample calibrates it: from 2 lists, nprobe grows by a quarter (at
+  least one list) until recall@k on the sample, less two standard errors of its mean,
+  reaches ``recall_target`` (or the search is exhaustive); the margin makes a held-out
+  sample land above the target too. After the full search, recall@k is measured again on a
   second, disjoint sample (so the reported figure is not the one nprobe was tuned on) and a
   warning is raised when it is below the target.
 
@@ -37,6 +38,8 @@ import numpy as np
 from midas_data.mining.knn import DifferentLabelIndex, recall_at_k
 
 log = logging.getLogger(__name__)
+
+_CALIBRATION_START = 2  # lists probed at the first calibration step (then +25% a step)
 
 
 def say(message: str, echo: bool) -> None:
@@ -84,7 +87,8 @@ def mine_modality(x: np.ndarray, labels: np.ndarray, k: int, device: str, querie
                   name: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """(D [q, k], I [q, k], info) for anchors `queries` (sorted, unique) of one modality.
 
-    info: the search actually run (approx, nlist/nprobe per class, estimate_exact_s,
+    info: the search actually run (approx, nlist per class, nprobe and the nprobe that is
+    exhaustive, estimate_exact_s,
     recall_at_k measured on held-out anchors and whether it met recall_target).
     """
     label = f"modality {name!r}" if name else "features"
@@ -124,19 +128,21 @@ def mine_modality(x: np.ndarray, labels: np.ndarray, k: int, device: str, querie
         return D, I, info
 
     index.use_approx(chosen, nlist, nprobe)
-    lists, probes = index.ivf_lists()
+    lists = index.ivf_lists()
+    if nprobe is None:
+        index.set_nprobe(_CALIBRATION_START)
     tuned = []
     while True:
         per_query = recall_per_query(index.search(k, probe, block_size)[1], I_probe)
         r, low = per_query.mean(), lower_bound(per_query)
-        tuned.append({"nprobe": max(probes), "recall_at_k": round(float(r), 4),
+        tuned.append({"nprobe": index.nprobe, "recall_at_k": round(float(r), 4),
                       "lower_bound": round(low, 4)})
-        if nprobe is not None or low >= recall_target or min(probes) >= min(lists):
+        if nprobe is not None or low >= recall_target or index.nprobe >= index.exhaustive_nprobe:
             break
-        index.set_nprobe(max(max(probes) + 1, math.ceil(1.25 * max(probes))))
-        probes = index.ivf_lists()[1]
-    say(f"{label}: IVF {max(lists)} lists per class, nprobe {max(probes)} (sample recall@{k} "
-        f"{r:.3f}; tried {[t['nprobe'] for t in tuned]})", progress)
+        index.set_nprobe(max(index.nprobe + 1, math.ceil(1.25 * index.nprobe)))
+    scope = "over the other classes" if device == "cpu" else "per class"
+    say(f"{label}: IVF {max(lists)} lists per class, nprobe {index.nprobe} {scope} (sample "
+        f"recall@{k} {r:.3f}; tried {[t['nprobe'] for t in tuned]})", progress)
     t0 = time.perf_counter()
     D, I = index.search(k, queries, block_size, progress)  # noqa: E741
     search_s = time.perf_counter() - t0
@@ -146,13 +152,14 @@ def mine_modality(x: np.ndarray, labels: np.ndarray, k: int, device: str, querie
     held = np.sort(rng.choice(held, min(recall_queries, len(held)), replace=False))
     recall = recall_at_k(I[np.searchsorted(queries, held)], index.search(k, held, block_size,
                                                                          exact=True)[1])
-    info.update(nlist=lists, nprobe=probes, calibration=tuned, search_s=round(search_s, 3),
+    info.update(nlist=lists, nprobe=index.nprobe, nprobe_exhaustive=index.exhaustive_nprobe,
+                calibration=tuned, search_s=round(search_s, 3),
                 recall_at_k=round(recall, 4), recall_anchors=len(held),
                 recall_target=recall_target, recall_target_met=bool(recall >= recall_target))
     if recall < recall_target:
         msg = (f"{label}: IVF recall@{k} {recall:.3f} on {len(held)} held-out anchors is below "
-               f"the target {recall_target}; raise --nprobe (now {max(probes)} of "
-               f"{max(lists)} lists) or search exactly")
+               f"the target {recall_target}; raise --nprobe (now {index.nprobe}, exhaustive "
+               f"at {index.exhaustive_nprobe}) or search exactly")
         log.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
     say(f"{label}: IVF search {search_s:.1f} s (exact estimated {_format_seconds(estimate)}); "
