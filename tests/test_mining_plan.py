@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from midas_data.features.tables import table_metadata
+from midas_data.mining import plan
 from midas_data.mining.config import MineConfig
 from midas_data.mining.ivf import CrossClassIVF
 from midas_data.mining.knn import DifferentLabelIndex, search_different_label
@@ -44,7 +45,9 @@ def test_auto_is_exact_at_or_below_the_threshold(dataset):  # noqa: F811
     assert read_pairs(dataset, "train").sort_by(SORT).equals(auto)
 
 
-def test_auto_picks_ivf_above_the_threshold_and_stores_recall(dataset):  # noqa: F811
+def test_auto_picks_ivf_above_the_threshold_and_stores_recall(dataset, monkeypatch):  # noqa: F811
+    # at this size the exact search is faster than any IVF; the IVF path is what is tested
+    monkeypatch.setattr(plan, "exact_is_no_slower", lambda *a: False)
     s = mine_misaligned(dataset, k=3, approx="auto", approx_above=10, progress=False)
     info = s["splits"]["train"]
     assert info["approx"] == "ivf"
@@ -57,6 +60,12 @@ def test_auto_picks_ivf_above_the_threshold_and_stores_recall(dataset):  # noqa:
         assert srch["approx"] == "ivf" and 0 <= srch["recall_at_k"] <= 1
         assert srch["recall_anchors"] > 0 and srch["nprobe"] and srch["nlist"]
         assert srch["recall_target_met"] == (srch["recall_at_k"] >= 0.95)
+
+
+def test_exact_is_no_slower():
+    assert plan.exact_is_no_slower(True, 1.0, 100.0)  # every list read: exact costs the same
+    assert plan.exact_is_no_slower(False, 100.0, 100.0)
+    assert not plan.exact_is_no_slower(False, 99.0, 100.0)
 
 
 def test_choose_approx():
@@ -116,6 +125,19 @@ def test_low_recall_raises_nprobe_until_the_target():
     assert (info["calibration"][-1]["recall_at_k"] == 1.0
             or info["nprobe"] == info["nprobe_exhaustive"])
     assert info["recall_at_k"] == 1.0 and info["recall_target_met"]
+
+
+def test_auto_searches_exactly_when_the_recall_needs_every_list():
+    rng = np.random.default_rng(0)  # isotropic: no cluster structure for IVF to use
+    x, y = rng.standard_normal((1500, 32)).astype(np.float32), rng.integers(0, 3, 1500)
+    q = np.arange(1500, dtype=np.int64)
+    D, I, info = mine_modality(x, y, 10, "cpu", q, approx="auto", approx_above=0, nlist=8,
+                               nprobe=None, recall_target=1.0, recall_queries=200,
+                               rng=np.random.default_rng(0))
+    assert info["approx"] is None and info["calibration"][-1]["nprobe"] == 16
+    D0, I0 = search_different_label(x, y, 10, queries=q)
+    np.testing.assert_array_equal(I, I0)
+    np.testing.assert_array_equal(D, D0)
 
 
 def test_recall_below_target_with_a_fixed_nprobe_warns_and_is_recorded():

@@ -15,7 +15,10 @@ estimate of the exact search's time, printed before the search starts. Then:
   reaches ``recall_target`` (or the search is exhaustive); the margin makes a held-out
   sample land above the target too. After the full search, recall@k is measured again on a
   second, disjoint sample (so the reported figure is not the one nprobe was tuned on) and a
-  warning is raised when it is below the target.
+  warning is raised when it is below the target. With 'auto' and a calibrated nprobe, the
+  IVF's own time is estimated from the last calibration step; when it needs every list or
+  is no faster than the exact estimate (features without cluster structure), the exact
+  search runs instead.
 
 Why a threshold on rows, 200,000 by default: the exact search costs n^2 d inner products,
 so its time grows with the square of the rows, while building the IVF lists and measuring
@@ -76,8 +79,28 @@ def choose_approx(approx: str | None, n: int, approx_above: int, device: str,
     return "ivf" if n > approx_above and on_cpu and device == "cpu" else None
 
 
+def exact_is_no_slower(exhaustive: bool, ivf_estimate_s: float, exact_estimate_s: float) -> bool:
+    """After calibration: does the IVF cost as much as the exact search it approximates?"""
+    return exhaustive or ivf_estimate_s >= exact_estimate_s
+
+
 def _format_seconds(s: float) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _exact_rest(index: DifferentLabelIndex, k: int, queries: np.ndarray, probe: np.ndarray,
+                D_probe: np.ndarray, I_probe: np.ndarray, block_size: int,
+                progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The exact answer for all `queries`, reusing the probe's (already exact) rows."""
+    D = np.empty((len(queries), k), np.float32)
+    I = np.empty((len(queries), k), np.int64)  # noqa: E741 (FAISS naming)
+    pos = np.searchsorted(queries, probe)
+    D[pos], I[pos] = D_probe, I_probe
+    rest = np.setdiff1d(queries, probe, assume_unique=True)
+    if len(rest):
+        at = np.searchsorted(queries, rest)
+        D[at], I[at] = index.search(k, rest, block_size, progress)
+    return D, I
 
 
 def mine_modality(x: np.ndarray, labels: np.ndarray, k: int, device: str, queries: np.ndarray,
@@ -116,16 +139,9 @@ def mine_modality(x: np.ndarray, labels: np.ndarray, k: int, device: str, querie
         say(f"{label}: {n} rows is above {approx_above}: --approx ivf (or --approx auto) searches "
             "approximately, at a fraction of that time, and reports recall@k", progress)
     info["approx"] = chosen
-    pos = np.searchsorted(queries, probe)
-    if chosen is None:  # exact: the probe's anchors are answered already
-        rest = np.setdiff1d(queries, probe, assume_unique=True)
-        D = np.empty((nq, k), np.float32)
-        I = np.empty((nq, k), np.int64)  # noqa: E741 (FAISS naming)
-        D[pos], I[pos] = D_probe, I_probe
-        if len(rest):
-            at = np.searchsorted(queries, rest)
-            D[at], I[at] = index.search(k, rest, block_size, progress)
-        return D, I, info
+    if chosen is None:
+        return (*_exact_rest(index, k, queries, probe, D_probe, I_probe, block_size, progress),
+                info)
 
     index.use_approx(chosen, nlist, nprobe)
     lists = index.ivf_lists()
@@ -133,7 +149,9 @@ def mine_modality(x: np.ndarray, labels: np.ndarray, k: int, device: str, querie
         index.set_nprobe(_CALIBRATION_START)
     tuned = []
     while True:
+        t0 = time.perf_counter()
         per_query = recall_per_query(index.search(k, probe, block_size)[1], I_probe)
+        sample_s = time.perf_counter() - t0
         r, low = per_query.mean(), lower_bound(per_query)
         tuned.append({"nprobe": index.nprobe, "recall_at_k": round(float(r), 4),
                       "lower_bound": round(low, 4)})
@@ -143,6 +161,21 @@ def mine_modality(x: np.ndarray, labels: np.ndarray, k: int, device: str, querie
     scope = "over the other classes" if device == "cpu" else "per class"
     say(f"{label}: IVF {max(lists)} lists per class, nprobe {index.nprobe} {scope} (sample "
         f"recall@{k} {r:.3f}; tried {[t['nprobe'] for t in tuned]})", progress)
+    ivf_estimate = sample_s * nq / len(probe)
+    info.update(nlist=lists, nprobe=index.nprobe, nprobe_exhaustive=index.exhaustive_nprobe,
+                calibration=tuned, estimate_ivf_s=ivf_estimate)
+    exhaustive = index.nprobe >= index.exhaustive_nprobe
+    if approx == "auto" and nprobe is None and exact_is_no_slower(exhaustive, ivf_estimate,
+                                                                   estimate):
+        # features without cluster structure: the recall needs (nearly) every list, and
+        # the exact search gives the exact answer for no more time
+        say(f"{label}: IVF at that recall {'reads every list' if exhaustive else 'is'} "
+            f"estimated at {_format_seconds(ivf_estimate)}, no faster than exact: exact search",
+            progress)
+        index.use_approx(None)
+        info["approx"] = None
+        return (*_exact_rest(index, k, queries, probe, D_probe, I_probe, block_size, progress),
+                info)
     t0 = time.perf_counter()
     D, I = index.search(k, queries, block_size, progress)  # noqa: E741
     search_s = time.perf_counter() - t0
@@ -152,8 +185,7 @@ def mine_modality(x: np.ndarray, labels: np.ndarray, k: int, device: str, querie
     held = np.sort(rng.choice(held, min(recall_queries, len(held)), replace=False))
     recall = recall_at_k(I[np.searchsorted(queries, held)], index.search(k, held, block_size,
                                                                          exact=True)[1])
-    info.update(nlist=lists, nprobe=index.nprobe, nprobe_exhaustive=index.exhaustive_nprobe,
-                calibration=tuned, search_s=round(search_s, 3),
+    info.update(search_s=round(search_s, 3),
                 recall_at_k=round(recall, 4), recall_anchors=len(held),
                 recall_target=recall_target, recall_target_met=bool(recall >= recall_target))
     if recall < recall_target:
