@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from midas_data.features.tables import table_metadata
-from midas_data.mining import plan
+from midas_data.mining import knn, plan
 from midas_data.mining.config import MineConfig
 from midas_data.mining.ivf import CrossClassIVF
 from midas_data.mining.knn import DifferentLabelIndex, search_different_label
@@ -187,6 +187,20 @@ def test_cross_class_ivf_probing_every_other_list_is_exact():
     np.testing.assert_allclose(-np.sort(-D, axis=1), want, atol=1e-5)
     S = np.einsum("ij,ikj->ik", index.xs.astype(np.float64), index.xs[I].astype(np.float64))
     np.testing.assert_allclose(S, D, atol=1e-5)  # D is the similarity of the row it names
+
+
+def test_ivf_blocks_shrink_with_nprobe_and_give_the_same_result(monkeypatch):
+    x, y = clustered()
+    index = DifferentLabelIndex(x, y, approx="ivf", nlist=9, nprobe=20)
+    want = index.search(5)
+    monkeypatch.setattr(knn, "_CANDIDATE_BUDGET", 20 * 5 * 64)  # 64 queries per block
+    calls = []
+    search = index._cross.search
+    monkeypatch.setattr(index._cross, "search", lambda *a: calls.append(len(a[0])) or search(*a))
+    got = index.search(5)
+    assert max(calls) == 64 and sum(calls) == len(y)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_cross_class_ivf_never_probes_the_query_class():

@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 INDEX_CHOICES = ("cpu", "gpu", "torch", "auto")  # the --index values; the CLI reads them here
 APPROX_KINDS = (None, "ivf")
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit (also for nprobe)
-_CANDIDATE_BUDGET = 1 << 23  # candidates per block (x 12 bytes): caps q_block when C*k is large
+_CANDIDATE_BUDGET = 1 << 23  # candidates per block (x 12 bytes): caps q_block when C*k
+# (or, for the CPU IVF, nprobe*k) is large
 
 Searcher = Callable[[np.ndarray, int], "tuple[np.ndarray, np.ndarray]"]
 
@@ -403,15 +404,17 @@ class DifferentLabelIndex:
 
         queries: int64 [q] rows of x (default all). Equal similarities are listed by
         ascending row (which of several rows tied for the k-th place is kept is unspecified).
-        block_size: query rows per block (memory ~ block x C x k candidates; the torch
-        backend splits it further to keep each product within its chunk budget).
+        block_size: query rows per block (memory ~ block x C x k candidates, block x nprobe x k
+        for the CPU IVF, blocks shrink to keep that within a budget; the torch backend splits
+        it further to keep each product within its chunk budget).
         exact: search exactly even when the index is approximate (for measuring recall).
         """
         if self.device == "gpu" and k > GPU_MAX_K:
             raise MiningInputError(f"{_at(self.name)}: k={k}: FAISS on GPU allows at most {GPU_MAX_K}")
         queries = _check_query(k, queries, self.classes, self.cls, self.counts, self.name)
         n_cls, cls, xs = len(self.classes), self.cls, self.xs
-        step = int(max(1, min(block_size, _CANDIDATE_BUDGET // (n_cls * k))))
+        per_query = n_cls if self._cross is None or exact else max(n_cls, self._cross.nprobe)
+        step = int(max(1, min(block_size, _CANDIDATE_BUDGET // (per_query * k))))
         qorder = np.argsort(cls[queries], kind="stable")  # blocks sorted by class: contiguous runs
         D = np.empty((len(queries), k), dtype=np.float32)
         I = np.empty((len(queries), k), dtype=np.int64)  # noqa: E741 (FAISS naming)
