@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
+from midas_data.errors import MidasDataError
 from midas_data.features.tables import table_metadata
 from midas_data.mining import knn, plan
 from midas_data.mining.config import MineConfig
@@ -46,8 +47,8 @@ def test_auto_is_exact_at_or_below_the_threshold(dataset):  # noqa: F811
 
 
 def test_auto_picks_ivf_above_the_threshold_and_stores_recall(dataset, monkeypatch):  # noqa: F811
-    # at this size the exact search is faster than any IVF; the IVF path is what is tested
-    monkeypatch.setattr(plan, "exact_is_no_slower", lambda *a: False)
+    # this tiny set may need every list for the recall; the IVF path is what is tested
+    monkeypatch.setattr(plan, "exact_instead", lambda *a: False)
     s = mine_misaligned(dataset, k=3, approx="auto", approx_above=10, progress=False)
     info = s["splits"]["train"]
     assert info["approx"] == "ivf"
@@ -62,10 +63,11 @@ def test_auto_picks_ivf_above_the_threshold_and_stores_recall(dataset, monkeypat
         assert srch["recall_target_met"] == (srch["recall_at_k"] >= 0.95)
 
 
-def test_exact_is_no_slower():
-    assert plan.exact_is_no_slower(True, 1.0, 100.0)  # every list read: exact costs the same
-    assert plan.exact_is_no_slower(False, 100.0, 100.0)
-    assert not plan.exact_is_no_slower(False, 99.0, 100.0)
+def test_exact_instead_only_for_auto_with_a_calibrated_nprobe_that_reads_every_list():
+    assert plan.exact_instead("auto", None, True)
+    assert not plan.exact_instead("auto", None, False)
+    assert not plan.exact_instead("ivf", None, True)  # IVF asked for by name: kept
+    assert not plan.exact_instead("auto", 8, True)  # an explicit nprobe: kept
 
 
 def test_choose_approx():
@@ -134,7 +136,8 @@ def test_auto_searches_exactly_when_the_recall_needs_every_list():
     D, I, info = mine_modality(x, y, 10, "cpu", q, approx="auto", approx_above=0, nlist=8,
                                nprobe=None, recall_target=1.0, recall_queries=200,
                                rng=np.random.default_rng(0))
-    assert info["approx"] is None and info["calibration"][-1]["nprobe"] == 16
+    assert info["approx"] is None and "nprobe" not in info
+    assert info["ivf_not_used"]["calibration"][-1]["nprobe"] == 16  # every other-class list
     D0, I0 = search_different_label(x, y, 10, queries=q)
     np.testing.assert_array_equal(I, I0)
     np.testing.assert_array_equal(D, D0)
@@ -203,9 +206,17 @@ def test_ivf_blocks_shrink_with_nprobe_and_give_the_same_result(monkeypatch):
     np.testing.assert_array_equal(got[1], want[1])
 
 
+def test_ivf_settings_of_an_exact_index_are_a_clear_error():
+    index = DifferentLabelIndex(*clustered())
+    for get in (index.ivf_lists, lambda: index.nprobe, lambda: index.set_nprobe(3)):
+        with pytest.raises(MidasDataError, match="exact index has no IVF lists"):
+            get()
+
+
 def test_cross_class_ivf_never_probes_the_query_class():
     x, y = clustered()
     index, ivf = cross_ivf(x, y, nlist=9, nprobe=40)  # more than the other classes hold
+    assert ivf.nprobe == ivf.exhaustive_nprobe == 27  # capped: blocks are sized from it
     cq = index.cls[index.order]
     _, I = ivf.search(index.xs, cq, 8)
     assert (I >= 0).all() and (cq[I] != cq[:, None]).all()

@@ -215,7 +215,7 @@ def _normalised_by_class(x: np.ndarray, cls: np.ndarray, name: str | None, block
 
 
 def _faiss_ivf(faiss, xb: np.ndarray, nlist: int | None, nprobe: int | None, seed: int = 0):
-    """FAISS IndexIVFFlat for a class (the GPU path; the CPU uses `ivf.BatchedIVF`)."""
+    """FAISS IndexIVFFlat for a class (the GPU path; the CPU uses `ivf.CrossClassIVF`)."""
     nl = max(1, min(nlist or default_nlist(len(xb)), len(xb)))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(xb.shape[1]), xb.shape[1], nl,
                                faiss.METRIC_INNER_PRODUCT)
@@ -366,8 +366,14 @@ class DifferentLabelIndex:
             self._searchers = _make_searchers(self.xs, self.bounds, self.device, approx, nlist,
                                               nprobe)
 
+    def _ivf_only(self) -> None:
+        if self.approx is None:
+            raise MidasDataError(f"{_at(self.name)}: an exact index has no IVF lists; "
+                                 "use_approx('ivf') first")
+
     def ivf_lists(self) -> list[int]:
         """IVF lists of each class (present classes, in label order)."""
+        self._ivf_only()
         if self._cross is not None:
             return list(self._cross.lists_per_class)
         return [int(getattr(s, "index", s).nlist) for s in self._searchers]
@@ -375,6 +381,7 @@ class DifferentLabelIndex:
     @property
     def nprobe(self) -> int:
         """IVF lists probed per query: over all other classes (CPU), per class (GPU)."""
+        self._ivf_only()
         if self._cross is not None:
             return int(self._cross.nprobe)
         return max(int(getattr(s, "index", s).nprobe) for s in self._searchers)
@@ -382,14 +389,16 @@ class DifferentLabelIndex:
     @property
     def exhaustive_nprobe(self) -> int:
         """The nprobe from which the IVF reads every candidate row (an exact search)."""
+        self._ivf_only()
         if self._cross is not None:
             return self._cross.exhaustive_nprobe
         return max(self.ivf_lists())
 
     def set_nprobe(self, nprobe: int) -> None:
         """IVF lists probed per query (capped where the search becomes exhaustive)."""
+        self._ivf_only()
         if self._cross is not None:
-            self._cross.nprobe = int(min(nprobe, self._cross.exhaustive_nprobe))
+            self._cross.nprobe = nprobe
         for s in self._searchers:
             set_nprobe(s, nprobe)
 
