@@ -334,6 +334,25 @@ def test_iterating_again_after_break_continues_from_the_consumed_batches(uneven,
     assert loader.dataset.epoch == 1 and again == _epoch_keys(uneven, 1, 0, epoch=1)[0]
 
 
+def test_batches_kept_across_passes_stay_intact_while_workers_reuse_the_loaders_segments(uneven):
+    """MidasLoader's workers pack their groups into the loader's shared segments, made once
+    and reused by the fresh workers of every pass; batches the consumer keeps (some of each
+    pass) are never overwritten, and every kept batch equals in-process loading's."""
+    loader = MidasLoader(MidasDataset(uneven, batch_size=2), num_workers=2, batches_per_transfer=2)
+    kept, from_pool = [], 0
+    for epoch in range(3):
+        slots = {b.data_ptr() for row in loader._pool.buffers for b in row} if loader._pool else set()
+        for k, b in enumerate(loader):
+            from_pool += b["inputs"]["a"].untyped_storage().data_ptr() in slots
+            if k % 5 == 0:
+                kept.append((epoch, k, b))
+    assert loader._pool is not None and loader._pool.generation == 3, "one pool, a generation per pass"
+    assert from_pool > 0, "no batch came through the loader's segments"
+    ref = [_epoch_batches(uneven, 1, 0, batch_size=2, epoch=e)[0] for e in range(3)]
+    for epoch, k, b in kept:
+        assert_same_batch(ref[epoch][k], b, f"epoch {epoch} batch {k}")
+
+
 def test_persistent_workers_follow_the_loaders_epoch_offset_and_resume(uneven):
     """Workers kept across passes (no fork per pass) take each pass's epoch and offset from
     the loader: whole epochs, a pass left early and continued, set_epoch and

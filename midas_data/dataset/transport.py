@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import sys
+import weakref
 
 import numpy as np
 import torch
@@ -37,14 +39,19 @@ MAX_TRANSFER_GROUP = 16
 
 
 class PackedBatch:
-    """A batch whose tensors sit in one byte array; see `pack_batch`."""
+    """A batch whose tensors sit in one byte array; see `pack_batch`. `slot` is set on a
+    batch packed into a `SegmentPool` slot: it then crosses the queue as the slot's place
+    (pool, worker, slot number, bytes used), not as a buffer."""
 
-    __slots__ = ("buf", "tree")
+    __slots__ = ("buf", "slot", "tree")
 
-    def __init__(self, buf: torch.Tensor | np.ndarray, tree: object):
-        self.buf, self.tree = buf, tree
+    def __init__(self, buf: torch.Tensor | np.ndarray, tree: object,
+                 slot: tuple[int, int, int, int, int] | None = None):
+        self.buf, self.tree, self.slot = buf, tree, slot
 
     def __reduce__(self):
+        if self.slot is not None:
+            return _from_slot, (self.slot, self.tree)
         return PackedBatch, (self.buf, self.tree)
 
     def pin_memory(self, *args) -> PackedBatch:
@@ -67,33 +74,54 @@ class _Slot:
         return _Slot, (self.offset, self.nbytes, self.dtype, self.shape, self.stride)
 
 
-def pack_batch(batch: object) -> PackedBatch:
-    """Pack the tensors of a (nested dict / list / tuple) batch into one byte array."""
-    tensors: list[torch.Tensor] = []
-    slots: list[_Slot] = []
+def pack_batch(batch: object, pool: SegmentPool | None = None, worker: int = 0) -> PackedBatch:
+    """Pack the tensors of a (nested dict / list / tuple) batch into one byte array: a free
+    slot of `pool` (the DataLoader worker `worker`'s own), else a new shared-memory segment."""
+    sources: list[np.ndarray] = []  # each tensor's bytes, flat uint8
+    offsets: list[int] = []
     end = 0
 
     def leaf(x: object) -> object:
         nonlocal end
         if not isinstance(x, torch.Tensor):
             return x
-        t = x.detach()
-        if t.device.type != "cpu":
-            raise ValueError("pack_batch moves CPU tensors; this one is on " + str(t.device))
-        t = t.contiguous()
-        slot = _Slot(end, t.numel() * t.element_size(), t.dtype, tuple(t.shape), t.stride())
-        end += -(-slot.nbytes // ALIGN) * ALIGN
-        tensors.append(t)
-        slots.append(slot)
+        if x.device.type != "cpu":
+            raise ValueError("pack_batch moves CPU tensors; this one is on " + str(x.device))
+        shape = tuple(x.shape)
+        try:  # numpy's view of a tensor costs a fraction of torch's reshape and view, per tensor
+            a = x.numpy()
+        except (RuntimeError, TypeError):  # needs grad, a dtype numpy lacks (bfloat16), ...
+            a = x.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        else:
+            if not a.flags.c_contiguous:
+                a = np.ascontiguousarray(a)
+            a = a.reshape(-1).view(np.uint8)
+        slot = _Slot(end, a.size, x.dtype, shape, _contiguous_strides(shape))
+        if a.size:
+            sources.append(a)
+            offsets.append(end)
+        end += -(-a.size // ALIGN) * ALIGN
         return slot
 
     tree = _map_leaves(batch, leaf)
-    buf = _shared_bytes(end)
+    slot = pool.take(worker, end) if pool is not None else None
+    buf = pool.buffers[worker][slot] if slot is not None else _shared_bytes(end)
     flat = buf.numpy()  # numpy slicing costs a fraction of torch indexing, per tensor
-    for t, slot in zip(tensors, slots):
-        if slot.nbytes:
-            flat[slot.offset:slot.offset + slot.nbytes] = t.reshape(-1).view(torch.uint8).numpy()
+    for a, at in zip(sources, offsets):
+        flat[at:at + a.size] = a
+    if slot is not None:
+        return PackedBatch(buf, tree, (pool.token, pool.generation, worker, slot, end))
     return PackedBatch(buf, tree)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides torch gives a contiguous tensor of `shape` (a size-0 dimension counts
+    as 1), worked out in the worker so that the main process only makes views."""
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d if d > 1 else 1
+    return tuple(reversed(strides))
 
 
 def _shared_bytes(n: int) -> torch.Tensor:
@@ -133,6 +161,125 @@ def _populate(ptr: int, n: int) -> None:
     if _madvise:
         start = ptr - ptr % mmap.PAGESIZE
         _madvise(start, n + (ptr - start), _MADV_POPULATE_WRITE)  # an error (old kernel) is harmless
+
+
+# Slot states in a SegmentPool's `state` table (shared between the main process and its workers).
+FREE, PACKED, HELD, RESERVED = 0, 1, 2, 3
+_POOLS: dict[int, weakref.ref] = {}  # the pools of this process by token, for unpickling slots
+
+
+class SegmentPool:
+    """Shared-memory segments that a loader's DataLoader workers pack their groups into,
+    made once in the main process and inherited by every worker it forks.
+
+    A new segment per group costs the worker its creation (torch allocates every page at
+    once) and the main process a file-descriptor handover through the worker's resource
+    sharer; a slot of the pool (an anonymous shared mapping, made before the workers are
+    forked) crosses the queue as its number only, and its pages stay allocated across
+    passes and mapped in the main process. Each worker has its own `slots` slots of `slot_bytes`; `state` (shared,
+    int64 [workers, slots]) says who may touch each: FREE (the worker may fill it),
+    PACKED (filled and sent), HELD (received by the main process), RESERVED (not in use
+    this generation). The main process frees a HELD slot (`release`) only once no tensor
+    views its buffer any more (the storage's use count is back to the pool's own), so a
+    batch kept by the consumer is never overwritten; a worker with no free slot packs into
+    a new segment, as without a pool. One generation (one DataLoader iterator, whose
+    workers hold this `state`) uses the pool at a time.
+    """
+
+    def __init__(self, num_workers: int, slots: int, slot_bytes: int):
+        page = mmap.PAGESIZE
+        self.slot_bytes = -(-int(slot_bytes) // page) * page
+        self.token = int.from_bytes(os.urandom(8), "little") >> 1
+        # anonymous shared mappings: inherited by forked workers, no file to leak, pages
+        # allocated where first touched (by the worker that packs into the slot)
+        self.buffers = [[torch.frombuffer(mmap.mmap(-1, self.slot_bytes), dtype=torch.uint8)
+                         for _ in range(slots)] for _ in range(num_workers)]
+        self._storages = [[b.untyped_storage()._cdata for b in row] for row in self.buffers]
+        self._base = np.array([[_use_count(c) for c in row] for row in self._storages], np.int64)
+        self.generation = 0
+        self.state = torch.full((num_workers, slots), RESERVED, dtype=torch.int64).share_memory_()
+        self._state = self.state.numpy()
+        self._owner: weakref.ref | None = None  # the DataLoader iterator of this generation
+        self._mapped: set[tuple[int, int]] = set()  # slots this process has faulted in
+        self._pid = os.getpid()
+        _POOLS[self.token] = weakref.ref(self)
+
+    def __reduce__(self):
+        # Only forked workers share the pool (its slots are inherited mappings); a worker
+        # started by "spawn" gets none and packs into new segments.
+        return _no_pool, ()
+
+    def in_use(self) -> bool:
+        """Whether this generation's iterator (its workers) may still be running."""
+        return self._owner is not None and self._owner() is not None
+
+    def new_generation(self) -> bool:
+        """Start a generation for workers about to be forked (they inherit `state`); False,
+        leaving every slot reserved for it, while the last generation's iterator lives.
+        Slots sent by dead workers but never received become free; slots whose views the
+        consumer still holds stay HELD until `release`."""
+        if self.in_use():
+            return False
+        state = self._state
+        held = state == HELD
+        fresh = torch.full(state.shape, FREE, dtype=torch.int64).share_memory_()
+        fresh.numpy()[held] = HELD
+        self.state, self._state, self._owner = fresh, fresh.numpy(), None
+        self.generation += 1
+        return True
+
+    def own(self, iterator: object) -> None:
+        """The DataLoader iterator whose workers use this generation."""
+        self._owner = weakref.ref(iterator)
+
+    def take(self, worker: int, nbytes: int) -> int | None:
+        """In a worker: a free slot of its own that holds `nbytes`, now PACKED; None if none."""
+        if nbytes > self.slot_bytes or worker >= len(self.buffers):
+            return None
+        row = self._state[worker]
+        free = np.flatnonzero(row == FREE)
+        if not free.size:
+            return None
+        slot = int(free[0])
+        row[slot] = PACKED
+        if os.getpid() != self._pid:  # a forked worker: fault the inherited slot in once
+            self._mapped, self._pid = set(), os.getpid()
+        if (worker, slot) not in self._mapped:
+            buf = self.buffers[worker][slot]
+            _populate(buf.data_ptr(), self.slot_bytes)
+            self._mapped.add((worker, slot))
+        return slot
+
+    def receive(self, generation: int, worker: int, slot: int, nbytes: int) -> torch.Tensor:
+        """In the main process: the buffer of a slot a worker sent, now HELD."""
+        if generation == self.generation:
+            self._state[worker, slot] = HELD
+        return self.buffers[worker][slot][:nbytes]
+
+    def release(self) -> None:
+        """In the main process: free the HELD slots that no tensor views any more."""
+        for w, s in zip(*np.nonzero(self._state == HELD)):
+            if _use_count(self._storages[w][s]) <= self._base[w, s]:
+                self._state[w, s] = FREE
+
+
+def _no_pool() -> None:
+    return None
+
+
+def _use_count(storage_cdata: int) -> int:
+    return torch._C._storage_Use_Count(storage_cdata)
+
+
+def _from_slot(slot: tuple[int, int, int, int, int], tree: object) -> PackedBatch:
+    """Unpickle a batch packed into a pool slot: the main process's view of that slot."""
+    token, generation, worker, index, nbytes = slot
+    ref = _POOLS.get(token)
+    pool = ref() if ref is not None else None
+    if pool is None:
+        raise RuntimeError("a batch packed into a shared-memory pool reached a process without "
+                           "that pool (pools work across forked DataLoader workers only)")
+    return PackedBatch(pool.receive(generation, worker, index, nbytes), tree)
 
 
 def unpack_batch(packed: object) -> object:

@@ -28,7 +28,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from midas_data.dataset.reader import Dataset, open_dataset
-from midas_data.dataset.transport import pack_batch, torch_batch, transfer_group_size, unpack_batch
+from midas_data.dataset.transport import (
+    MAX_TRANSFER_GROUP,
+    TRANSFER_BYTES,
+    SegmentPool,
+    pack_batch,
+    torch_batch,
+    transfer_group_size,
+    unpack_batch,
+)
 from midas_data.distributed import rank_and_world_size
 from midas_data.errors import CorruptShardError, MidasDataError, SchemaError, where
 from midas_data.features.tables import read_features
@@ -111,7 +119,9 @@ class MidasDataset(IterableDataset):
         self.epoch, self.offset = 0, 0
         self._transfer_group = 0  # batches per worker-queue item; set by MidasLoader for its workers
         self._pass_state: torch.Tensor | None = None  # persistent workers: [epoch, offset, group]
+        self._pool: SegmentPool | None = None  # MidasLoader's shared segments, for its workers
         self._exhausted = False  # set when an iteration ran to the end of the epoch
+        self._order_cache: tuple | None = None  # ((policy, seed, epoch), order, partner_of)
         self.features = None
         feat_path = self.root / "features" / f"{split}.arrow"
         if use_features and feat_path.exists():
@@ -143,6 +153,18 @@ class MidasDataset(IterableDataset):
         if epoch != self.epoch:
             self.epoch, self.offset, self._exhausted = int(epoch), 0, False
 
+    def epoch_order(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The current epoch's order and matched partners (`PartnerPolicy.order`), kept for
+        the epoch: MidasLoader computes it before starting fresh workers, which then
+        inherit it instead of each recomputing it every pass (a permutation of the split,
+        or a matching on the mined graph for the paired policies)."""
+        key = (self.partners, self.seed, self.epoch)
+        cached = self._order_cache
+        if cached is None or cached[0] != key:
+            order, partner_of = self.partners.order(self.seed, self.epoch)
+            cached = self._order_cache = (key, order, partner_of)
+        return cached[1], cached[2]
+
     def rank_world(self) -> tuple[int, int]:
         rank, world = rank_and_world_size()
         return (self._rank if self._rank is not None else rank,
@@ -173,7 +195,7 @@ class MidasDataset(IterableDataset):
             self.begin_epoch()
         elif self._pass_state is not None:  # a persistent worker: this pass's position, from the loader
             self.epoch, self.offset, self._transfer_group = (int(v) for v in self._pass_state.tolist())
-        order, partner_of = self.partners.order(self.seed, self.epoch)
+        order, partner_of = self.epoch_order()
         start, n, paired = self.offset, len(order), self.partners.paired
         spans = plan.batch_spans(n, start, self.batch_size, world, rank, self.drop_last,
                                  pair_aligned=paired)
@@ -212,7 +234,7 @@ class MidasDataset(IterableDataset):
             # at the group's turn, after every earlier batch, so the consumed position stays
             # a prefix of the order (sending the group's first batches alone would let the
             # next worker's group overtake the failed batch).
-            yield pack_batch([build(k) for k in group])
+            yield pack_batch([build(k) for k in group], self._pool, worker)
         if info is None:
             self.offset = n  # epoch done (items dropped by drop_last included)
             self._exhausted = True
@@ -445,6 +467,7 @@ class MidasLoader(DataLoader):
         # Persistent workers copied the dataset once; each pass's position reaches them here.
         self._pass_state = (torch.zeros(3, dtype=torch.int64).share_memory_()
                             if self.persistent_workers else None)
+        self._pool: SegmentPool | None = None  # made on the first pass with workers
 
     def transfer_group(self) -> int:
         """Batches per worker-queue item for the next pass (0 without workers)."""
@@ -459,6 +482,13 @@ class MidasLoader(DataLoader):
         ds: MidasDataset = self.dataset  # type: ignore[assignment]
         ds.begin_epoch()  # before workers copy it
         ds._transfer_group = self.transfer_group()
+        # Workers about to be forked (every pass, or the first of persistent ones) inherit
+        # the epoch's order and the loader's shared segments from this process.
+        forking = self.num_workers > 0 and not (self.persistent_workers and self._iterator is not None)
+        pool = self._segment_pool() if forking else None
+        if forking:
+            ds.epoch_order()
+            ds._pool = pool if pool is not None and pool.new_generation() else None
         if self._pass_state is not None:  # before the workers are told to start the pass
             self._pass_state.copy_(torch.tensor([ds.epoch, ds.offset, ds._transfer_group]))
             ds._pass_state = self._pass_state
@@ -466,8 +496,13 @@ class MidasLoader(DataLoader):
             items = super().__iter__()
         finally:
             # the dataset's own iteration (and plain DataLoaders) gets dicts, at its own position
-            ds._transfer_group, ds._pass_state = 0, None
+            ds._transfer_group, ds._pass_state, started, ds._pool = 0, None, ds._pool, None
+        if started is not None:
+            started.own(items)  # its workers may use the segments while this iterator lives
+        pool = self._pool
         for item in items:
+            if pool is not None:
+                pool.release()  # slots whose batches the consumer has let go of
             batches = unpack_batch(item)  # a worker's group of batches, or one in-process batch
             for batch in batches if isinstance(batches, list) else (batches,):
                 # The consumed position lives in the dataset, whatever process built the batch,
@@ -476,6 +511,27 @@ class MidasLoader(DataLoader):
                 ds.epoch, ds.offset = int(state["epoch"]), int(state["offset"])
                 yield batch
         ds.offset, ds._exhausted = len(ds.reader), True  # epoch finished
+
+    def _segment_pool(self) -> SegmentPool | None:
+        """The shared segments this loader's forked workers pack their groups into (made
+        on first use, kept across passes): per worker, `prefetch_factor + 2` slots (the
+        groups in flight, the one being consumed and the one before it) of the largest
+        group a pass can send. None without grouped workers, for workers that are not
+        forked, or for groups larger than 4 x `TRANSFER_BYTES`."""
+        ds: MidasDataset = self.dataset  # type: ignore[assignment]
+        ctx = self.multiprocessing_context
+        method = ctx.get_start_method() if ctx is not None else torch.multiprocessing.get_start_method()
+        if self.num_workers == 0 or ds._transfer_group <= 0 or method != "fork":
+            return None
+        batch = ds.batch_size * ds.row_bytes() + 64 * (16 + len(ds.modalities))  # + alignment
+        group = self.batches_per_transfer or max(1, min(MAX_TRANSFER_GROUP, TRANSFER_BYTES // batch))
+        need = group * batch
+        if need > 4 * TRANSFER_BYTES:
+            return None
+        pool = self._pool
+        if pool is None or (pool.slot_bytes < need and not pool.in_use()):
+            self._pool = pool = SegmentPool(self.num_workers, (self.prefetch_factor or 2) + 2, need)
+        return pool
 
     def __len__(self) -> int:
         # The dataset's length shrinks as the epoch is consumed, so DataLoader's own __len__,
