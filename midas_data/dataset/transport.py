@@ -200,6 +200,7 @@ class SegmentPool:
         self.state = torch.full((num_workers, slots), RESERVED, dtype=torch.int64).share_memory_()
         self._state = self.state.numpy()
         self._owner: weakref.ref | None = None  # the DataLoader iterator of this generation
+        self._workers: list = []  # and its worker processes (multiprocessing.Process)
         self._mapped: set[tuple[int, int]] = set()  # slots this process has faulted in
         self._pid = os.getpid()
         _POOLS[self.token] = weakref.ref(self)
@@ -210,8 +211,11 @@ class SegmentPool:
         return _no_pool, ()
 
     def in_use(self) -> bool:
-        """Whether this generation's iterator (its workers) may still be running."""
-        return self._owner is not None and self._owner() is not None
+        """Whether this generation's iterator, or one of its workers, may still be running."""
+        if self._owner is not None and self._owner() is not None:
+            return True
+        self._workers = [w for w in self._workers if w.is_alive()]
+        return bool(self._workers)
 
     def new_generation(self) -> bool:
         """Start a generation for workers about to be forked (they inherit `state`); False,
@@ -231,6 +235,7 @@ class SegmentPool:
     def own(self, iterator: object) -> None:
         """The DataLoader iterator whose workers use this generation."""
         self._owner = weakref.ref(iterator)
+        self._workers = list(getattr(iterator, "_workers", ()))  # its worker processes
 
     def take(self, worker: int, nbytes: int) -> int | None:
         """In a worker: a free slot of its own that holds `nbytes`, now PACKED; None if none."""
@@ -304,13 +309,16 @@ def unpack_batch(packed: object) -> object:
     return _map_leaves(packed.tree, leaf)
 
 
+_STR = frozenset({str})
+
+
 def _map_leaves(x: object, leaf) -> object:
     """`x` with every leaf replaced by `leaf(x)`, through dicts, lists and plain tuples
     (named tuples are leaves); pack and unpack walk a batch the same way."""
     if isinstance(x, dict):
         return {k: _map_leaves(v, leaf) for k, v in x.items()}
     if isinstance(x, list):
-        if all(type(v) is str for v in x):  # keys, text: nothing to pack, and walked per batch
+        if set(map(type, x)) <= _STR:  # keys, text: nothing to pack, and walked per batch
             return x
         return [_map_leaves(v, leaf) for v in x]
     if isinstance(x, tuple) and not hasattr(x, "_fields"):

@@ -331,8 +331,9 @@ class MidasDataset(IterableDataset):
         partner = self.partners.assign(rows[valid], labels[valid], partner_of, self.seed,
                                        self.epoch, first)
         if partner is not None:
-            partner = np.concatenate([partner, np.full((int((~valid).sum()), partner.shape[1]), -1,
-                                                       dtype=np.int64)])
+            if not valid.all():  # fill rows: no partner
+                partner = np.concatenate([partner, np.full((int((~valid).sum()), partner.shape[1]), -1,
+                                                           dtype=np.int64)])
             conf = feats = None
             if self.features is not None:
                 conf = np.stack([self.features.confs[m][rows] for m in self.modalities], axis=1)
