@@ -13,6 +13,13 @@ passes the packed object through untouched and the queue moves one shared-memory
 per batch, whatever the number of tensors. `unpack_batch` (in the main process) rebuilds the same nested dict,
 each tensor a view of one shared buffer: same dtypes, shapes and values.
 
+Making that segment still costs the worker a page fault per page, and handing it over
+costs both processes a file-descriptor exchange per queue item. A `SegmentPool`, made by
+the main process before it forks the workers, gives each worker reusable slots that both
+processes already map: `pack_batch(group, pool, worker)` packs into a free slot and the
+queue carries the slot's number; the main process gives a slot back once no tensor views
+it (`SegmentPool.release`).
+
 `torch_batch` turns a `SplitReader.read_batch` result into the stream's batch layout
 ({'key', 'label', 'inputs'}) without copying the batch arrays again.
 """

@@ -453,7 +453,9 @@ class MidasLoader(DataLoader):
     size (`transfer_group_size`): groups of about `TRANSFER_BYTES`, at most
     `MAX_TRANSFER_GROUP` batches, 1 for batches that large. A worker's first groups are
     smaller (1, 2, 4, ... batches), so the first batch comes as soon as one is built. The
-    batches and their order are the same for any value.
+    batches and their order are the same for any value. Forked workers pack their groups
+    into the loader's shared slots (`transport.SegmentPool`, made before the first fork
+    and kept), each handed back only once no tensor of its batches is referenced.
     """
 
     def __init__(self, dataset: MidasDataset, num_workers: int = 0, *,
