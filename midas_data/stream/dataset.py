@@ -491,6 +491,7 @@ class MidasLoader(DataLoader):
         pool = self._segment_pool() if forking else None
         if forking:
             ds.epoch_order()
+            ds.reader.key_table()
             ds._pool = pool if pool is not None and pool.new_generation() else None
         if self._pass_state is not None:  # before the workers are told to start the pass
             self._pass_state.copy_(torch.tensor([ds.epoch, ds.offset, ds._transfer_group]))
