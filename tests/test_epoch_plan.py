@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from midas_data.stream.epoch_plan import (
     MIN_ROWS,
     assign_partners,
+    assign_partners_many,
     batch_spans,
     epoch_order,
     fill_positions,
@@ -473,6 +474,22 @@ def test_partners_equal_the_plain_construction_bit_for_bit(labels, m, seed) -> N
     labels = np.array(labels, dtype=np.int64)
     want = _partners_by_unique(labels, m, np.random.default_rng(seed))
     assert np.array_equal(assign_partners(labels, m, np.random.default_rng(seed)), want)
+
+
+@FAST
+@given(st.lists(st.lists(st.sampled_from([0, 1, 2, 5, 9, -1, 70_000]), min_size=0, max_size=40),
+                min_size=0, max_size=8),
+       st.integers(1, 3), st.integers(0, 2**32))
+def test_partners_of_several_batches_at_once_equal_batch_by_batch(batches, m, seed) -> None:
+    """assign_partners_many (vectorised across batches, each batch's draws from its own
+    generator) gives every batch what assign_partners gives it alone, bit for bit: balanced
+    batches, majority classes, single classes, empty batches, negative and huge labels."""
+    batches = [np.array(y, dtype=np.int64) for y in batches]
+    got = assign_partners_many(batches, m, [partner_rng(seed, 1, 8 * j) for j in range(len(batches))])
+    assert len(got) == len(batches)
+    for j, y in enumerate(batches):
+        want = assign_partners(y, m, partner_rng(seed, 1, 8 * j))
+        assert got[j].dtype == want.dtype and np.array_equal(got[j], want), f"batch {j}"
 
 
 def test_single_class_batch_gets_no_partner() -> None:

@@ -444,6 +444,28 @@ def test_skip_mode_reports_what_it_skipped_and_keeps_the_rest(tmp_path, per_tran
     assert sorted(keys) == sorted(f"s{i:04d}" for i in range(61) if i != 30)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_batch_that_loses_a_row_to_skip_gets_partners_of_the_rows_it_keeps(tmp_path, workers):
+    """Partners are planned for several batches ahead; the batch that loses a damaged row
+    gets the partners the policy gives its remaining rows, every other batch the planned
+    ones (equal to the undamaged dataset's)."""
+    from midas_data.stream.epoch_plan import assign_partners, partner_rng
+
+    root = _dataset(tmp_path / "ds")
+    clean = list(MidasLoader(MidasDataset(root, batch_size=4), num_workers=0))
+    _flip_payload_byte(root, "s0030")
+    got = list(MidasLoader(MidasDataset(root, batch_size=4, on_error="skip"), num_workers=workers,
+                           batches_per_transfer=3 if workers else None))
+    assert len(got) == len(clean)
+    for k, (a, b) in enumerate(zip(clean, got)):
+        if b["skipped"]:
+            want = assign_partners(b["label"].numpy(), 2, partner_rng(0, 0, 4 * k))
+            assert torch.equal(b["partner"], torch.from_numpy(want)), f"batch {k}"
+            assert len(b["key"]) == len(a["key"]) - 1
+        else:
+            assert torch.equal(a["partner"], b["partner"]), f"batch {k}"
+
+
 def test_truncated_shard_is_an_error_naming_the_shard(tmp_path):
     root = _dataset(tmp_path / "ds")
     last = sorted((root / "shards").glob("train-*.tar"))[-1]

@@ -45,6 +45,9 @@ from midas_data.loss import hard_weight_from_similarity, normalised_confidences,
 from . import epoch_plan as plan
 from .partners import PartnerOptions, PartnerPolicy, SplitData, make_policy, resolve_modalities
 
+PARTNER_CHUNK = 16  # batches whose partners are computed together, one batch at a time
+_UNPLANNED = object()  # _make_batch computes the batch's partners itself
+
 
 class MidasDataset(IterableDataset):
     """Batches of one split: aligned inputs, labels, and misaligned partners with weights.
@@ -215,26 +218,37 @@ class MidasDataset(IterableDataset):
         if hasattr(self.reader, "plan_reads"):  # remote root: fetch this worker's shards ahead
             self.reader.plan_reads([rows_of(k) for group in groups for k in group])
 
-        def build(k: int) -> dict:
+        def partners(ks: Sequence[int]) -> list:
+            """The partners of the real rows of batches `ks`, computed together
+            (`PartnerPolicy.assign_many`); a batch that loses a row to on_error="skip"
+            has its own recomputed."""
+            real = [order[int(spans[k][0]):int(spans[k][1])] for k in ks]
+            return self.partners.assign_many(real, [self.reader.labels[r] for r in real], partner_of,
+                                             self.seed, self.epoch, [int(spans[k][0]) for k in ks])
+
+        def build(k: int, partner: np.ndarray | None) -> dict:
             lo, hi = (int(v) for v in spans[k])
-            batch = self._make_batch(rows_of(k), hi - lo, partner_of, lo)
+            batch = self._make_batch(rows_of(k), hi - lo, partner_of, lo, partner)
             offset = plan.offset_after_step(n, start, self.batch_size, world, k)
             batch["stream_state"] = {"seed": self.seed, "epoch": self.epoch, "offset": offset}
             return batch
 
-        for group in groups:
-            if not grouped:
-                for k in group:
-                    batch = build(k)
+        if not grouped:  # one batch at a time; partners planned for chunks of 1, 2, 4, ... batches
+            mine, done, size = [k for group in groups for k in group], 0, 1
+            while done < len(mine):
+                ks = mine[done:done + size]
+                done, size = done + len(ks), min(2 * size, PARTNER_CHUNK)
+                for k, partner in zip(ks, partners(ks)):
+                    batch = build(k, partner)
                     if info is None:
                         self.offset = batch["stream_state"]["offset"]
                     yield batch
-                continue
+        for group in groups if grouped else ():
             # A batch that fails (a damaged shard) fails its whole group: the loader raises
             # at the group's turn, after every earlier batch, so the consumed position stays
             # a prefix of the order (sending the group's first batches alone would let the
             # next worker's group overtake the failed batch).
-            yield pack_batch([build(k) for k in group], self._pool, worker)
+            yield pack_batch([build(k, p) for k, p in zip(group, partners(group))], self._pool, worker)
         if info is None:
             self.offset = n  # epoch done (items dropped by drop_last included)
             self._exhausted = True
@@ -313,9 +327,10 @@ class MidasDataset(IterableDataset):
         return collate(samples, self.modalities), ok
 
     def _make_batch(self, rows: np.ndarray, real: int, partner_of: np.ndarray | None,
-                    first: int) -> dict:
+                    first: int, planned: np.ndarray | None | object = _UNPLANNED) -> dict:
         """The batch of `rows`: the first `real` are the items at global positions `first`...
-        of the order, the rest fill rows (repeats that pad the final batch)."""
+        of the order, the rest fill rows (repeats that pad the final batch). `planned`: the
+        policy's partners of the real rows, computed ahead (used if every real row is read)."""
         valid = np.arange(len(rows)) < real
         batch, ok = self._read_batch(rows)
         skipped = [self.reader.keys[int(r)] for r in rows[~ok & valid]]  # a fill row's own turn reports it
@@ -328,8 +343,11 @@ class MidasDataset(IterableDataset):
         batch["skipped"] = skipped
         labels = self.reader.labels[rows]
         # Partners among the real rows only (they come first): fill rows lend and get none.
-        partner = self.partners.assign(rows[valid], labels[valid], partner_of, self.seed,
-                                       self.epoch, first)
+        if planned is not _UNPLANNED and ok[:real].all():
+            partner = planned
+        else:
+            partner = self.partners.assign(rows[valid], labels[valid], partner_of, self.seed,
+                                           self.epoch, first)
         if partner is not None:
             if not valid.all():  # fill rows: no partner
                 partner = np.concatenate([partner, np.full((int((~valid).sum()), partner.shape[1]), -1,
