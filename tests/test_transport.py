@@ -193,3 +193,35 @@ def test_forked_workers_pack_into_pool_slots_without_touching_batches_the_consum
     assert from_slots >= 4, "the workers did not pack into the pool's slots"
     for j, got in kept:
         assert all(_same(a, _batch(2 * j + i)) for i, a in enumerate(got)), f"group {j} was overwritten"
+
+
+def test_pack_group_packs_batch_by_batch_and_gives_the_slot_back_when_it_cannot_use_it():
+    """pack_group (each batch copied into the slot as soon as it is made) gives what
+    pack_batch gives for the whole list; a group that outgrows its slot moves to a new
+    segment with equal batches, and a batch that fails to build frees the slot it held."""
+    from midas_data.dataset.transport import FREE, PACKED, SegmentPool, pack_group
+
+    group = [_batch(i) for i in range(3)]
+    plain = unpack_batch(pack_batch(group))
+    pool = SegmentPool(1, 1, 4096)
+    assert pool.new_generation()
+    packed = pack_group(iter(group), pool, 0)
+    assert packed.slot is not None and pool._state.tolist() == [[PACKED]]
+    got = unpack_batch(pickle.loads(ForkingPickler.dumps(packed)))
+    assert all(_same(a, b) for a, b in zip(plain, got)) and len(got) == 3
+    del packed, got
+    pool.release()
+    assert pool._state.tolist() == [[FREE]]
+    big = [_batch(i) for i in range(40)]  # about 9 KiB: outgrows the 4 KiB slot halfway
+    packed = pack_group(iter(big), pool, 0)
+    assert packed.slot is None and pool._state.tolist() == [[FREE]], "the slot was not given back"
+    assert all(_same(a, b) for a, b in zip(big, unpack_batch(packed)))
+
+    def failing():
+        yield _batch(0)
+        raise OSError("damaged shard")
+
+    with pytest.raises(OSError, match="damaged shard"):
+        pack_group(failing(), pool, 0)
+    assert pool._state.tolist() == [[FREE]], "a failed group kept its slot"
+    assert all(_same(a, b) for a, b in zip(group, unpack_batch(pack_group(iter(group)))))

@@ -31,6 +31,7 @@ import mmap
 import os
 import sys
 import weakref
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -84,9 +85,58 @@ class _Slot:
 def pack_batch(batch: object, pool: SegmentPool | None = None, worker: int = 0) -> PackedBatch:
     """Pack the tensors of a (nested dict / list / tuple) batch into one byte array: a free
     slot of `pool` (the DataLoader worker `worker`'s own), else a new shared-memory segment."""
-    sources: list[np.ndarray] = []  # each tensor's bytes, flat uint8
-    offsets: list[int] = []
+    sources, offsets, tree, end = _layout(batch, 0)
+    slot = pool.take(worker, end) if pool is not None else None
+    buf = pool.buffers[worker][slot] if slot is not None else _shared_bytes(end)
+    _copy_into(buf.numpy(), sources, offsets)
+    if slot is not None:
+        return PackedBatch(buf, tree, (pool.token, pool.generation, worker, slot, end))
+    return PackedBatch(buf, tree)
+
+
+def pack_group(batches: Iterable[object], pool: SegmentPool | None = None,
+               worker: int = 0) -> PackedBatch:
+    """`pack_batch(list(batches), pool, worker)`, packing each batch as soon as it is made:
+    with a free slot of `pool`, a batch is copied into it before the next one is built, so
+    a worker holds one decoded batch at a time instead of the whole group (its memory is
+    reused batch after batch, not grown and returned to the system every group). A group
+    that outgrows the slot, or without a free slot, goes to a new segment at the end."""
+    slot = pool.take(worker, 0) if pool is not None else None
+    flat = pool.buffers[worker][slot].numpy() if slot is not None else None
+    trees: list = []
+    pending: list[tuple[list[np.ndarray], list[int]]] = []  # copied once the group's size is known
     end = 0
+    try:
+        for batch in batches:
+            sources, offsets, tree, stop = _layout(batch, end)
+            trees.append(tree)
+            if flat is not None and stop > flat.size:  # too large for the slot: give it back
+                pending.append(([flat[:end].copy()], [0]))
+                pool.give_back(worker, slot)
+                slot = flat = None
+            if flat is not None:
+                _copy_into(flat, sources, offsets)
+            else:
+                pending.append((sources, offsets))
+            end = stop
+    except BaseException:
+        if slot is not None:
+            pool.give_back(worker, slot)
+        raise
+    if slot is not None:
+        return PackedBatch(pool.buffers[worker][slot], trees, (pool.token, pool.generation, worker, slot, end))
+    buf = _shared_bytes(end)
+    for sources, offsets in pending:
+        _copy_into(buf.numpy(), sources, offsets)
+    return PackedBatch(buf, trees)
+
+
+def _layout(batch: object, start: int) -> tuple[list[np.ndarray], list[int], object, int]:
+    """Where `batch`'s tensors go from byte `start` on: their bytes (flat uint8 arrays), their
+    offsets, the batch with each tensor replaced by its `_Slot`, and the end offset."""
+    sources: list[np.ndarray] = []
+    offsets: list[int] = []
+    end = start
 
     def leaf(x: object) -> object:
         nonlocal end
@@ -111,14 +161,12 @@ def pack_batch(batch: object, pool: SegmentPool | None = None, worker: int = 0) 
         return slot
 
     tree = _map_leaves(batch, leaf)
-    slot = pool.take(worker, end) if pool is not None else None
-    buf = pool.buffers[worker][slot] if slot is not None else _shared_bytes(end)
-    flat = buf.numpy()  # numpy slicing costs a fraction of torch indexing, per tensor
-    for a, at in zip(sources, offsets):
+    return sources, offsets, tree, end
+
+
+def _copy_into(flat: np.ndarray, sources: list[np.ndarray], offsets: list[int]) -> None:
+    for a, at in zip(sources, offsets):  # numpy slicing costs a fraction of torch indexing
         flat[at:at + a.size] = a
-    if slot is not None:
-        return PackedBatch(buf, tree, (pool.token, pool.generation, worker, slot, end))
-    return PackedBatch(buf, tree)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -244,7 +292,7 @@ class SegmentPool:
         self._owner = weakref.ref(iterator)
         self._workers = list(getattr(iterator, "_workers", ()))  # its worker processes
 
-    def take(self, worker: int, nbytes: int) -> int | None:
+    def take(self, worker: int, nbytes: int = 0) -> int | None:
         """In a worker: a free slot of its own that holds `nbytes`, now PACKED; None if none."""
         if nbytes > self.slot_bytes or worker >= len(self.buffers):
             return None
@@ -261,6 +309,10 @@ class SegmentPool:
             _populate(buf.data_ptr(), self.slot_bytes)
             self._mapped.add((worker, slot))
         return slot
+
+    def give_back(self, worker: int, slot: int) -> None:
+        """In a worker: a slot it took but did not send is free again."""
+        self._state[worker, slot] = FREE
 
     def receive(self, generation: int, worker: int, slot: int, nbytes: int) -> torch.Tensor:
         """In the main process: the buffer of a slot a worker sent, now HELD."""

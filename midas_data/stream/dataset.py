@@ -32,7 +32,7 @@ from midas_data.dataset.transport import (
     MAX_TRANSFER_GROUP,
     TRANSFER_BYTES,
     SegmentPool,
-    pack_batch,
+    pack_group,
     torch_batch,
     transfer_group_size,
     unpack_batch,
@@ -248,7 +248,7 @@ class MidasDataset(IterableDataset):
             # at the group's turn, after every earlier batch, so the consumed position stays
             # a prefix of the order (sending the group's first batches alone would let the
             # next worker's group overtake the failed batch).
-            yield pack_batch([build(k, p) for k, p in zip(group, partners(group))], self._pool, worker)
+            yield pack_group((build(k, p) for k, p in zip(group, partners(group))), self._pool, worker)
         if info is None:
             self.offset = n  # epoch done (items dropped by drop_last included)
             self._exhausted = True
