@@ -804,3 +804,22 @@ def test_partner_fields_without_features_equal_the_general_path_on_missing_confi
     for name in fast:
         assert torch.equal(torch.nan_to_num(fast[name], nan=-7.0), torch.nan_to_num(general[name], nan=-7.0)), name
     assert fast["partner_weight"].tolist() == [[0.5, 0.5], [0.5, 0.0], [0.0, 0.0], [0.5, 0.5]]
+
+
+def test_partner_fields_of_several_batches_equal_each_batchs_own():
+    """Computed together (views of shared arrays), the fields of each batch equal those of
+    the general formulas on missing confidences for that batch alone: empty batches and
+    rows without a partner included."""
+    from midas_data.stream.dataset import partner_fields_without_features
+
+    partners = [np.array([[1, 1], [0, -1], [-1, -1], [0, 0]]), np.zeros((0, 2), np.int64),
+                np.array([[2, 2], [2, -1], [0, 1]])]
+    labels = [np.array([0, 1, 2, 1]), np.zeros(0, np.int64), np.array([5, 3, 4])]
+    got = partner_fields_without_features(partners, labels)
+    assert len(got) == 3
+    for p, y, fields in zip(partners, labels, got):
+        want = partner_fields(p, y, np.full(p.shape, np.nan, np.float32), None)
+        assert fields.keys() == want.keys()
+        for name in want:
+            assert fields[name].dtype == want[name].dtype and fields[name].shape == want[name].shape, name
+            assert torch.equal(torch.nan_to_num(fields[name], nan=-7.0), torch.nan_to_num(want[name], nan=-7.0)), name

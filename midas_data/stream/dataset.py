@@ -46,7 +46,6 @@ from . import epoch_plan as plan
 from .partners import PartnerOptions, PartnerPolicy, SplitData, make_policy, resolve_modalities
 
 PARTNER_CHUNK = 16  # batches whose partners are computed together, one batch at a time
-_UNPLANNED = object()  # _make_batch computes the batch's partners itself
 
 
 class MidasDataset(IterableDataset):
@@ -218,13 +217,21 @@ class MidasDataset(IterableDataset):
         if hasattr(self.reader, "plan_reads"):  # remote root: fetch this worker's shards ahead
             self.reader.plan_reads([rows_of(k) for group in groups for k in group])
 
-        def partners(ks: Sequence[int]) -> list:
+        def partners(ks: Sequence[int]) -> list[tuple]:
             """The partners of the real rows of batches `ks`, computed together
-            (`PartnerPolicy.assign_many`); a batch that loses a row to on_error="skip"
-            has its own recomputed."""
+            (`PartnerPolicy.assign_many`), and without stored features the batches' partner
+            fields too; a batch that loses a row to on_error="skip" has its own recomputed."""
             real = [order[int(spans[k][0]):int(spans[k][1])] for k in ks]
-            return self.partners.assign_many(real, [self.reader.labels[r] for r in real], partner_of,
-                                             self.seed, self.epoch, [int(spans[k][0]) for k in ks])
+            got = self.partners.assign_many(real, [self.reader.labels[r] for r in real], partner_of,
+                                            self.seed, self.epoch, [int(spans[k][0]) for k in ks])
+            if self.features is not None or any(p is None for p in got):
+                return [(p, None) for p in got]
+            rows = [rows_of(k) for k in ks]
+            padded = [p if len(r) == len(p) else  # fill rows: no partner
+                      np.concatenate([p, np.full((len(r) - len(p), p.shape[1]), -1, np.int64)])
+                      for p, r in zip(got, rows)]
+            fields = partner_fields_without_features(padded, [self.reader.labels[r] for r in rows])
+            return list(zip(got, fields))
 
         def build(k: int, partner: np.ndarray | None) -> dict:
             lo, hi = (int(v) for v in spans[k])
@@ -327,10 +334,11 @@ class MidasDataset(IterableDataset):
         return collate(samples, self.modalities), ok
 
     def _make_batch(self, rows: np.ndarray, real: int, partner_of: np.ndarray | None,
-                    first: int, planned: np.ndarray | None | object = _UNPLANNED) -> dict:
+                    first: int, planned: tuple | None = None) -> dict:
         """The batch of `rows`: the first `real` are the items at global positions `first`...
         of the order, the rest fill rows (repeats that pad the final batch). `planned`: the
-        policy's partners of the real rows, computed ahead (used if every real row is read)."""
+        policy's partners of the real rows, computed ahead (used if every real row is read),
+        and the batch's partner fields (None: made here; used if every row is read)."""
         valid = np.arange(len(rows)) < real
         batch, ok = self._read_batch(rows)
         skipped = [self.reader.keys[int(r)] for r in rows[~ok & valid]]  # a fill row's own turn reports it
@@ -341,10 +349,13 @@ class MidasDataset(IterableDataset):
         batch["valid"] = torch.from_numpy(valid)
         batch["weight"] = torch.from_numpy(valid.astype(np.float32))
         batch["skipped"] = skipped
+        if planned is not None and planned[1] is not None and ok.all():
+            batch.update(planned[1])
+            return batch
         labels = self.reader.labels[rows]
         # Partners among the real rows only (they come first): fill rows lend and get none.
-        if planned is not _UNPLANNED and ok[:real].all():
-            partner = planned
+        if planned is not None and ok[:real].all():
+            partner = planned[0]
         else:
             partner = self.partners.assign(rows[valid], labels[valid], partner_of, self.seed,
                                            self.epoch, first)
@@ -376,17 +387,12 @@ def partner_fields(partner: np.ndarray, labels: np.ndarray, conf: np.ndarray | N
     `partner_weight` is the swapped modality's `normalised_confidences`, `anchor_weight`
     the rest; without confidences both are 0.5. Invalid (b, m) get weight 0.
     """
+    if conf is None and not feats:  # no features table: even split, hard weight 1 (fast path)
+        return partner_fields_without_features([partner], [labels])[0]
     b, M = partner.shape
     valid = partner >= 0
     safe = np.where(valid, partner, 0)
     partner_label = torch.from_numpy(np.where(valid, labels[safe], -1))
-    if conf is None and not feats:  # no features table: even split, hard weight 1 (fast path)
-        half = np.where(valid, 0.5, 0.0).astype(np.float32)
-        nan = np.full((b, M), np.nan, np.float32)
-        return {"partner": torch.from_numpy(partner), "partner_label": partner_label,
-                "conf": torch.from_numpy(nan), "similarity": torch.from_numpy(nan.copy()),
-                "hard_weight": torch.from_numpy(valid.astype(np.float32)),
-                "anchor_weight": torch.from_numpy(half), "partner_weight": torch.from_numpy(half.copy())}
     conf = np.full((b, M), np.nan, np.float32) if conf is None else conf.astype(np.float32)
     sim = np.full((b, M), np.nan, np.float32)
     for mi, f in enumerate(feats or ()):
@@ -404,6 +410,38 @@ def partner_fields(partner: np.ndarray, labels: np.ndarray, conf: np.ndarray | N
             "hard_weight": torch.from_numpy(np.where(valid, hard, 0.0).astype(np.float32)),
             "anchor_weight": torch.from_numpy(np.where(valid, 1.0 - w, 0.0).astype(np.float32)),
             "partner_weight": torch.from_numpy(np.where(valid, w, 0.0).astype(np.float32))}
+
+
+def partner_fields_without_features(partners: Sequence[np.ndarray],
+                                    labels: Sequence[np.ndarray]) -> list[dict]:
+    """`partner_fields(partner, labels, None, None)` of several batches, computed together:
+    without stored features every misaligned sample splits its label evenly (0.5 / 0.5)
+    with hard weight 1, and `conf` and `similarity` are NaN. Each batch's tensors are views
+    of arrays made once for all of them (disjoint rows)."""
+    sizes = [len(p) for p in partners]
+    if not partners:
+        return []
+    m = partners[0].shape[1]
+    every = np.concatenate(partners).reshape(-1, m)
+    valid = every >= 0
+    first = np.repeat(np.cumsum(sizes) - sizes, sizes)[:, None]  # each row's batch start
+    all_labels = np.concatenate(labels)
+    partner_label = np.where(valid, all_labels[np.where(valid, every + first, 0)], -1)
+    floats = np.empty((5, every.shape[0], m), np.float32)  # conf, similarity, hard, anchor, partner
+    floats[:2] = np.nan
+    floats[2] = valid
+    np.multiply(floats[2], 0.5, out=floats[3])
+    floats[4] = floats[3]
+    out, lo = [], 0
+    for p, b in zip(partners, sizes):
+        hi = lo + b
+        out.append({"partner": torch.from_numpy(p), "partner_label": torch.from_numpy(partner_label[lo:hi]),
+                    "conf": torch.from_numpy(floats[0, lo:hi]), "similarity": torch.from_numpy(floats[1, lo:hi]),
+                    "hard_weight": torch.from_numpy(floats[2, lo:hi]),
+                    "anchor_weight": torch.from_numpy(floats[3, lo:hi]),
+                    "partner_weight": torch.from_numpy(floats[4, lo:hi])})
+        lo = hi
+    return out
 
 
 def collate(samples: list[dict], modalities: list[str]) -> dict:
