@@ -823,3 +823,17 @@ def test_partner_fields_of_several_batches_equal_each_batchs_own():
         for name in want:
             assert fields[name].dtype == want[name].dtype and fields[name].shape == want[name].shape, name
             assert torch.equal(torch.nan_to_num(fields[name], nan=-7.0), torch.nan_to_num(want[name], nan=-7.0)), name
+
+
+def test_loader_hands_batches_on_as_built_and_keeps_a_users_collate_fn(uneven):
+    """Without a collate_fn the loader yields the dataset's batches themselves (no
+    default_convert walk); a collate_fn given by the user is still applied to each."""
+    ds = MidasDataset(uneven, batch_size=4)
+    built = list(ds)
+    ds.set_epoch(0)
+    ds.load_state_dict({"seed": 0, "epoch": 0, "offset": 0})
+    for a, b in zip(built, MidasLoader(ds, num_workers=0)):
+        assert_same_batch(a, b, "as built")
+    tagged = list(MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=0,
+                              collate_fn=lambda b: {**b, "tag": len(b["key"])}))
+    assert [b["tag"] for b in tagged] == [len(b["key"]) for b in built]

@@ -217,7 +217,7 @@ class MidasDataset(IterableDataset):
         if hasattr(self.reader, "plan_reads"):  # remote root: fetch this worker's shards ahead
             self.reader.plan_reads([rows_of(k) for group in groups for k in group])
 
-        def partners(ks: Sequence[int]) -> list[tuple]:
+        def plan_partners(ks: Sequence[int]) -> list[tuple]:
             """The partners of the real rows of batches `ks`, computed together
             (`PartnerPolicy.assign_many`), and without stored features the batches' partner
             fields too; a batch that loses a row to on_error="skip" has its own recomputed."""
@@ -233,9 +233,9 @@ class MidasDataset(IterableDataset):
             fields = partner_fields_without_features(padded, [self.reader.labels[r] for r in rows])
             return list(zip(got, fields))
 
-        def build(k: int, partner: np.ndarray | None) -> dict:
+        def build(k: int, planned: tuple) -> dict:
             lo, hi = (int(v) for v in spans[k])
-            batch = self._make_batch(rows_of(k), hi - lo, partner_of, lo, partner)
+            batch = self._make_batch(rows_of(k), hi - lo, partner_of, lo, planned)
             offset = plan.offset_after_step(n, start, self.batch_size, world, k)
             batch["stream_state"] = {"seed": self.seed, "epoch": self.epoch, "offset": offset}
             return batch
@@ -245,8 +245,8 @@ class MidasDataset(IterableDataset):
             while done < len(mine):
                 ks = mine[done:done + size]
                 done, size = done + len(ks), min(2 * size, PARTNER_CHUNK)
-                for k, partner in zip(ks, partners(ks)):
-                    batch = build(k, partner)
+                for k, planned in zip(ks, plan_partners(ks)):
+                    batch = build(k, planned)
                     if info is None:
                         self.offset = batch["stream_state"]["offset"]
                     yield batch
@@ -255,7 +255,7 @@ class MidasDataset(IterableDataset):
             # at the group's turn, after every earlier batch, so the consumed position stays
             # a prefix of the order (sending the group's first batches alone would let the
             # next worker's group overtake the failed batch).
-            yield pack_group((build(k, p) for k, p in zip(group, partners(group))), self._pool, worker)
+            yield pack_group((build(k, p) for k, p in zip(group, plan_partners(group))), self._pool, worker)
         if info is None:
             self.offset = n  # epoch done (items dropped by drop_last included)
             self._exhausted = True
@@ -488,6 +488,11 @@ def materialize_misaligned(batch: dict, modalities: list[str] | None = None) -> 
             "hard_weight": batch["hard_weight"][b_idx, m_idx]}
 
 
+def _as_built(batch: object) -> object:
+    """MidasLoader's collate_fn: the batch as the dataset built it (module level: picklable)."""
+    return batch
+
+
 class MidasLoader(DataLoader):
     """A DataLoader for MidasDataset that remembers how far the epoch has been consumed.
 
@@ -522,6 +527,9 @@ class MidasLoader(DataLoader):
             raise ValueError(f"batches_per_transfer must be an integer >= 1 or None (automatic), "
                              f"got {batches_per_transfer!r}")
         self.batches_per_transfer = batches_per_transfer
+        # The dataset's batches are tensors already: hand them on as built, instead of
+        # DataLoader's default_convert walking every batch (each key of its key list too).
+        kwargs.setdefault("collate_fn", _as_built)
         super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
         # Persistent workers copied the dataset once; each pass's position reaches them here.
         self._pass_state = (torch.zeros(3, dtype=torch.int64).share_memory_()
