@@ -115,6 +115,7 @@ def pack_group(batches: Iterable[object], pool: SegmentPool | None = None,
                 pool.give_back(worker, slot)
                 slot = flat = None
             if flat is not None:
+                pool.map(worker, slot, stop)
                 _copy_into(flat, sources, offsets)
             else:
                 pending.append((sources, offsets))
@@ -256,7 +257,7 @@ class SegmentPool:
         self._state = self.state.numpy()
         self._owner: weakref.ref | None = None  # the DataLoader iterator of this generation
         self._workers: list = []  # and its worker processes (multiprocessing.Process)
-        self._mapped: set[tuple[int, int]] = set()  # slots this process has faulted in
+        self._mapped: dict[tuple[int, int], int] = {}  # bytes of each slot faulted in here
         self._pid = os.getpid()
         _POOLS[self.token] = weakref.ref(self)
 
@@ -302,13 +303,21 @@ class SegmentPool:
             return None
         slot = int(free[0])
         row[slot] = PACKED
-        if os.getpid() != self._pid:  # a forked worker: fault the inherited slot in once
-            self._mapped, self._pid = set(), os.getpid()
-        if (worker, slot) not in self._mapped:
-            buf = self.buffers[worker][slot]
-            _populate(buf.data_ptr(), self.slot_bytes)
-            self._mapped.add((worker, slot))
+        self.map(worker, slot, nbytes)
         return slot
+
+    def map(self, worker: int, slot: int, nbytes: int) -> None:
+        """Fault the first `nbytes` of a slot into this process at once, where not done yet
+        (a forked worker inherits the mapping, not its page table entries): one system
+        call for the part a group is about to fill, not a fault per page, and never the
+        part of the slot that small groups leave unused."""
+        if os.getpid() != self._pid:  # a forked worker: nothing of the slots is mapped yet
+            self._mapped, self._pid = {}, os.getpid()
+        done = self._mapped.get((worker, slot), 0)
+        if nbytes > done:
+            ptr = self.buffers[worker][slot].data_ptr()
+            _populate(ptr + done, min(nbytes, self.slot_bytes) - done)
+            self._mapped[(worker, slot)] = min(nbytes, self.slot_bytes)
 
     def give_back(self, worker: int, slot: int) -> None:
         """In a worker: a slot it took but did not send is free again."""
