@@ -20,7 +20,9 @@ page cache warm (the dataset is read once before timing):
   batch size), and "one batch per item" (`batches_per_transfer=1`, one packed batch per
   queue item, what MidasLoader did before groups), and "persistent" (grouped, workers kept
   across passes, as a training loop over many epochs would keep them; the workers' CPU of
-  a persistent loader is not counted, they are not waited for).
+  a persistent loader is not counted, they are not waited for). Those rows make a new
+  dataset and loader every pass; "one loader" rows (0 and `--workers` workers) iterate one
+  loader again every pass, as a training loop does, its workers forked afresh each pass.
 - Workers with a payload that needs real decoding: 64x64 RGB PNG images (`--png-samples`),
   aligned only, 0 against `--workers` workers, grouped and one batch per item.
 
@@ -103,6 +105,15 @@ def persistent(root: Path, policy: str, workers: int) -> Callable[[], int]:
     untimed pass), as a training loop over many epochs runs it."""
     loader = MidasLoader(MidasDataset(root, batch_size=BATCH, policy=policy), num_workers=workers,
                          persistent_workers=True)
+    count(loader)
+    return lambda: count(loader)
+
+
+def one_loader(root: Path, policy: str, workers: int) -> Callable[[], int]:
+    """One pass of a MidasLoader made once (its first pass untimed) and iterated again, as a
+    training loop iterates it every epoch: its workers are forked afresh every pass, the
+    dataset is not reopened, and its shared segments are kept."""
+    loader = MidasLoader(MidasDataset(root, batch_size=BATCH, policy=policy), num_workers=workers)
     count(loader)
     return lambda: count(loader)
 
@@ -313,10 +324,15 @@ def main() -> None:
                 lambda p=policy: midas(root, p, w, per_transfer=1), args.samples)
             readers[f"MidasDataset {policy}, {w} workers, persistent"] = (
                 persistent(root, policy, w), args.samples)
+            for k in (0, w):
+                readers[f"MidasDataset {policy}, {k} workers, one loader"] = (
+                    one_loader(root, policy, k), args.samples)
         for k, per in ((0, None), (w, None), (w, 1)):
             readers[f"PNG 64x64, {k} workers{', 1 batch/item' if per else ''}"] = (
                 lambda k=k, per=per: midas(png_root, "none", k, per), args.png_samples)
         readers[f"PNG 64x64, {w} workers, persistent"] = (persistent(png_root, "none", w), args.png_samples)
+        for k in (0, w):
+            readers[f"PNG 64x64, {k} workers, one loader"] = (one_loader(png_root, "none", k), args.png_samples)
         for path in sorted(tmp.rglob("*.tar")):  # warm the page cache
             path.read_bytes()
         assert midas(root, "random", 0) == args.samples  # and the imports
@@ -349,6 +365,8 @@ def main() -> None:
     print("ratios (same process):")
     print(f"  aligned 0 workers / TensorDataset 0 workers     {none0 / td0:6.3f}  (goal >= 0.25)")
     print(f"  random partners / aligned, 0 workers           {rand0 / none0:6.3f}  (goal >= 0.9)")
+    once = [rate[f"MidasDataset {p}, 0 workers, one loader"] for p in ("random", "none")]
+    print(f"  the same, one loader                           {once[0] / once[1]:6.3f}")
     cores = min(w, os.cpu_count() or 1)
 
     def bound(name: str, base: str) -> float:
@@ -359,16 +377,20 @@ def main() -> None:
         per = (cpu[name] + kids[name]) / readers[name][1]
         return cores * cpu[base] / readers[base][1] / per if per > 0 else float("nan")
 
-    print(f"  {'':<32} {'grouped':>8} {'1 batch/item':>13} {'persistent':>11} "
+    print(f"  {'':<32} {'grouped':>8} {'1 batch/item':>13} {'persistent':>11} {'one loader':>11} "
           f"{'CPU bound on ' + str(cores) + ' idle cores':>26}")
     for label, pre in (("none", "MidasDataset none, "), ("random", "MidasDataset random, "),
                        ("PNG", "PNG 64x64, ")):
         base, grouped, single = f"{pre}0 workers", f"{pre}{w} workers", f"{pre}{w} workers, 1 batch/item"
         kept = f"{pre}{w} workers, persistent"
+        once, once0 = f"{pre}{w} workers, one loader", f"{pre}0 workers, one loader"
         goal = "(goal >= 1.6 on idle cores)" if label == "PNG" else "(goal >= 1.0)"
         print(f"  {label:<6} {w} workers / 0 workers      {rate[grouped] / rate[base]:8.3f} "
               f"{rate[single] / rate[base]:13.3f} {rate[kept] / rate[base]:11.3f} "
-              f"{bound(grouped, base):26.2f}  {goal}")
+              f"{rate[once] / rate[once0]:11.3f} {bound(grouped, base):26.2f}  {goal}")
+    print("  (grouped, 1 batch/item: a new dataset and loader every pass, against the same with 0 "
+          "workers; persistent: one loader, workers kept; one loader: one loader, workers forked "
+          "every pass, against one loader with 0 workers)")
     print(f"  aligned 0 workers / webdataset                 {none0 / rate['webdataset, shard shuffle + 1000 buffer']:6.3f}")
     peers.print_ratios(rate, w)
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from midas_data.stream.epoch_plan import (
     MIN_ROWS,
     assign_partners,
+    assign_partners_many,
     batch_spans,
     epoch_order,
     fill_positions,
@@ -436,6 +437,59 @@ def test_partners_do_not_depend_on_world_size_or_workers() -> None:
                         f"Partners depend on world size {world} / workers {workers}"
                     )
     assert len(plans) == n // b
+
+
+def _partners_by_unique(labels: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """The partner construction written plainly (np.unique for the classes, np.roll for the
+    shift): the reference the vectorised assign_partners must equal bit for bit."""
+    b = labels.size
+    out = np.full((b, m), -1, dtype=np.int64)
+    if b < 2:
+        return out
+    _, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    maxc = int(counts.max())
+    if maxc == b:
+        return out
+    perm = rng.permutation(b)
+    grouped = perm[np.argsort(rng.permutation(counts.size)[inv[perm]], kind="stable")]
+    shift = int(rng.integers(maxc, b - maxc + 1)) if 2 * maxc <= b else maxc
+    partner = np.empty(b, dtype=np.int64)
+    partner[grouped] = np.roll(grouped, -shift)
+    rows = np.flatnonzero(labels[partner] == labels)
+    if rows.size:
+        by_class, start, c = np.argsort(inv, kind="stable"), np.cumsum(counts) - counts, inv[rows]
+        pick = rng.integers(0, b - counts[c])
+        partner[rows] = by_class[np.where(pick < start[c], pick, pick + counts[c])]
+    out[:] = partner[:, None]
+    return out
+
+
+@FAST
+@given(st.lists(st.sampled_from([0, 1, 2, 3, 7, 9, -4, 70_000, 10**12]), min_size=0, max_size=70),
+       st.integers(1, 3), st.integers(0, 2**32))
+def test_partners_equal_the_plain_construction_bit_for_bit(labels, m, seed) -> None:
+    """Same partners as before the speed-up (partners depend only on seed, epoch and
+    position, so a resumed or re-run epoch must not change), for small class indices
+    (counted by a bincount) and negative or huge labels (np.unique)."""
+    labels = np.array(labels, dtype=np.int64)
+    want = _partners_by_unique(labels, m, np.random.default_rng(seed))
+    assert np.array_equal(assign_partners(labels, m, np.random.default_rng(seed)), want)
+
+
+@FAST
+@given(st.lists(st.lists(st.sampled_from([0, 1, 2, 5, 9, -1, 70_000]), min_size=0, max_size=40),
+                min_size=0, max_size=8),
+       st.integers(1, 3), st.integers(0, 2**32))
+def test_partners_of_several_batches_at_once_equal_batch_by_batch(batches, m, seed) -> None:
+    """assign_partners_many (vectorised across batches, each batch's draws from its own
+    generator) gives every batch what assign_partners gives it alone, bit for bit: balanced
+    batches, majority classes, single classes, empty batches, negative and huge labels."""
+    batches = [np.array(y, dtype=np.int64) for y in batches]
+    got = assign_partners_many(batches, m, [partner_rng(seed, 1, 8 * j) for j in range(len(batches))])
+    assert len(got) == len(batches)
+    for j, y in enumerate(batches):
+        want = assign_partners(y, m, partner_rng(seed, 1, 8 * j))
+        assert got[j].dtype == want.dtype and np.array_equal(got[j], want), f"batch {j}"
 
 
 def test_single_class_batch_gets_no_partner() -> None:

@@ -334,6 +334,25 @@ def test_iterating_again_after_break_continues_from_the_consumed_batches(uneven,
     assert loader.dataset.epoch == 1 and again == _epoch_keys(uneven, 1, 0, epoch=1)[0]
 
 
+def test_batches_kept_across_passes_stay_intact_while_workers_reuse_the_loaders_segments(uneven):
+    """MidasLoader's workers pack their groups into the loader's shared segments, made once
+    and reused by the fresh workers of every pass; batches the consumer keeps (some of each
+    pass) are never overwritten, and every kept batch equals in-process loading's."""
+    loader = MidasLoader(MidasDataset(uneven, batch_size=2), num_workers=2, batches_per_transfer=2)
+    kept, from_pool = [], 0
+    for epoch in range(3):
+        slots = {b.data_ptr() for row in loader._pool.buffers for b in row} if loader._pool else set()
+        for k, b in enumerate(loader):
+            from_pool += b["inputs"]["a"].untyped_storage().data_ptr() in slots
+            if k % 5 == 0:
+                kept.append((epoch, k, b))
+    assert loader._pool is not None and loader._pool.generation == 3, "one pool, a generation per pass"
+    assert from_pool > 0, "no batch came through the loader's segments"
+    ref = [_epoch_batches(uneven, 1, 0, batch_size=2, epoch=e)[0] for e in range(3)]
+    for epoch, k, b in kept:
+        assert_same_batch(ref[epoch][k], b, f"epoch {epoch} batch {k}")
+
+
 def test_persistent_workers_follow_the_loaders_epoch_offset_and_resume(uneven):
     """Workers kept across passes (no fork per pass) take each pass's epoch and offset from
     the loader: whole epochs, a pass left early and continued, set_epoch and
@@ -423,6 +442,28 @@ def test_skip_mode_reports_what_it_skipped_and_keeps_the_rest(tmp_path, per_tran
         skipped.extend(b["skipped"])
     assert skipped == ["s0030"]
     assert sorted(keys) == sorted(f"s{i:04d}" for i in range(61) if i != 30)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_batch_that_loses_a_row_to_skip_gets_partners_of_the_rows_it_keeps(tmp_path, workers):
+    """Partners are planned for several batches ahead; the batch that loses a damaged row
+    gets the partners the policy gives its remaining rows, every other batch the planned
+    ones (equal to the undamaged dataset's)."""
+    from midas_data.stream.epoch_plan import assign_partners, partner_rng
+
+    root = _dataset(tmp_path / "ds")
+    clean = list(MidasLoader(MidasDataset(root, batch_size=4), num_workers=0))
+    _flip_payload_byte(root, "s0030")
+    got = list(MidasLoader(MidasDataset(root, batch_size=4, on_error="skip"), num_workers=workers,
+                           batches_per_transfer=3 if workers else None))
+    assert len(got) == len(clean)
+    for k, (a, b) in enumerate(zip(clean, got)):
+        if b["skipped"]:
+            want = assign_partners(b["label"].numpy(), 2, partner_rng(0, 0, 4 * k))
+            assert torch.equal(b["partner"], torch.from_numpy(want)), f"batch {k}"
+            assert len(b["key"]) == len(a["key"]) - 1
+        else:
+            assert torch.equal(a["partner"], b["partner"]), f"batch {k}"
 
 
 def test_truncated_shard_is_an_error_naming_the_shard(tmp_path):
@@ -763,3 +804,36 @@ def test_partner_fields_without_features_equal_the_general_path_on_missing_confi
     for name in fast:
         assert torch.equal(torch.nan_to_num(fast[name], nan=-7.0), torch.nan_to_num(general[name], nan=-7.0)), name
     assert fast["partner_weight"].tolist() == [[0.5, 0.5], [0.5, 0.0], [0.0, 0.0], [0.5, 0.5]]
+
+
+def test_partner_fields_of_several_batches_equal_each_batchs_own():
+    """Computed together (views of shared arrays), the fields of each batch equal those of
+    the general formulas on missing confidences for that batch alone: empty batches and
+    rows without a partner included."""
+    from midas_data.stream.dataset import partner_fields_without_features
+
+    partners = [np.array([[1, 1], [0, -1], [-1, -1], [0, 0]]), np.zeros((0, 2), np.int64),
+                np.array([[2, 2], [2, -1], [0, 1]])]
+    labels = [np.array([0, 1, 2, 1]), np.zeros(0, np.int64), np.array([5, 3, 4])]
+    got = partner_fields_without_features(partners, labels)
+    assert len(got) == 3
+    for p, y, fields in zip(partners, labels, got):
+        want = partner_fields(p, y, np.full(p.shape, np.nan, np.float32), None)
+        assert fields.keys() == want.keys()
+        for name in want:
+            assert fields[name].dtype == want[name].dtype and fields[name].shape == want[name].shape, name
+            assert torch.equal(torch.nan_to_num(fields[name], nan=-7.0), torch.nan_to_num(want[name], nan=-7.0)), name
+
+
+def test_loader_hands_batches_on_as_built_and_keeps_a_users_collate_fn(uneven):
+    """Without a collate_fn the loader yields the dataset's batches themselves (no
+    default_convert walk); a collate_fn given by the user is still applied to each."""
+    ds = MidasDataset(uneven, batch_size=4)
+    built = list(ds)
+    ds.set_epoch(0)
+    ds.load_state_dict({"seed": 0, "epoch": 0, "offset": 0})
+    for a, b in zip(built, MidasLoader(ds, num_workers=0)):
+        assert_same_batch(a, b, "as built")
+    tagged = list(MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=0,
+                              collate_fn=lambda b: {**b, "tag": len(b["key"])}))
+    assert [b["tag"] for b in tagged] == [len(b["key"]) for b in built]

@@ -105,3 +105,123 @@ def test_packing_without_shared_memory_or_madvise_falls_back_to_equal_batches(mo
     packed = pack_batch(group)
     assert not packed.buf.is_shared()
     assert all(_same(a, b) for a, b in zip(group, unpack_batch(pickle.loads(ForkingPickler.dumps(packed)))))
+
+
+def test_a_pool_slot_crosses_the_queue_by_number_and_is_freed_only_once_no_view_is_left():
+    """A group packed into a pool slot pickles as the slot's number (not its bytes), unpacks
+    to equal batches viewing the main process's mapping of the slot, and the slot is free
+    for its worker again only when no tensor views it any more."""
+    from midas_data.dataset.transport import FREE, HELD, PACKED, RESERVED, SegmentPool
+
+    pool = SegmentPool(1, 2, 1 << 16)
+    assert pool._state.tolist() == [[RESERVED, RESERVED]], "no slot is usable before a generation"
+    assert pool.new_generation()
+    group = [_batch(i) for i in range(3)]
+    packed = pack_batch(group, pool, 0)
+    assert packed.slot is not None and pool._state.tolist() == [[PACKED, FREE]]
+    wire = ForkingPickler.dumps(packed)
+    assert len(wire) < 4096, "the slot's bytes crossed the queue"
+    del packed  # the worker's own reference (another process in a DataLoader)
+    got = unpack_batch(pickle.loads(wire))
+    assert all(_same(a, b) for a, b in zip(group, got))
+    slot_ptr = pool.buffers[0][0].data_ptr()
+    assert got[2]["inputs"]["x"].untyped_storage().data_ptr() == slot_ptr
+    assert pool._state.tolist() == [[HELD, FREE]]
+    keep = got[1]["inputs"]["u"]
+    del got
+    pool.release()
+    assert pool._state.tolist() == [[HELD, FREE]], "a slot was freed while a view of it lives"
+    del keep
+    pool.release()
+    assert pool._state.tolist() == [[FREE, FREE]]
+    a, b = pack_batch(group, pool, 0), pack_batch(group, pool, 0)
+    assert a.slot[3] == 0 and b.slot[3] == 1
+    full = pack_batch(group, pool, 0)  # every slot packed: a new segment, as without a pool
+    assert full.slot is None and full.buf.is_shared()
+    big = pack_batch({"x": torch.zeros(1 << 17, dtype=torch.uint8)}, pool, 0)
+    assert big.slot is None, "a group larger than a slot must take a new segment"
+
+
+def test_a_pool_serves_one_live_generation_and_stays_with_forked_workers():
+    """While the DataLoader iterator of a generation lives, another cannot start (its
+    workers might still write); slots sent by dead workers but never received are free in
+    the next generation, held ones stay held; a pickled pool (a spawned worker) is None."""
+    from midas_data.dataset.transport import FREE, HELD, PACKED, SegmentPool
+
+    pool = SegmentPool(1, 3, 4096)
+    assert pool.new_generation()
+
+    class Iterator:
+        pass
+
+    it = Iterator()
+    pool.own(it)
+    pool._state[0] = [PACKED, HELD, FREE]
+    assert pool.in_use() and not pool.new_generation()
+    del it
+    assert not pool.in_use() and pool.new_generation()
+    assert pool._state.tolist() == [[FREE, HELD, FREE]]
+    assert pickle.loads(pickle.dumps(pool)) is None
+
+
+def test_forked_workers_pack_into_pool_slots_without_touching_batches_the_consumer_keeps():
+    """Workers forked after the pool was made pack into its slots; the consumer keeps every
+    third group and drops the others, and no kept group is overwritten by a later one."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from midas_data.dataset.transport import SegmentPool
+
+    pool = SegmentPool(2, 2, 1 << 16)
+
+    class Groups(IterableDataset):
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            for j in range(info.id, 24, info.num_workers):
+                yield pack_batch([_batch(2 * j), _batch(2 * j + 1)], pool, info.id)
+
+    assert pool.new_generation()
+    it = iter(DataLoader(Groups(), batch_size=None, num_workers=2, multiprocessing_context="fork"))
+    pool.own(it)
+    slots = {b.data_ptr() for row in pool.buffers for b in row}
+    kept, from_slots = [], 0
+    for j, item in enumerate(it):
+        pool.release()
+        from_slots += item.buf.data_ptr() in slots
+        got = unpack_batch(item)
+        if j % 3 == 0:
+            kept.append((j, got))
+    assert from_slots >= 4, "the workers did not pack into the pool's slots"
+    for j, got in kept:
+        assert all(_same(a, _batch(2 * j + i)) for i, a in enumerate(got)), f"group {j} was overwritten"
+
+
+def test_pack_group_packs_batch_by_batch_and_gives_the_slot_back_when_it_cannot_use_it():
+    """pack_group (each batch copied into the slot as soon as it is made) gives what
+    pack_batch gives for the whole list; a group that outgrows its slot moves to a new
+    segment with equal batches, and a batch that fails to build frees the slot it held."""
+    from midas_data.dataset.transport import FREE, PACKED, SegmentPool, pack_group
+
+    group = [_batch(i) for i in range(3)]
+    plain = unpack_batch(pack_batch(group))
+    pool = SegmentPool(1, 1, 4096)
+    assert pool.new_generation()
+    packed = pack_group(iter(group), pool, 0)
+    assert packed.slot is not None and pool._state.tolist() == [[PACKED]]
+    got = unpack_batch(pickle.loads(ForkingPickler.dumps(packed)))
+    assert all(_same(a, b) for a, b in zip(plain, got)) and len(got) == 3
+    del packed, got
+    pool.release()
+    assert pool._state.tolist() == [[FREE]]
+    big = [_batch(i) for i in range(40)]  # about 9 KiB: outgrows the 4 KiB slot halfway
+    packed = pack_group(iter(big), pool, 0)
+    assert packed.slot is None and pool._state.tolist() == [[FREE]], "the slot was not given back"
+    assert all(_same(a, b) for a, b in zip(big, unpack_batch(packed)))
+
+    def failing():
+        yield _batch(0)
+        raise OSError("damaged shard")
+
+    with pytest.raises(OSError, match="damaged shard"):
+        pack_group(failing(), pool, 0)
+    assert pool._state.tolist() == [[FREE]], "a failed group kept its slot"
+    assert all(_same(a, b) for a, b in zip(group, unpack_batch(pack_group(iter(group)))))

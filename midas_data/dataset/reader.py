@@ -366,6 +366,15 @@ class SplitReader:
                     return False
         return True
 
+    def key_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """The split's keys as one fixed-width byte array and their lengths, which a batch
+        read checks tar member names against; built once per process (a DataLoader that
+        forks its workers builds it first, and they inherit it instead of each building it)."""
+        if self._key_bytes is None:  # keys are ASCII (checked with the index)
+            self._key_bytes = np.array(self.keys, dtype="S")
+            self._key_len = np.char.str_len(self._key_bytes).astype(np.int64)
+        return self._key_bytes, self._key_len
+
     def _tar_headers_ok(self, buf: np.ndarray, hdr_at: np.ndarray, step: int, rows: np.ndarray,
                         m: str, size: np.ndarray) -> bool:
         """Vectorised `_check_header` for one modality of a batch: each 512-byte header must
@@ -382,15 +391,13 @@ class SplitReader:
         if not ((size_field[:, :11] == want_size + 48).all() and not size_field[:, 11].any()
                 and ((flag == 0) | (flag == 48)).all()):
             return False
-        if self._key_bytes is None:  # keys are ASCII (checked with the index)
-            self._key_bytes = np.array(self.keys, dtype="S")
-            self._key_len = np.char.str_len(self._key_bytes).astype(np.int64)
+        key_bytes, key_len = self.key_table()
         suffix = np.frombuffer(f".{m}.{self._ext[m]}".encode(), np.uint8)
-        klen = self._key_len[rows]
+        klen = key_len[rows]
         if int(klen.max()) + len(suffix) > 100:
             return False  # a long (GNU long-name) member: checked one by one
         want = np.zeros((b, 100), np.uint8)
-        kb = self._key_bytes[rows]
+        kb = key_bytes[rows]
         want[:, :kb.itemsize] = kb.view(np.uint8).reshape(b, kb.itemsize)
         want[np.arange(b)[:, None], klen[:, None] + np.arange(len(suffix))] = suffix
         return bool((name == want).all())

@@ -13,6 +13,13 @@ passes the packed object through untouched and the queue moves one shared-memory
 per batch, whatever the number of tensors. `unpack_batch` (in the main process) rebuilds the same nested dict,
 each tensor a view of one shared buffer: same dtypes, shapes and values.
 
+Making that segment still costs the worker a page fault per page, and handing it over
+costs both processes a file-descriptor exchange per queue item. A `SegmentPool`, made by
+the main process before it forks the workers, gives each worker reusable slots that both
+processes already map: `pack_batch(group, pool, worker)` packs into a free slot and the
+queue carries the slot's number; the main process gives a slot back once no tensor views
+it (`SegmentPool.release`).
+
 `torch_batch` turns a `SplitReader.read_batch` result into the stream's batch layout
 ({'key', 'label', 'inputs'}) without copying the batch arrays again.
 """
@@ -21,7 +28,10 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import sys
+import weakref
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -37,14 +47,19 @@ MAX_TRANSFER_GROUP = 16
 
 
 class PackedBatch:
-    """A batch whose tensors sit in one byte array; see `pack_batch`."""
+    """A batch whose tensors sit in one byte array; see `pack_batch`. `slot` is set on a
+    batch packed into a `SegmentPool` slot: it then crosses the queue as the slot's place
+    (pool, worker, slot number, bytes used), not as a buffer."""
 
-    __slots__ = ("buf", "tree")
+    __slots__ = ("buf", "slot", "tree")
 
-    def __init__(self, buf: torch.Tensor | np.ndarray, tree: object):
-        self.buf, self.tree = buf, tree
+    def __init__(self, buf: torch.Tensor | np.ndarray, tree: object,
+                 slot: tuple[int, int, int, int, int] | None = None):
+        self.buf, self.tree, self.slot = buf, tree, slot
 
     def __reduce__(self):
+        if self.slot is not None:
+            return _from_slot, (self.slot, self.tree)
         return PackedBatch, (self.buf, self.tree)
 
     def pin_memory(self, *args) -> PackedBatch:
@@ -67,33 +82,102 @@ class _Slot:
         return _Slot, (self.offset, self.nbytes, self.dtype, self.shape, self.stride)
 
 
-def pack_batch(batch: object) -> PackedBatch:
-    """Pack the tensors of a (nested dict / list / tuple) batch into one byte array."""
-    tensors: list[torch.Tensor] = []
-    slots: list[_Slot] = []
+def pack_batch(batch: object, pool: SegmentPool | None = None, worker: int = 0) -> PackedBatch:
+    """Pack the tensors of a (nested dict / list / tuple) batch into one byte array: a free
+    slot of `pool` (the DataLoader worker `worker`'s own), else a new shared-memory segment."""
+    sources, offsets, tree, end = _layout(batch, 0)
+    slot = pool.take(worker, end) if pool is not None else None
+    buf = pool.buffers[worker][slot] if slot is not None else _shared_bytes(end)
+    _copy_into(buf.numpy(), sources, offsets)
+    if slot is not None:
+        return PackedBatch(buf, tree, (pool.token, pool.generation, worker, slot, end))
+    return PackedBatch(buf, tree)
+
+
+def pack_group(batches: Iterable[object], pool: SegmentPool | None = None,
+               worker: int = 0) -> PackedBatch:
+    """`pack_batch(list(batches), pool, worker)`, packing each batch as soon as it is made:
+    with a free slot of `pool`, a batch is copied into it before the next one is built, so
+    a worker holds one decoded batch at a time instead of the whole group (its memory is
+    reused batch after batch, not grown and returned to the system every group). A group
+    that outgrows the slot, or without a free slot, goes to a new segment at the end."""
+    slot = pool.take(worker, 0) if pool is not None else None
+    flat = pool.buffers[worker][slot].numpy() if slot is not None else None
+    trees: list = []
+    pending: list[tuple[list[np.ndarray], list[int]]] = []  # copied once the group's size is known
     end = 0
+    try:
+        for batch in batches:
+            sources, offsets, tree, stop = _layout(batch, end)
+            trees.append(tree)
+            if flat is not None and stop > flat.size:  # too large for the slot: give it back
+                pending.append(([flat[:end].copy()], [0]))
+                pool.give_back(worker, slot)
+                slot = flat = None
+            if flat is not None:
+                pool.map(worker, slot, stop)
+                _copy_into(flat, sources, offsets)
+            else:
+                pending.append((sources, offsets))
+            end = stop
+    except BaseException:
+        if slot is not None:
+            pool.give_back(worker, slot)
+        raise
+    if slot is not None:
+        return PackedBatch(pool.buffers[worker][slot], trees, (pool.token, pool.generation, worker, slot, end))
+    buf = _shared_bytes(end)
+    for sources, offsets in pending:
+        _copy_into(buf.numpy(), sources, offsets)
+    return PackedBatch(buf, trees)
+
+
+def _layout(batch: object, start: int) -> tuple[list[np.ndarray], list[int], object, int]:
+    """Where `batch`'s tensors go from byte `start` on: their bytes (flat uint8 arrays), their
+    offsets, the batch with each tensor replaced by its `_Slot`, and the end offset."""
+    sources: list[np.ndarray] = []
+    offsets: list[int] = []
+    end = start
 
     def leaf(x: object) -> object:
         nonlocal end
         if not isinstance(x, torch.Tensor):
             return x
-        t = x.detach()
-        if t.device.type != "cpu":
-            raise ValueError("pack_batch moves CPU tensors; this one is on " + str(t.device))
-        t = t.contiguous()
-        slot = _Slot(end, t.numel() * t.element_size(), t.dtype, tuple(t.shape), t.stride())
-        end += -(-slot.nbytes // ALIGN) * ALIGN
-        tensors.append(t)
-        slots.append(slot)
+        if x.device.type != "cpu":
+            raise ValueError("pack_batch moves CPU tensors; this one is on " + str(x.device))
+        shape = tuple(x.shape)
+        try:  # numpy's view of a tensor costs a fraction of torch's reshape and view, per tensor
+            a = x.numpy()
+        except (RuntimeError, TypeError):  # needs grad, a dtype numpy lacks (bfloat16), ...
+            a = x.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        else:
+            if not a.flags.c_contiguous:
+                a = np.ascontiguousarray(a)
+            a = a.reshape(-1).view(np.uint8)
+        slot = _Slot(end, a.size, x.dtype, shape, _contiguous_strides(shape))
+        if a.size:
+            sources.append(a)
+            offsets.append(end)
+        end += -(-a.size // ALIGN) * ALIGN
         return slot
 
     tree = _map_leaves(batch, leaf)
-    buf = _shared_bytes(end)
-    flat = buf.numpy()  # numpy slicing costs a fraction of torch indexing, per tensor
-    for t, slot in zip(tensors, slots):
-        if slot.nbytes:
-            flat[slot.offset:slot.offset + slot.nbytes] = t.reshape(-1).view(torch.uint8).numpy()
-    return PackedBatch(buf, tree)
+    return sources, offsets, tree, end
+
+
+def _copy_into(flat: np.ndarray, sources: list[np.ndarray], offsets: list[int]) -> None:
+    for a, at in zip(sources, offsets):  # numpy slicing costs a fraction of torch indexing
+        flat[at:at + a.size] = a
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides torch gives a contiguous tensor of `shape` (a size-0 dimension counts
+    as 1), worked out in the worker so that the main process only makes views."""
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d if d > 1 else 1
+    return tuple(reversed(strides))
 
 
 def _shared_bytes(n: int) -> torch.Tensor:
@@ -135,6 +219,142 @@ def _populate(ptr: int, n: int) -> None:
         _madvise(start, n + (ptr - start), _MADV_POPULATE_WRITE)  # an error (old kernel) is harmless
 
 
+# Slot states in a SegmentPool's `state` table (shared between the main process and its workers).
+FREE, PACKED, HELD, RESERVED = 0, 1, 2, 3
+_POOLS: dict[int, weakref.ref] = {}  # the pools of this process by token, for unpickling slots
+
+
+class SegmentPool:
+    """Shared-memory segments that a loader's DataLoader workers pack their groups into,
+    made once in the main process and inherited by every worker it forks.
+
+    A new segment per group costs the worker its creation (torch allocates every page at
+    once) and the main process a file-descriptor handover through the worker's resource
+    sharer; a slot of the pool (an anonymous shared mapping, made before the workers are
+    forked) crosses the queue as its number only, and its pages stay allocated across
+    passes and mapped in the main process. Each worker has its own `slots` slots of `slot_bytes`; `state` (shared,
+    int64 [workers, slots]) says who may touch each: FREE (the worker may fill it),
+    PACKED (filled and sent), HELD (received by the main process), RESERVED (not in use
+    this generation). The main process frees a HELD slot (`release`) only once no tensor
+    views its buffer any more (the storage's use count is back to the pool's own), so a
+    batch kept by the consumer is never overwritten; a worker with no free slot packs into
+    a new segment, as without a pool. One generation (one DataLoader iterator, whose
+    workers hold this `state`) uses the pool at a time.
+    """
+
+    def __init__(self, num_workers: int, slots: int, slot_bytes: int):
+        page = mmap.PAGESIZE
+        self.slot_bytes = -(-int(slot_bytes) // page) * page
+        self.token = int.from_bytes(os.urandom(8), "little") >> 1
+        # anonymous shared mappings: inherited by forked workers, no file to leak, pages
+        # allocated where first touched (by the worker that packs into the slot)
+        self.buffers = [[torch.frombuffer(mmap.mmap(-1, self.slot_bytes), dtype=torch.uint8)
+                         for _ in range(slots)] for _ in range(num_workers)]
+        self._storages = [[b.untyped_storage()._cdata for b in row] for row in self.buffers]
+        self._base = np.array([[_use_count(c) for c in row] for row in self._storages], np.int64)
+        self.generation = 0
+        self.state = torch.full((num_workers, slots), RESERVED, dtype=torch.int64).share_memory_()
+        self._state = self.state.numpy()
+        self._owner: weakref.ref | None = None  # the DataLoader iterator of this generation
+        self._workers: list = []  # and its worker processes (multiprocessing.Process)
+        self._mapped: dict[tuple[int, int], int] = {}  # bytes of each slot faulted in here
+        self._pid = os.getpid()
+        _POOLS[self.token] = weakref.ref(self)
+
+    def __reduce__(self):
+        # Only forked workers share the pool (its slots are inherited mappings); a worker
+        # started by "spawn" gets none and packs into new segments.
+        return _no_pool, ()
+
+    def in_use(self) -> bool:
+        """Whether this generation's iterator, or one of its workers, may still be running."""
+        if self._owner is not None and self._owner() is not None:
+            return True
+        self._workers = [w for w in self._workers if w.is_alive()]
+        return bool(self._workers)
+
+    def new_generation(self) -> bool:
+        """Start a generation for workers about to be forked (they inherit `state`); False,
+        leaving every slot reserved for it, while the last generation's iterator lives.
+        Slots sent by dead workers but never received become free; slots whose views the
+        consumer still holds stay HELD until `release`."""
+        if self.in_use():
+            return False
+        state = self._state
+        held = state == HELD
+        fresh = torch.full(state.shape, FREE, dtype=torch.int64).share_memory_()
+        fresh.numpy()[held] = HELD
+        self.state, self._state, self._owner = fresh, fresh.numpy(), None
+        self.generation += 1
+        return True
+
+    def own(self, iterator: object) -> None:
+        """The DataLoader iterator whose workers use this generation."""
+        self._owner = weakref.ref(iterator)
+        self._workers = list(getattr(iterator, "_workers", ()))  # its worker processes
+
+    def take(self, worker: int, nbytes: int = 0) -> int | None:
+        """In a worker: a free slot of its own that holds `nbytes`, now PACKED; None if none."""
+        if nbytes > self.slot_bytes or worker >= len(self.buffers):
+            return None
+        row = self._state[worker]
+        free = np.flatnonzero(row == FREE)
+        if not free.size:
+            return None
+        slot = int(free[0])
+        row[slot] = PACKED
+        self.map(worker, slot, nbytes)
+        return slot
+
+    def map(self, worker: int, slot: int, nbytes: int) -> None:
+        """Fault the first `nbytes` of a slot into this process at once, where not done yet
+        (a forked worker inherits the mapping, not its page table entries): one system
+        call for the part a group is about to fill, not a fault per page, and never the
+        part of the slot that small groups leave unused."""
+        if os.getpid() != self._pid:  # a forked worker: nothing of the slots is mapped yet
+            self._mapped, self._pid = {}, os.getpid()
+        done = self._mapped.get((worker, slot), 0)
+        if nbytes > done:
+            ptr = self.buffers[worker][slot].data_ptr()
+            _populate(ptr + done, min(nbytes, self.slot_bytes) - done)
+            self._mapped[(worker, slot)] = min(nbytes, self.slot_bytes)
+
+    def give_back(self, worker: int, slot: int) -> None:
+        """In a worker: a slot it took but did not send is free again."""
+        self._state[worker, slot] = FREE
+
+    def receive(self, generation: int, worker: int, slot: int, nbytes: int) -> torch.Tensor:
+        """In the main process: the buffer of a slot a worker sent, now HELD."""
+        if generation == self.generation:
+            self._state[worker, slot] = HELD
+        return self.buffers[worker][slot][:nbytes]
+
+    def release(self) -> None:
+        """In the main process: free the HELD slots that no tensor views any more."""
+        for w, s in zip(*np.nonzero(self._state == HELD)):
+            if _use_count(self._storages[w][s]) <= self._base[w, s]:
+                self._state[w, s] = FREE
+
+
+def _no_pool() -> None:
+    return None
+
+
+def _use_count(storage_cdata: int) -> int:
+    return torch._C._storage_Use_Count(storage_cdata)
+
+
+def _from_slot(slot: tuple[int, int, int, int, int], tree: object) -> PackedBatch:
+    """Unpickle a batch packed into a pool slot: the main process's view of that slot."""
+    token, generation, worker, index, nbytes = slot
+    ref = _POOLS.get(token)
+    pool = ref() if ref is not None else None
+    if pool is None:
+        raise RuntimeError("a batch packed into a shared-memory pool reached a process without "
+                           "that pool (pools work across forked DataLoader workers only)")
+    return PackedBatch(pool.receive(generation, worker, index, nbytes), tree)
+
+
 def unpack_batch(packed: object) -> object:
     """The batch `pack_batch` packed, its tensors views of one buffer; anything that is
     not a PackedBatch is returned as it is (batches made in the main process)."""
@@ -157,13 +377,16 @@ def unpack_batch(packed: object) -> object:
     return _map_leaves(packed.tree, leaf)
 
 
+_STR = frozenset({str})
+
+
 def _map_leaves(x: object, leaf) -> object:
     """`x` with every leaf replaced by `leaf(x)`, through dicts, lists and plain tuples
     (named tuples are leaves); pack and unpack walk a batch the same way."""
     if isinstance(x, dict):
         return {k: _map_leaves(v, leaf) for k, v in x.items()}
     if isinstance(x, list):
-        if all(type(v) is str for v in x):  # keys, text: nothing to pack, and walked per batch
+        if set(map(type, x)) <= _STR:  # keys, text: nothing to pack, and walked per batch
             return x
         return [_map_leaves(v, leaf) for v in x]
     if isinstance(x, tuple) and not hasattr(x, "_fields"):

@@ -28,7 +28,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from midas_data.dataset.reader import Dataset, open_dataset
-from midas_data.dataset.transport import pack_batch, torch_batch, transfer_group_size, unpack_batch
+from midas_data.dataset.transport import (
+    MAX_TRANSFER_GROUP,
+    TRANSFER_BYTES,
+    SegmentPool,
+    pack_group,
+    torch_batch,
+    transfer_group_size,
+    unpack_batch,
+)
 from midas_data.distributed import rank_and_world_size
 from midas_data.errors import CorruptShardError, MidasDataError, SchemaError, where
 from midas_data.features.tables import read_features
@@ -36,6 +44,8 @@ from midas_data.loss import hard_weight_from_similarity, normalised_confidences,
 
 from . import epoch_plan as plan
 from .partners import PartnerOptions, PartnerPolicy, SplitData, make_policy, resolve_modalities
+
+PARTNER_CHUNK = 16  # batches whose partners are computed together, one batch at a time
 
 
 class MidasDataset(IterableDataset):
@@ -111,7 +121,9 @@ class MidasDataset(IterableDataset):
         self.epoch, self.offset = 0, 0
         self._transfer_group = 0  # batches per worker-queue item; set by MidasLoader for its workers
         self._pass_state: torch.Tensor | None = None  # persistent workers: [epoch, offset, group]
+        self._pool: SegmentPool | None = None  # MidasLoader's shared segments, for its workers
         self._exhausted = False  # set when an iteration ran to the end of the epoch
+        self._order_cache: tuple | None = None  # ((policy, seed, epoch), order, partner_of)
         self.features = None
         feat_path = self.root / "features" / f"{split}.arrow"
         if use_features and feat_path.exists():
@@ -143,6 +155,18 @@ class MidasDataset(IterableDataset):
         if epoch != self.epoch:
             self.epoch, self.offset, self._exhausted = int(epoch), 0, False
 
+    def epoch_order(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The current epoch's order and matched partners (`PartnerPolicy.order`), kept for
+        the epoch: MidasLoader computes it before starting fresh workers, which then
+        inherit it instead of each recomputing it every pass (a permutation of the split,
+        or a matching on the mined graph for the paired policies)."""
+        key = (self.partners, self.seed, self.epoch)
+        cached = self._order_cache
+        if cached is None or cached[0] != key:
+            order, partner_of = self.partners.order(self.seed, self.epoch)
+            cached = self._order_cache = (key, order, partner_of)
+        return cached[1], cached[2]
+
     def rank_world(self) -> tuple[int, int]:
         rank, world = rank_and_world_size()
         return (self._rank if self._rank is not None else rank,
@@ -173,7 +197,7 @@ class MidasDataset(IterableDataset):
             self.begin_epoch()
         elif self._pass_state is not None:  # a persistent worker: this pass's position, from the loader
             self.epoch, self.offset, self._transfer_group = (int(v) for v in self._pass_state.tolist())
-        order, partner_of = self.partners.order(self.seed, self.epoch)
+        order, partner_of = self.epoch_order()
         start, n, paired = self.offset, len(order), self.partners.paired
         spans = plan.batch_spans(n, start, self.batch_size, world, rank, self.drop_last,
                                  pair_aligned=paired)
@@ -193,26 +217,45 @@ class MidasDataset(IterableDataset):
         if hasattr(self.reader, "plan_reads"):  # remote root: fetch this worker's shards ahead
             self.reader.plan_reads([rows_of(k) for group in groups for k in group])
 
-        def build(k: int) -> dict:
+        def plan_partners(ks: Sequence[int]) -> list[tuple]:
+            """The partners of the real rows of batches `ks`, computed together
+            (`PartnerPolicy.assign_many`), and without stored features the batches' partner
+            fields too; a batch that loses a row to on_error="skip" has its own recomputed."""
+            real = [order[int(spans[k][0]):int(spans[k][1])] for k in ks]
+            got = self.partners.assign_many(real, [self.reader.labels[r] for r in real], partner_of,
+                                            self.seed, self.epoch, [int(spans[k][0]) for k in ks])
+            if self.features is not None or any(p is None for p in got):
+                return [(p, None) for p in got]
+            rows = [rows_of(k) for k in ks]
+            padded = [p if len(r) == len(p) else  # fill rows: no partner
+                      np.concatenate([p, np.full((len(r) - len(p), p.shape[1]), -1, np.int64)])
+                      for p, r in zip(got, rows)]
+            fields = partner_fields_without_features(padded, [self.reader.labels[r] for r in rows])
+            return list(zip(got, fields))
+
+        def build(k: int, planned: tuple) -> dict:
             lo, hi = (int(v) for v in spans[k])
-            batch = self._make_batch(rows_of(k), hi - lo, partner_of, lo)
+            batch = self._make_batch(rows_of(k), hi - lo, partner_of, lo, planned)
             offset = plan.offset_after_step(n, start, self.batch_size, world, k)
             batch["stream_state"] = {"seed": self.seed, "epoch": self.epoch, "offset": offset}
             return batch
 
-        for group in groups:
-            if not grouped:
-                for k in group:
-                    batch = build(k)
+        if not grouped:  # one batch at a time; partners planned for chunks of 1, 2, 4, ... batches
+            mine, done, size = [k for group in groups for k in group], 0, 1
+            while done < len(mine):
+                ks = mine[done:done + size]
+                done, size = done + len(ks), min(2 * size, PARTNER_CHUNK)
+                for k, planned in zip(ks, plan_partners(ks)):
+                    batch = build(k, planned)
                     if info is None:
                         self.offset = batch["stream_state"]["offset"]
                     yield batch
-                continue
+        for group in groups if grouped else ():
             # A batch that fails (a damaged shard) fails its whole group: the loader raises
             # at the group's turn, after every earlier batch, so the consumed position stays
             # a prefix of the order (sending the group's first batches alone would let the
             # next worker's group overtake the failed batch).
-            yield pack_batch([build(k) for k in group])
+            yield pack_group((build(k, p) for k, p in zip(group, plan_partners(group))), self._pool, worker)
         if info is None:
             self.offset = n  # epoch done (items dropped by drop_last included)
             self._exhausted = True
@@ -291,9 +334,11 @@ class MidasDataset(IterableDataset):
         return collate(samples, self.modalities), ok
 
     def _make_batch(self, rows: np.ndarray, real: int, partner_of: np.ndarray | None,
-                    first: int) -> dict:
+                    first: int, planned: tuple | None = None) -> dict:
         """The batch of `rows`: the first `real` are the items at global positions `first`...
-        of the order, the rest fill rows (repeats that pad the final batch)."""
+        of the order, the rest fill rows (repeats that pad the final batch). `planned`: the
+        policy's partners of the real rows, computed ahead (used if every real row is read),
+        and the batch's partner fields (None: made here; used if every row is read)."""
         valid = np.arange(len(rows)) < real
         batch, ok = self._read_batch(rows)
         skipped = [self.reader.keys[int(r)] for r in rows[~ok & valid]]  # a fill row's own turn reports it
@@ -304,13 +349,20 @@ class MidasDataset(IterableDataset):
         batch["valid"] = torch.from_numpy(valid)
         batch["weight"] = torch.from_numpy(valid.astype(np.float32))
         batch["skipped"] = skipped
+        if planned is not None and planned[1] is not None and ok.all():
+            batch.update(planned[1])
+            return batch
         labels = self.reader.labels[rows]
         # Partners among the real rows only (they come first): fill rows lend and get none.
-        partner = self.partners.assign(rows[valid], labels[valid], partner_of, self.seed,
-                                       self.epoch, first)
+        if planned is not None and ok[:real].all():
+            partner = planned[0]
+        else:
+            partner = self.partners.assign(rows[valid], labels[valid], partner_of, self.seed,
+                                           self.epoch, first)
         if partner is not None:
-            partner = np.concatenate([partner, np.full((int((~valid).sum()), partner.shape[1]), -1,
-                                                       dtype=np.int64)])
+            if not valid.all():  # fill rows: no partner
+                partner = np.concatenate([partner, np.full((int((~valid).sum()), partner.shape[1]), -1,
+                                                           dtype=np.int64)])
             conf = feats = None
             if self.features is not None:
                 conf = np.stack([self.features.confs[m][rows] for m in self.modalities], axis=1)
@@ -335,17 +387,12 @@ def partner_fields(partner: np.ndarray, labels: np.ndarray, conf: np.ndarray | N
     `partner_weight` is the swapped modality's `normalised_confidences`, `anchor_weight`
     the rest; without confidences both are 0.5. Invalid (b, m) get weight 0.
     """
+    if conf is None and not feats:  # no features table: even split, hard weight 1 (fast path)
+        return partner_fields_without_features([partner], [labels])[0]
     b, M = partner.shape
     valid = partner >= 0
     safe = np.where(valid, partner, 0)
     partner_label = torch.from_numpy(np.where(valid, labels[safe], -1))
-    if conf is None and not feats:  # no features table: even split, hard weight 1 (fast path)
-        half = np.where(valid, 0.5, 0.0).astype(np.float32)
-        nan = np.full((b, M), np.nan, np.float32)
-        return {"partner": torch.from_numpy(partner), "partner_label": partner_label,
-                "conf": torch.from_numpy(nan), "similarity": torch.from_numpy(nan.copy()),
-                "hard_weight": torch.from_numpy(valid.astype(np.float32)),
-                "anchor_weight": torch.from_numpy(half), "partner_weight": torch.from_numpy(half.copy())}
     conf = np.full((b, M), np.nan, np.float32) if conf is None else conf.astype(np.float32)
     sim = np.full((b, M), np.nan, np.float32)
     for mi, f in enumerate(feats or ()):
@@ -363,6 +410,38 @@ def partner_fields(partner: np.ndarray, labels: np.ndarray, conf: np.ndarray | N
             "hard_weight": torch.from_numpy(np.where(valid, hard, 0.0).astype(np.float32)),
             "anchor_weight": torch.from_numpy(np.where(valid, 1.0 - w, 0.0).astype(np.float32)),
             "partner_weight": torch.from_numpy(np.where(valid, w, 0.0).astype(np.float32))}
+
+
+def partner_fields_without_features(partners: Sequence[np.ndarray],
+                                    labels: Sequence[np.ndarray]) -> list[dict]:
+    """`partner_fields(partner, labels, None, None)` of several batches, computed together:
+    without stored features every misaligned sample splits its label evenly (0.5 / 0.5)
+    with hard weight 1, and `conf` and `similarity` are NaN. Each batch's tensors are views
+    of arrays made once for all of them (disjoint rows)."""
+    sizes = [len(p) for p in partners]
+    if not partners:
+        return []
+    m = partners[0].shape[1]
+    every = np.concatenate(partners).reshape(-1, m)
+    valid = every >= 0
+    first = np.repeat(np.cumsum(sizes) - sizes, sizes)[:, None]  # each row's batch start
+    all_labels = np.concatenate(labels)
+    partner_label = np.where(valid, all_labels[np.where(valid, every + first, 0)], -1)
+    floats = np.empty((5, every.shape[0], m), np.float32)  # conf, similarity, hard, anchor, partner
+    floats[:2] = np.nan
+    floats[2] = valid
+    np.multiply(floats[2], 0.5, out=floats[3])
+    floats[4] = floats[3]
+    out, lo = [], 0
+    for p, b in zip(partners, sizes):
+        hi = lo + b
+        out.append({"partner": torch.from_numpy(p), "partner_label": torch.from_numpy(partner_label[lo:hi]),
+                    "conf": torch.from_numpy(floats[0, lo:hi]), "similarity": torch.from_numpy(floats[1, lo:hi]),
+                    "hard_weight": torch.from_numpy(floats[2, lo:hi]),
+                    "anchor_weight": torch.from_numpy(floats[3, lo:hi]),
+                    "partner_weight": torch.from_numpy(floats[4, lo:hi])})
+        lo = hi
+    return out
 
 
 def collate(samples: list[dict], modalities: list[str]) -> dict:
@@ -409,6 +488,11 @@ def materialize_misaligned(batch: dict, modalities: list[str] | None = None) -> 
             "hard_weight": batch["hard_weight"][b_idx, m_idx]}
 
 
+def _as_built(batch: object) -> object:
+    """MidasLoader's collate_fn: the batch as the dataset built it (module level: picklable)."""
+    return batch
+
+
 class MidasLoader(DataLoader):
     """A DataLoader for MidasDataset that remembers how far the epoch has been consumed.
 
@@ -430,7 +514,9 @@ class MidasLoader(DataLoader):
     size (`transfer_group_size`): groups of about `TRANSFER_BYTES`, at most
     `MAX_TRANSFER_GROUP` batches, 1 for batches that large. A worker's first groups are
     smaller (1, 2, 4, ... batches), so the first batch comes as soon as one is built. The
-    batches and their order are the same for any value.
+    batches and their order are the same for any value. Forked workers pack their groups
+    into the loader's shared slots (`transport.SegmentPool`, made before the first fork
+    and kept), each handed back only once no tensor of its batches is referenced.
     """
 
     def __init__(self, dataset: MidasDataset, num_workers: int = 0, *,
@@ -441,10 +527,14 @@ class MidasLoader(DataLoader):
             raise ValueError(f"batches_per_transfer must be an integer >= 1 or None (automatic), "
                              f"got {batches_per_transfer!r}")
         self.batches_per_transfer = batches_per_transfer
+        # The dataset's batches are tensors already: hand them on as built, instead of
+        # DataLoader's default_convert walking every batch (each key of its key list too).
+        kwargs.setdefault("collate_fn", _as_built)
         super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
         # Persistent workers copied the dataset once; each pass's position reaches them here.
         self._pass_state = (torch.zeros(3, dtype=torch.int64).share_memory_()
                             if self.persistent_workers else None)
+        self._pool: SegmentPool | None = None  # made on the first pass with workers
 
     def transfer_group(self) -> int:
         """Batches per worker-queue item for the next pass (0 without workers)."""
@@ -459,6 +549,14 @@ class MidasLoader(DataLoader):
         ds: MidasDataset = self.dataset  # type: ignore[assignment]
         ds.begin_epoch()  # before workers copy it
         ds._transfer_group = self.transfer_group()
+        # Workers about to be forked (every pass, or the first of persistent ones) inherit
+        # the epoch's order and the loader's shared segments from this process.
+        forking = self.num_workers > 0 and not (self.persistent_workers and self._iterator is not None)
+        pool = self._segment_pool() if forking else None
+        if forking:
+            ds.epoch_order()
+            ds.reader.key_table()
+            ds._pool = pool if pool is not None and pool.new_generation() else None
         if self._pass_state is not None:  # before the workers are told to start the pass
             self._pass_state.copy_(torch.tensor([ds.epoch, ds.offset, ds._transfer_group]))
             ds._pass_state = self._pass_state
@@ -466,8 +564,13 @@ class MidasLoader(DataLoader):
             items = super().__iter__()
         finally:
             # the dataset's own iteration (and plain DataLoaders) gets dicts, at its own position
-            ds._transfer_group, ds._pass_state = 0, None
+            ds._transfer_group, ds._pass_state, started, ds._pool = 0, None, ds._pool, None
+        if started is not None:
+            started.own(items)  # its workers may use the segments while this iterator lives
+        pool = self._pool
         for item in items:
+            if pool is not None:
+                pool.release()  # slots whose batches the consumer has let go of
             batches = unpack_batch(item)  # a worker's group of batches, or one in-process batch
             for batch in batches if isinstance(batches, list) else (batches,):
                 # The consumed position lives in the dataset, whatever process built the batch,
@@ -476,6 +579,27 @@ class MidasLoader(DataLoader):
                 ds.epoch, ds.offset = int(state["epoch"]), int(state["offset"])
                 yield batch
         ds.offset, ds._exhausted = len(ds.reader), True  # epoch finished
+
+    def _segment_pool(self) -> SegmentPool | None:
+        """The shared segments this loader's forked workers pack their groups into (made
+        on first use, kept across passes): per worker, `prefetch_factor + 2` slots (the
+        groups in flight, the one being consumed and the one before it) of the largest
+        group a pass can send. None without grouped workers, for workers that are not
+        forked, or for groups larger than 4 x `TRANSFER_BYTES`."""
+        ds: MidasDataset = self.dataset  # type: ignore[assignment]
+        ctx = self.multiprocessing_context
+        method = ctx.get_start_method() if ctx is not None else torch.multiprocessing.get_start_method()
+        if self.num_workers == 0 or ds._transfer_group <= 0 or method != "fork":
+            return None
+        batch = ds.batch_size * ds.row_bytes() + 64 * (16 + len(ds.modalities))  # + alignment
+        group = self.batches_per_transfer or max(1, min(MAX_TRANSFER_GROUP, TRANSFER_BYTES // batch))
+        need = group * batch
+        if need > 4 * TRANSFER_BYTES:
+            return None
+        pool = self._pool
+        if pool is None or (pool.slot_bytes < need and not pool.in_use()):
+            self._pool = pool = SegmentPool(self.num_workers, (self.prefetch_factor or 2) + 2, need)
+        return pool
 
     def __len__(self) -> int:
         # The dataset's length shrinks as the epoch is consumed, so DataLoader's own __len__,

@@ -250,8 +250,7 @@ def assign_partners(
     out = np.full((b, int(num_modalities)), -1, dtype=np.int64)
     if b < 2:
         return out
-    _, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    inv = inv.reshape(-1)
+    inv, counts = _classes(labels)
     maxc = int(counts.max())
     if maxc == b:
         return out
@@ -260,7 +259,7 @@ def assign_partners(
     grouped = perm[np.argsort(class_rank[inv[perm]], kind="stable")]
     shift = int(rng.integers(maxc, b - maxc + 1)) if 2 * maxc <= b else maxc
     partner = np.empty(b, dtype=np.int64)
-    partner[grouped] = np.roll(grouped, -shift)
+    partner[grouped] = np.concatenate((grouped[shift:], grouped[:shift]))  # np.roll(-shift), 0 < shift < b
     rows = np.flatnonzero(labels[partner] == labels)
     if rows.size:  # uniform pick among the b - count[c] rows of other classes
         by_class = np.argsort(inv, kind="stable")
@@ -270,6 +269,80 @@ def assign_partners(
         partner[rows] = by_class[np.where(pick < start[c], pick, pick + counts[c])]
     out[:] = partner[:, None]
     return out
+
+
+def assign_partners_many(labels: Sequence[np.ndarray], num_modalities: int,
+                         rngs: Sequence[np.random.Generator]) -> list[np.ndarray]:
+    """:func:`assign_partners` of several batches at once, bit for bit:
+    ``out[j] == assign_partners(labels[j], num_modalities, rngs[j])``.
+
+    The random draws are made batch by batch, the same calls on the same generator in the
+    same order; the rest (classes, grouping by class, the shift) is vectorised across the
+    batches. A batch where one class holds more than half the rows (whose fallback draws
+    depend on the shifted result) is assigned on its own.
+    """
+    m = int(num_modalities)
+    labels = [np.asarray(y, dtype=np.int64).reshape(-1) for y in labels]
+    sizes = np.array([y.size for y in labels], dtype=np.int64)
+    n = len(labels)
+    every = np.concatenate(labels) if n else np.empty(0, np.int64)
+    if not every.size or int(every.min()) < 0 or (int(every.max()) + 1) * n > _BINCOUNT_LABELS:
+        return [assign_partners(y, m, rng) for y, rng in zip(labels, rngs)]
+    width = int(every.max()) + 1
+    batch_of_row = np.repeat(np.arange(n), sizes)
+    counts = np.bincount(batch_of_row * width + every, minlength=n * width).reshape(n, width)
+    present = counts > 0
+    inv = (np.cumsum(present, axis=1) - 1)[batch_of_row, every]  # class index within the batch
+    num_classes, maxc = present.sum(axis=1), counts.max(axis=1)
+    out: list[np.ndarray | None] = [None] * n
+    perms, ranks, shifts, simple = [], [], [], []
+    for j, rng in enumerate(rngs):
+        b, top = int(sizes[j]), int(maxc[j])
+        if b < 2 or top == b:
+            out[j] = np.full((b, m), -1, dtype=np.int64)
+        elif 2 * top > b:  # a majority class: its fallback draws follow the shifted rows
+            out[j] = assign_partners(labels[j], m, rng)
+        else:
+            perms.append(rng.permutation(b))
+            ranks.append(rng.permutation(int(num_classes[j])))
+            shifts.append(int(rng.integers(top, b - top + 1)))
+            simple.append(j)
+    if simple:
+        idx = np.array(simple)
+        b = sizes[idx]
+        first_row = (np.cumsum(sizes) - sizes)[idx]  # of each simple batch in `every`
+        seg_start = np.cumsum(b) - b  # of each simple batch among the simple batches' rows
+        seg = np.repeat(np.arange(idx.size), b)
+        perm = np.concatenate(perms) + np.repeat(first_row, b)  # rows of `every`, batch by batch
+        rank_start = np.cumsum(num_classes[idx]) - num_classes[idx]
+        key = np.concatenate(ranks)[rank_start[seg] + inv[perm]]  # each row's class rank
+        grouped = perm[np.lexsort((key, seg))]  # stable: equal ranks keep the permutation's order
+        local = np.arange(seg.size) - seg_start[seg]
+        partner = np.empty(every.size, dtype=np.int64)
+        partner[grouped] = grouped[seg_start[seg] + (local + np.array(shifts)[seg]) % b[seg]]
+        for t, j in enumerate(simple):
+            lo = int(first_row[t])
+            rows = partner[lo:lo + int(b[t])] - lo
+            out[j] = np.repeat(rows[:, None], m, axis=1)
+    return out  # type: ignore[return-value]
+
+
+# Labels below this use a bincount to find the batch's classes (a table of this many
+# counts at most); larger or negative labels take np.unique, which gives the same classes.
+_BINCOUNT_LABELS = 1 << 16
+
+
+def _classes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(labels, return_inverse=True, return_counts=True)[1:]`` for a non-empty
+    int64 vector: each row's class index (classes in increasing label order) and each
+    class's row count, by a bincount when the labels are small non-negative integers (the
+    class indices of a dataset; a fraction of np.unique's cost per batch)."""
+    if int(labels.min()) >= 0 and int(labels.max()) < _BINCOUNT_LABELS:
+        full = np.bincount(labels)
+        present = full > 0
+        return (np.cumsum(present) - 1)[labels], full[present]
+    _, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return inv.reshape(-1), counts
 
 
 def matched_order(

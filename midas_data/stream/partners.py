@@ -166,6 +166,13 @@ class PartnerPolicy:
         rng = plan.partner_rng(seed, epoch, first)
         return plan.assign_partners(labels, len(self.data.modalities), rng)
 
+    def assign_many(self, rows: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                    partner_of: np.ndarray | None, seed: int, epoch: int,
+                    firsts: Sequence[int]) -> list[np.ndarray | None]:
+        """`assign` of several batches (rows, labels and first position of each): the same
+        partners; a policy may compute them together."""
+        return [self.assign(r, y, partner_of, seed, epoch, f) for r, y, f in zip(rows, labels, firsts)]
+
 
 class NoPartners(PartnerPolicy):
     """Aligned samples only (evaluation, Joint and unimodal training)."""
@@ -181,6 +188,14 @@ class RandomPartners(PartnerPolicy):
     """The paper's partner: a different-label row of the same batch, fresh every epoch."""
 
     name = "random"
+
+    def assign_many(self, rows: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                    partner_of: np.ndarray | None, seed: int, epoch: int,
+                    firsts: Sequence[int]) -> list[np.ndarray | None]:
+        """The batches' partners vectorised across them (`epoch_plan.assign_partners_many`),
+        each batch's draws from its own generator as `assign` makes them."""
+        rngs = [plan.partner_rng(seed, epoch, f) for f in firsts]
+        return list(plan.assign_partners_many(labels, len(self.data.modalities), rngs))
 
 
 class MinedPartners(PartnerPolicy):
