@@ -29,12 +29,12 @@ from midas_data.loss import (
     DirectionSums,
     LossTerms,
     accumulate,
+    aligned_and_misaligned_loss,
     aligned_loss,
     authors_alpha_update,
     direction_sums,
     in_batch_hard_weight,
     midas_total_loss,
-    misaligned_loss,
     modality_weights,
     normalised_confidences,
     unimodal_confidence,
@@ -172,7 +172,8 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
     batch_stats, batch_sums = AlphaStats(), DirectionSums()
     if size > 0:
         uni_ces = [aligned_loss(z, batch) for z in out["uni"]]
-        fused_ce = aligned_loss(out["fused"], batch) if use_fused else None
+        # MIDAS takes the aligned CE together with L_mis, from the head's classes-first output
+        fused_ce = aligned_loss(out["fused"], batch) if use_fused and not use_mis else None
         mis = None
         if use_mis:
             idx = out["mis_index"]  # row n: anchor idx.b[n], modality idx.m[n] from row idx.src[n]
@@ -182,17 +183,25 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
             if config.hard_weighting:  # cosine on the swapped modality's features
                 h = _swapped_hard_weight(out, idx)
             a = _modality_weights(M, tracker.weak, run.alpha, y.device)
-            mis = misaligned_loss(out["mis"], src_labels, normalised_confidences(src_conf), a, h)
+            by_class = out.get("fused_by_class")  # a model that gives only 'fused' and 'mis' works too
+            if by_class is None:
+                by_class = torch.cat((out["fused"], out["mis"])).t()
+            fused_and_mis, fused_ce, mis = aligned_and_misaligned_loss(
+                by_class, y, src_labels, normalised_confidences(src_conf), a, h, config.lam, batch.get("weight"))
             w, s_ = tracker.weak, tracker.strong
-            rows = (out["mis"], src_labels[:, s_], src_labels[:, w], src_conf[:, s_], src_conf[:, w])
+            labels_of, conf_of = src_labels.unbind(1), src_conf.unbind(1)  # per modality, [N] each
+            rows = (out["mis"], labels_of[s_], labels_of[w], conf_of[s_], conf_of[w])
             if config.alpha_update == "batch":
                 batch_stats = accumulate(batch_stats, *rows)  # pooled, for the epoch's report only
                 # The authors' step keeps the two swap directions apart (midas_data.loss.alpha).
                 batch_sums = direction_sums(out["mis"], src_labels, idx.m, conf, (min(w, s_), max(w, s_)))
             else:
                 tracker.add_alpha_rows(*rows)
-        # Joint: CE + the probes' CE (their gradient stops at the detached features).
-        terms = midas_total_loss(fused_ce, uni_ces, mis, config.lam, warmup=not use_fused)
+        if use_mis:  # L = (CE + lam * L_mis) + L_uni; the CE and L_mis terms are values for the log
+            uni = torch.stack(uni_ces).mean()
+            terms = LossTerms(fused_and_mis + uni, fused_ce, uni, mis)
+        else:  # Joint: CE + the probes' CE (their gradient stops at the detached features).
+            terms = midas_total_loss(fused_ce, uni_ces, None, config.lam, warmup=not use_fused)
         loss = terms.total
 
     optimizer.zero_grad(set_to_none=True)
@@ -212,7 +221,9 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
         tracker.mis += float(terms.misaligned.detach()) * n
         if use_fused:
             tracker.n_fused += n
-            tracker.correct_fused += float((out["fused"].argmax(1) == y)[valid].sum())
+            by_class = out.get("fused_by_class")  # the aligned rows' classes-first logits: a fast argmax
+            pred = out["fused"].argmax(1) if by_class is None else by_class[:, :size].argmax(0)
+            tracker.correct_fused += float((pred == y)[valid].sum())
         for k, z in enumerate(out["uni"]):
             tracker.correct_uni[k] += float((z.argmax(1) == y)[valid].sum())
         for k, c in enumerate(conf.sum(0).tolist()):

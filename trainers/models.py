@@ -123,7 +123,9 @@ class MultimodalModel(nn.Module):
         fused head's input) or None, 'uni': [M x [B, C]], 'fused': [B, C] or None, 'mis': [N, C]
         fused logits of the misaligned rows or None, 'mis_index': `MisalignedIndex` or None}.
         `partner` [B, M] (the stream's in-batch partners) adds the N misaligned rows; row
-        (b, m) takes modality m's features from row partner[b, m]. `fused=False` skips the
+        (b, m) takes modality m's features from row partner[b, m]. With them, 'fused_by_class'
+        [C, B + N] holds the fused logits of the aligned then the misaligned rows, classes
+        first, and 'fused' and 'mis' are its transposed column blocks. `fused=False` skips the
         fused head (warm-up: DDP must not see a head that gets no gradient). `detach_unimodal`
         trains the unimodal heads as probes that do not move the encoders (Joint).
         `inputs=None` (an empty batch on this rank) returns a zero loss touching every
@@ -135,12 +137,20 @@ class MultimodalModel(nn.Module):
         feats = self.encode(inputs)
         uni = self.unimodal_logits([f.detach() for f in feats] if detach_unimodal else feats)
         joined = torch.cat(feats, dim=1) if fused else None  # [B, M*D], what `fuse` takes
-        out = {"feats": feats, "joined": joined, "uni": uni,
-               "fused": self.fused_head(joined) if fused else None, "mis": None, "mis_index": None}
+        out = {"feats": feats, "joined": joined, "uni": uni, "fused": None, "mis": None, "mis_index": None}
         if partner is not None and fused:
+            # The aligned and the misaligned rows through the fused head in one matmul (one
+            # gather, one linear layer and one backward for both), classes first: the layout
+            # `aligned_and_misaligned_loss` takes.
             index = misaligned_index(partner.to(feats[0].device))
-            out["mis"] = self.fused_head(swapped_joined(joined, index))
+            rows = aligned_and_swapped_joined(joined, index)
+            head = self.fused_head
+            by_class = torch.addmm(head.bias.unsqueeze(1), head.weight, rows.t())  # [C, B + N]
+            out["fused_by_class"] = by_class
+            out["fused"], out["mis"] = by_class[:, :len(joined)].t(), by_class[:, len(joined):].t()
             out["mis_index"] = index
+        elif fused:
+            out["fused"] = self.fused_head(joined)
         return out
 
 
@@ -198,7 +208,7 @@ def misaligned_index(partner: Tensor) -> MisalignedIndex:
         # (b, m) pairs in b-major order, so only the partners' part is computed per batch.
         full = _full_layout(partner.shape[0], M, partner.device)
         src = partner.reshape(-1)
-        source_flat = (partner * M + full.modality).reshape(-1, 1)
+        source_flat = torch.add(full.modality, partner, alpha=M).view(-1, 1)  # partner * M + k
         rows = torch.where(full.swapped, src.view(-1, 1), full.b_column)
         flat = torch.where(full.swapped, source_flat, full.anchor_cols)
         return MisalignedIndex(full.b, full.m, src, rows, flat, full.anchor_flat, source_flat.view(-1))
@@ -225,3 +235,18 @@ def swapped_joined(joined: Tensor, index: MisalignedIndex) -> Tensor:
     """
     n, M = index.flat.shape
     return joined.reshape(-1, joined.shape[1] // M).index_select(0, index.flat.reshape(-1)).view(n, joined.shape[1])
+
+
+def aligned_and_swapped_joined(joined: Tensor, index: MisalignedIndex) -> Tensor:
+    """The fused head's input for the batch's B aligned rows followed by its N misaligned
+    rows, [B + N, M * D]: `torch.cat([joined, swapped_joined(joined, index)])` in one gather."""
+    b, width = joined.shape
+    m = index.flat.shape[1]
+    rows = torch.cat((_aligned_flat(b, m, joined.device), index.flat))
+    return joined.reshape(-1, width // m).index_select(0, rows.reshape(-1)).view(len(rows), width)
+
+
+@functools.lru_cache(maxsize=32)
+def _aligned_flat(size: int, num_modalities: int, device: torch.device) -> Tensor:
+    """[B, M] flat (row, modality) index of the aligned rows: b * M + k (read-only, shared)."""
+    return torch.arange(size * num_modalities, device=device).view(size, num_modalities)
