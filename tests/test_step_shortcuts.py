@@ -31,6 +31,7 @@ from midas_data.trainers.models import (
 
 from midas_data.loss import (
     hard_sample_weight,
+    hard_weight_from_similarity,
     in_batch_hard_weight,
     modality_weights,
     normalised_confidences,
@@ -66,6 +67,8 @@ def test_misaligned_index_equals_the_nonzero_index(modalities, missing):
         assert torch.equal(idx.flat, rows * modalities + k)
         assert torch.equal(idx.anchor_flat, b * modalities + m)
         assert torch.equal(idx.source_flat, src * modalities + m)
+        aligned = torch.arange(9)[:, None] * modalities + k
+        assert torch.equal(idx.fused_flat, torch.cat((aligned, rows * modalities + k)))
 
 
 def test_misaligned_index_of_a_full_batch_does_not_depend_on_earlier_batches():
@@ -115,6 +118,15 @@ def test_in_batch_hard_weight_is_hard_sample_weight_bit_for_bit(dtype):
                            hard_sample_weight(features, features[source]))
         assert torch.equal(in_batch_hard_weight(features, anchor, source),
                            hard_sample_weight(features[anchor], features[source]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hard_weight_from_similarity_is_the_written_out_formula_bit_for_bit(dtype):
+    """One addcdiv gives 1 + (s + 1) / 2 with the roundings of the two steps written out."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(20000, generator=g, dtype=dtype) * 2.4 - 1.2  # beyond [-1, 1] too: the clamp
+    s[:4] = torch.tensor([1e-30, -1e-30, 0.0, -0.0], dtype=dtype)
+    assert torch.equal(hard_weight_from_similarity(s), ((s.clamp(-1.0, 1.0) + 1.0) / 2.0) + 1.0)
 
 
 def test_in_batch_hard_weight_names_the_shapes_it_needs():
@@ -177,3 +189,23 @@ def test_train_step_loss_and_update_equal_the_plain_formulation(missing):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
         moved += int(not torch.equal(p, p0))
     assert moved == len(list(start.parameters()))  # every parameter took a step, so the check compares updates
+
+
+def test_pending_alpha_rows_are_summed_at_the_strong_and_weak_columns():
+    """Batches kept whole ([logits, source labels, source confidences]) and batches in the
+    five-column form of earlier mid-epoch checkpoints sum to what `accumulate` gives on the
+    strong and weak columns of all rows."""
+    from midas_data.loss import AlphaStats, accumulate
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(6, 4, generator=g), torch.randint(0, 4, (6, 3), generator=g), torch.rand(6, 3, generator=g))
+               for _ in range(3)]
+    tracker = EpochTracker(0, 3, weak=2, strong=0)
+    tracker.add_alpha_rows(*batches[0])
+    z, y, c = batches[1]
+    tracker.pending.append([z, y[:, 0], y[:, 2], c[:, 0], c[:, 2]])
+    tracker.add_alpha_rows(*batches[2])
+    tracker.flush_alpha_rows()
+    z, y, c = (torch.cat(t) for t in zip(*batches))
+    want = accumulate(AlphaStats(), z, y[:, 0], y[:, 2], c[:, 0], c[:, 2])
+    assert tracker.alpha_stats == want and tracker.pending == []

@@ -147,7 +147,7 @@ class MultimodalModel(nn.Module):
             head = self.fused_head
             by_class = torch.addmm(head.bias.unsqueeze(1), head.weight, rows.t())  # [C, B + N]
             out["fused_by_class"] = by_class
-            out["fused"], out["mis"] = by_class[:, :len(joined)].t(), by_class[:, len(joined):].t()
+            out["fused"], out["mis"] = by_class.t().split_with_sizes((joined.shape[0], index.flat.shape[0]))
             out["mis_index"] = index
         elif fused:
             out["fused"] = self.fused_head(joined)
@@ -163,7 +163,9 @@ class MisalignedIndex(NamedTuple):
     which is the layout of `torch.stack(per_modality, dim=1)` viewed as [B * M, ...] (and of
     the concatenated features viewed as [B * M, D]): `flat[n, k] = rows[n, k] * M + k`;
     `anchor_flat[n] = b[n] * M + m[n]` and `source_flat[n] = src[n] * M + m[n]` are the
-    swapped modality's entries of the anchor and of the partner.
+    swapped modality's entries of the anchor and of the partner. `fused_flat` [B + N, M] is
+    the aligned rows' b * M + k followed by `flat` (which is a view of it): the fused head's
+    input for both kinds of row in one gather.
 
     With every partner present the anchor-side fields are the same for every batch of a
     size; they then come from a cache and are shared: treat all fields as read-only.
@@ -176,6 +178,7 @@ class MisalignedIndex(NamedTuple):
     flat: Tensor
     anchor_flat: Tensor
     source_flat: Tensor
+    fused_flat: Tensor
 
 
 class _FullLayout(NamedTuple):
@@ -189,6 +192,7 @@ class _FullLayout(NamedTuple):
     swapped: Tensor  # bool [N, M], column k is the swapped one (k == m)
     modality: Tensor  # [M], k
     anchor_cols: Tensor  # [N, M], b * M + k
+    aligned: Tensor  # [B, M], b * M + k: the aligned rows' entries
 
 
 @functools.lru_cache(maxsize=32)
@@ -197,26 +201,34 @@ def _full_layout(size: int, num_modalities: int, device: torch.device) -> _FullL
     b = torch.arange(size, device=device).repeat_interleave(num_modalities)
     m = k.repeat(size)
     return _FullLayout(b, m, torch.arange(size * num_modalities, device=device), b[:, None],
-                       m[:, None] == k[None, :], k, b[:, None] * num_modalities + k[None, :])
+                       m[:, None] == k[None, :], k, b[:, None] * num_modalities + k[None, :],
+                       torch.arange(size * num_modalities, device=device).view(size, num_modalities))
 
 
 def misaligned_index(partner: Tensor) -> MisalignedIndex:
     """Index of every valid misaligned row of a batch's `partner` [B, M] (-1 = none)."""
-    M = partner.shape[1]
+    B, M = partner.shape
     if partner.numel() and int(partner.min()) >= 0:
         # Every row has a partner for every modality (the usual batch): the rows are all
         # (b, m) pairs in b-major order, so only the partners' part is computed per batch.
-        full = _full_layout(partner.shape[0], M, partner.device)
-        src = partner.reshape(-1)
-        source_flat = torch.add(full.modality, partner, alpha=M).view(-1, 1)  # partner * M + k
-        rows = torch.where(full.swapped, src.view(-1, 1), full.b_column)
-        flat = torch.where(full.swapped, source_flat, full.anchor_cols)
-        return MisalignedIndex(full.b, full.m, src, rows, flat, full.anchor_flat, source_flat.view(-1))
+        return _full_index(partner)
     b_idx, m_idx = torch.nonzero(partner >= 0, as_tuple=True)
     src = partner[b_idx, m_idx]
     rows = source_rows(b_idx, m_idx, src, M)
     k = torch.arange(M, device=partner.device)
-    return MisalignedIndex(b_idx, m_idx, src, rows, rows * M + k, b_idx * M + m_idx, src * M + m_idx)
+    fused_flat = torch.cat((torch.arange(B * M, device=partner.device).view(B, M), rows * M + k))
+    return MisalignedIndex(b_idx, m_idx, src, rows, fused_flat[B:], b_idx * M + m_idx, src * M + m_idx, fused_flat)
+
+
+def _full_index(partner: Tensor) -> MisalignedIndex:
+    """The `MisalignedIndex` of a batch whose every row has every partner, [B, M] >= 0."""
+    B, M = partner.shape
+    full = _full_layout(B, M, partner.device)
+    src = partner.reshape(-1)
+    source_flat = torch.add(full.modality, partner, alpha=M).view(-1, 1)  # partner * M + k
+    rows = torch.where(full.swapped, src.view(-1, 1), full.b_column)
+    fused_flat = torch.cat((full.aligned, torch.where(full.swapped, source_flat, full.anchor_cols)))
+    return MisalignedIndex(full.b, full.m, src, rows, fused_flat[B:], full.anchor_flat, source_flat.view(-1), fused_flat)
 
 
 def swap_features(feats: Sequence[Tensor], rows: Tensor) -> list[Tensor]:
@@ -240,13 +252,6 @@ def swapped_joined(joined: Tensor, index: MisalignedIndex) -> Tensor:
 def aligned_and_swapped_joined(joined: Tensor, index: MisalignedIndex) -> Tensor:
     """The fused head's input for the batch's B aligned rows followed by its N misaligned
     rows, [B + N, M * D]: `torch.cat([joined, swapped_joined(joined, index)])` in one gather."""
-    b, width = joined.shape
-    m = index.flat.shape[1]
-    rows = torch.cat((_aligned_flat(b, m, joined.device), index.flat))
-    return joined.reshape(-1, width // m).index_select(0, rows.reshape(-1)).view(len(rows), width)
-
-
-@functools.lru_cache(maxsize=32)
-def _aligned_flat(size: int, num_modalities: int, device: torch.device) -> Tensor:
-    """[B, M] flat (row, modality) index of the aligned rows: b * M + k (read-only, shared)."""
-    return torch.arange(size * num_modalities, device=device).view(size, num_modalities)
+    rows, m = index.fused_flat.shape
+    width = joined.shape[1]
+    return joined.reshape(-1, width // m).index_select(0, index.fused_flat.view(-1)).view(rows, width)

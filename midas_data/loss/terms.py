@@ -11,6 +11,7 @@ values that the trainer threads through :func:`accumulate` and :func:`update_alp
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -112,8 +113,15 @@ def source_rows(anchor: Tensor, swapped: Tensor, partner: Tensor, num_modalities
 
 def hard_weight_from_similarity(similarity: Tensor) -> Tensor:
     """h = 1 + (s + 1) / 2 in [1, 2], detached; s is clamped to [-1, 1] against rounding."""
-    # 1 + (s + 1) / 2, in place on the clamped copy (the same roundings, fewer allocations)
-    return _nograd(similarity).clamp(-1.0, 1.0).add_(1.0).div_(2.0).add_(1.0)
+    # addcdiv(1, s + 1, 2) rounds (s + 1) / 2 then the sum, as the two steps written out
+    # would: the same numbers in one op fewer (this runs on every training step).
+    one, two = _one_and_two(similarity.dtype, similarity.device)
+    return torch.addcdiv(one, _nograd(similarity).clamp(-1.0, 1.0).add_(1.0), two)
+
+
+@functools.lru_cache(maxsize=16)
+def _one_and_two(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    return torch.ones((), dtype=dtype, device=device), torch.full((), 2.0, dtype=dtype, device=device)
 
 
 def hard_sample_weight(f_anchor: Tensor, f_partner: Tensor) -> Tensor:
@@ -138,7 +146,7 @@ def in_batch_hard_weight(features: Tensor, anchor: Tensor | None, source: Tensor
     ``hard_sample_weight(features[anchor], features[source])``: each row is normalised once
     and the cosine is the same sum of the same products, without gathering the raw rows twice.
     """
-    _check(features.dim() == 2 and source.dim() == 1 and (anchor is None and len(source) == len(features)
+    _check(features.dim() == 2 and source.dim() == 1 and (anchor is None and source.shape[0] == features.shape[0]
                                                            or anchor is not None and anchor.shape == source.shape),
            lambda: f"in_batch_hard_weight: features [R,D], anchor and source [N] (anchor None: N = R), got "
            f"{tuple(features.shape)}, {None if anchor is None else tuple(anchor.shape)}, {tuple(source.shape)}")
@@ -264,15 +272,16 @@ def aligned_and_misaligned_loss(
            f"{tuple(src_weights.shape)}, modality_weight [M] {tuple(modality_weight.shape)}, hard_weight [N], weight [B]")
     logp = torch.log_softmax(logits_by_class, dim=0)
     target = logits_by_class.new_zeros(c, total_rows)
+    target_aligned, target_mis = target.split_with_sizes((b, n), dim=1)
     at_labels = labels.reshape(1, b) if labels.dtype == torch.int64 else labels.long().reshape(1, b)
     if b:  # minus each aligned row's normalised weight, at its label
         if weight is None or bool((weight == 1).all()):
-            target[:, :b].scatter_(0, at_labels, -1.0 / b)
+            target_aligned.scatter_(0, at_labels, -1.0 / b)
         else:
             w = _as(weight, logits_by_class)
             total = w.sum()
             if total > 0:  # else no real row: the CE is a zero still attached to the logits
-                target[:, :b].scatter_(0, at_labels, (w / total).neg_().view(1, b))
+                target_aligned.scatter_(0, at_labels, (w / total).neg_().view(1, b))
     # lam scales the misaligned targets; with lam = 0 they are built unscaled (for l_mis)
     # and their columns stay out of the loss.
     lam_used = lam if lam > 0 else 1.0
@@ -282,7 +291,7 @@ def aligned_and_misaligned_loss(
             if hard_weight is None else _as(hard_weight, logits_by_class) * scale
         coef = _as(src_weights, logits_by_class) * _as(modality_weight, logits_by_class) * row_scale.unsqueeze(1)
         labels_mis = src_labels if src_labels.dtype == torch.int64 else src_labels.long()
-        target[:, b:].scatter_add_(0, labels_mis.t(), coef.t())
+        target_mis.scatter_add_(0, labels_mis.t(), coef.t())
     prod = target * logp
     ce = prod.detach()[:, :b].sum()
     if lam > 0:
@@ -324,8 +333,7 @@ def midas_total_loss(
         # Encoders and unimodal heads learn first so that confidences mean something.
         return LossTerms(uni, fused.detach(), uni, mis.detach())
     _check(fused_ce is not None, "midas_total_loss: fused_ce is required after warm-up")
-    # lam == 1 (the default) adds L_mis as is: x * 1 is x, the same sum without one more op.
-    return LossTerms(fused + uni + (mis if lam == 1.0 else lam * mis), fused, uni, mis)
+    return LossTerms(fused + uni + lam * mis, fused, uni, mis)
 
 
 def weak_modality(mean_conf: Tensor | Sequence[float]) -> int:
@@ -402,13 +410,15 @@ def accumulate(
     _check(logits.dim() == 2 and all(t.shape == (n,) for t in
                                      (strong_labels, weak_labels, strong_conf, weak_conf)),
            lambda: f"accumulate: logits [N,C] and four [N] tensors, got logits {tuple(logits.shape)}")
-    keep = strong_labels != weak_labels
-    p = torch.softmax(logits.detach().double(), dim=1)[keep]
-    ps = p.gather(1, strong_labels[keep].long().unsqueeze(1)).sum()
-    pw = p.gather(1, weak_labels[keep].long().unsqueeze(1)).sum()
-    cs = strong_conf.detach().double()[keep].sum()
-    cw = weak_conf.detach().double()[keep].sum()
-    return stats + AlphaStats(float(ps), float(pw), float(cs), float(cw), int(keep.sum()))
+    keep = (strong_labels != weak_labels).nonzero().view(-1)
+    # Classes first: the CPU softmax over a short last dim (10 classes) costs several times
+    # the one over dim 0 of the transposed tensor.
+    p = torch.softmax(logits.detach().double().t(), dim=0)  # [C, N]
+    at = torch.stack((strong_labels, weak_labels)).long()  # [2, N]
+    p_at = p.gather(0, at)  # fused probability at the strong and at the weak source's label
+    conf = torch.stack((strong_conf.detach(), weak_conf.detach())).double()
+    ps, pw, cs, cw = torch.cat((p_at, conf)).index_select(1, keep).sum(dim=1).tolist()
+    return stats + AlphaStats(ps, pw, cs, cw, keep.shape[0])
 
 
 def update_alpha(alpha: float, stats: AlphaStats, eta: float = 0.05) -> float:
