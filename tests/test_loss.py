@@ -11,6 +11,8 @@ import torch
 from midas_data.loss import (
     AlphaStats,
     accumulate,
+    aligned_and_misaligned_loss,
+    aligned_loss,
     hard_sample_weight,
     hard_weight_from_similarity,
     mean_replaced_similarity,
@@ -233,6 +235,82 @@ def test_misaligned_loss_over_a_and_b_rows_equals_paper_batch_mean(seed):
         modality_weights(2, weak, alpha, dtype=torch.float64),
         torch.tensor(np.concatenate([h_a, h_b])))
     assert got.item() == pytest.approx(paper, rel=1e-10)
+
+
+def ref_ce(logits, labels, weight):
+    """sum_b w_b * -log softmax(z_b)[y_b] / sum_b w_b (0 when no row weighs anything)."""
+    total = sum(weight)
+    if total == 0:
+        return 0.0
+    return sum(w * -math.log(ref_softmax(z)[y]) for z, y, w in zip(logits, labels, weight)) / total
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.7, 0.0])
+@pytest.mark.parametrize("fill", [False, True])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_aligned_and_misaligned_loss_matches_the_two_references(seed, fill, lam):
+    """One classes-first output of the fused head gives CE + lam * L_mis, and the two terms,
+    as the float64 loop references compute them; fill rows (weight 0) count nowhere."""
+    rng = np.random.default_rng(seed)
+    b, n, m, c = 7, 9, 2 + seed % 2, 5
+    aligned = rng.normal(0, 2, size=(b, c))
+    y = rng.integers(0, c, size=b)
+    mis, labels, conf = random_rows(rng, n, m, c)
+    a = [1.0] * m
+    a[int(rng.integers(0, m))] = 1.3
+    h = rng.uniform(1, 2, size=n)
+    weight = np.ones(b)
+    if fill:
+        weight[-2:] = 0.0
+    by_class = torch.tensor(np.concatenate([aligned, mis]).T.copy())
+    loss, ce, l_mis = aligned_and_misaligned_loss(
+        by_class, torch.tensor(y), torch.tensor(labels), normalised_confidences(torch.tensor(conf)),
+        torch.tensor(a, dtype=torch.float64), torch.tensor(h), lam, torch.tensor(weight) if fill else None)
+    want_ce = ref_ce(aligned.tolist(), y.tolist(), weight.tolist())
+    want_mis = ref_misaligned_loss(mis.tolist(), labels.tolist(), conf.tolist(), a, h)
+    assert ce.item() == pytest.approx(want_ce, rel=1e-10)
+    assert l_mis.item() == pytest.approx(want_mis, rel=1e-10)
+    assert loss.item() == pytest.approx(want_ce + lam * want_mis, rel=1e-10)
+    assert not ce.requires_grad and not l_mis.requires_grad
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.7, 0.0])
+def test_aligned_and_misaligned_loss_gradient_equals_the_two_losses(lam):
+    """Its gradient is that of aligned_loss + lam * misaligned_loss on the two row blocks,
+    fill rows and a batch without misaligned rows included."""
+    rng = np.random.default_rng(5)
+    b, n, m, c = 6, 8, 3, 4
+    logits = torch.tensor(rng.normal(0, 2, size=(b + n, c)), requires_grad=True)
+    y = torch.tensor(rng.integers(0, c, size=b))
+    _, labels, conf = random_rows(rng, n, m, c)
+    w = normalised_confidences(torch.tensor(conf))
+    a, h = modality_weights(m, 1, 1.2, dtype=torch.float64), torch.tensor(rng.uniform(1, 2, size=n))
+    weight = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    for rows in (n, 0):
+        z = logits[: b + rows]
+        got = torch.autograd.grad(aligned_and_misaligned_loss(
+            z.t(), y, torch.tensor(labels[:rows]), w[:rows], a, h[:rows], lam, weight)[0], logits)[0]
+        plain = aligned_loss(z[:b], {"label": y, "weight": weight})
+        if rows:
+            plain = plain + lam * misaligned_loss(z[b:], torch.tensor(labels), w, a, h)
+        want = torch.autograd.grad(plain, logits)[0]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_aligned_and_misaligned_loss_of_no_real_row_is_an_attached_zero():
+    z = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    loss, ce, l_mis = aligned_and_misaligned_loss(
+        z, torch.tensor([0, 1, 2, 0]), torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2, dtype=torch.float64),
+        torch.ones(2, dtype=torch.float64), None, 1.0, torch.zeros(4, dtype=torch.float64))
+    assert loss.item() == 0.0 and ce.item() == 0.0 and l_mis.item() == 0.0
+    loss.backward()
+    assert torch.equal(z.grad, torch.zeros_like(z))
+
+
+def test_aligned_and_misaligned_loss_names_the_shapes_it_needs():
+    with pytest.raises(ValueError, match="aligned_and_misaligned_loss"):
+        aligned_and_misaligned_loss(torch.zeros(3, 5), torch.zeros(2, dtype=torch.int64),
+                                    torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, 2), torch.ones(2))
 
 
 def test_misaligned_loss_gradcheck_wrt_logits():

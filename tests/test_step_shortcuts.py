@@ -1,10 +1,14 @@
-"""The training step's shortcuts give exactly the numbers of the straightforward code.
+"""The training step's shortcuts give the numbers of the straightforward code.
 
 The MIDAS step builds its misaligned rows from one flat (row, modality) index, gathers the
 fused head's input in one pass, normalises each feature row once for the hard-sample
-weights and reuses constant tensors. Each shortcut is compared here with the plain
+weights and reuses constant tensors: each of these is compared here with the plain
 formulation it replaces (torch.nonzero + source_rows, per-modality gathers + cat,
-cosine_similarity on gathered rows) with torch.equal: bit for bit, gradients included.
+cosine_similarity on gathered rows) with torch.equal, bit for bit, gradients included.
+The step then runs the aligned and the misaligned rows through the fused head in one
+matmul and takes CE + lam * L_mis from that one classes-first output
+(`aligned_and_misaligned_loss`): equal in exact arithmetic, so the whole step is compared
+with the plain formulation to float32 rounding.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from midas_data.trainers.models import (
 
 from midas_data.loss import (
     hard_sample_weight,
+    hard_weight_from_similarity,
     in_batch_hard_weight,
-    misaligned_loss,
     modality_weights,
     normalised_confidences,
     source_rows,
@@ -63,6 +67,8 @@ def test_misaligned_index_equals_the_nonzero_index(modalities, missing):
         assert torch.equal(idx.flat, rows * modalities + k)
         assert torch.equal(idx.anchor_flat, b * modalities + m)
         assert torch.equal(idx.source_flat, src * modalities + m)
+        aligned = torch.arange(9)[:, None] * modalities + k
+        assert torch.equal(idx.fused_flat, torch.cat((aligned, rows * modalities + k)))
 
 
 def test_misaligned_index_of_a_full_batch_does_not_depend_on_earlier_batches():
@@ -114,11 +120,28 @@ def test_in_batch_hard_weight_is_hard_sample_weight_bit_for_bit(dtype):
                            hard_sample_weight(features[anchor], features[source]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hard_weight_from_similarity_is_the_written_out_formula_bit_for_bit(dtype):
+    """One addcdiv gives 1 + (s + 1) / 2 with the roundings of the two steps written out."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(20000, generator=g, dtype=dtype) * 2.4 - 1.2  # beyond [-1, 1] too: the clamp
+    s[:4] = torch.tensor([1e-30, -1e-30, 0.0, -0.0], dtype=dtype)
+    assert torch.equal(hard_weight_from_similarity(s), ((s.clamp(-1.0, 1.0) + 1.0) / 2.0) + 1.0)
+
+
 def test_in_batch_hard_weight_names_the_shapes_it_needs():
     with pytest.raises(ValueError, match="in_batch_hard_weight"):
         in_batch_hard_weight(torch.zeros(4, 3), None, torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="in_batch_hard_weight"):
         in_batch_hard_weight(torch.zeros(4, 3), torch.zeros(2, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
+
+
+def _plain_misaligned_loss(logits, src_labels, src_weights, modality_weight, hard_weight):
+    """L_mis as a chain of gathers: mean_n h_n * sum_m a_m * w_nm * -log softmax(z_n)[y_nm]."""
+    if len(logits) == 0:
+        return logits.sum() * 0.0
+    ce = -torch.log_softmax(logits, dim=1).gather(1, src_labels)
+    return ((src_weights * modality_weight * ce).sum(dim=1) * hard_weight).mean()
 
 
 def _plain_midas_loss(model: MultimodalModel, batch: dict, alpha: float, weak: int, lam: float) -> torch.Tensor:
@@ -134,18 +157,18 @@ def _plain_midas_loss(model: MultimodalModel, batch: dict, alpha: float, weak: i
     stacked = torch.stack(feats)
     h = hard_sample_weight(stacked[m, b], stacked[m, src])
     w = normalised_confidences(conf[rows, torch.arange(M)])
-    l_mis = misaligned_loss(mis, y[rows], w, modality_weights(M, weak, alpha), h)
+    l_mis = _plain_misaligned_loss(mis, y[rows], w, modality_weights(M, weak, alpha), h)
     uni_ce = torch.stack([F.cross_entropy(z, y) for z in uni]).mean()
     return F.cross_entropy(fused, y) + uni_ce + lam * l_mis
 
 
 @pytest.mark.parametrize("missing", [0.0, 0.3, 1.0])
 def test_train_step_loss_and_update_equal_the_plain_formulation(missing):
-    """train_step's loss and the parameters after its update equal, bit for bit, those of
-    the plain formulation above (same model, same batch, same optimizer step)."""
+    """train_step's loss and the parameters after its update equal, to float32 rounding,
+    those of the plain formulation above (same model, same batch, same optimizer step)."""
     torch.manual_seed(0)
     model = MultimodalModel(["a", "b"], {"a": "tensor", "b": "tensor"}, {"a": (7,), "b": (4,)}, 5, 8)
-    plain = copy.deepcopy(model)
+    plain, start = copy.deepcopy(model), copy.deepcopy(model)
     g = torch.Generator().manual_seed(3)
     batch = {"label": torch.randint(0, 5, (12,), generator=g),
              "inputs": {"a": torch.randn(12, 7, generator=g), "b": torch.randn(12, 4, generator=g)},
@@ -160,6 +183,29 @@ def test_train_step_loss_and_update_equal_the_plain_formulation(missing):
     loss = _plain_midas_loss(plain, batch, alpha=1.3, weak=1, lam=0.7)
     loss.backward()
     opt.step()
-    assert torch.equal(terms.total.detach(), loss.detach())
-    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
-        assert torch.equal(p, q), name
+    torch.testing.assert_close(terms.total.detach(), loss.detach(), rtol=1e-6, atol=1e-6)
+    moved = 0
+    for (name, p), q, p0 in zip(model.named_parameters(), plain.parameters(), start.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+        moved += int(not torch.equal(p, p0))
+    assert moved == len(list(start.parameters()))  # every parameter took a step, so the check compares updates
+
+
+def test_pending_alpha_rows_are_summed_at_the_strong_and_weak_columns():
+    """Batches kept whole ([logits, source labels, source confidences]) and batches in the
+    five-column form of earlier mid-epoch checkpoints sum to what `accumulate` gives on the
+    strong and weak columns of all rows."""
+    from midas_data.loss import AlphaStats, accumulate
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(6, 4, generator=g), torch.randint(0, 4, (6, 3), generator=g), torch.rand(6, 3, generator=g))
+               for _ in range(3)]
+    tracker = EpochTracker(0, 3, weak=2, strong=0)
+    tracker.add_alpha_rows(*batches[0])
+    z, y, c = batches[1]
+    tracker.pending.append([z, y[:, 0], y[:, 2], c[:, 0], c[:, 2]])
+    tracker.add_alpha_rows(*batches[2])
+    tracker.flush_alpha_rows()
+    z, y, c = (torch.cat(t) for t in zip(*batches))
+    want = accumulate(AlphaStats(), z, y[:, 0], y[:, 2], c[:, 0], c[:, 2])
+    assert tracker.alpha_stats == want and tracker.pending == []

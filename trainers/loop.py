@@ -29,12 +29,12 @@ from midas_data.loss import (
     DirectionSums,
     LossTerms,
     accumulate,
+    aligned_and_misaligned_loss,
     aligned_loss,
     authors_alpha_update,
     direction_sums,
     in_batch_hard_weight,
     midas_total_loss,
-    misaligned_loss,
     modality_weights,
     normalised_confidences,
     unimodal_confidence,
@@ -80,9 +80,10 @@ class EpochTracker:
     alpha_stats: AlphaStats = field(default_factory=AlphaStats)
     weak: int | None = None  # weak / strong modality used by this epoch's misaligned loss
     strong: int | None = None
-    # Misaligned rows not yet summed into alpha_stats: [logits, y_strong, y_weak, c_strong,
-    # c_weak] per batch, detached. Summing every ALPHA_CHUNK batches instead of every batch
-    # takes `accumulate` (and its host syncs on CUDA) off the per-step path.
+    # Misaligned rows not yet summed into alpha_stats: [logits, src_labels, src_conf] per
+    # batch, detached, read at the (strong, weak) columns when summed (this epoch's pair,
+    # fixed while rows are pending). Summing every ALPHA_CHUNK batches instead of every
+    # batch takes `accumulate` (and its host syncs on CUDA) off the per-step path.
     pending: list[list[Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -91,15 +92,20 @@ class EpochTracker:
         if isinstance(self.alpha_stats, dict):
             self.alpha_stats = AlphaStats(**self.alpha_stats)
 
-    def add_alpha_rows(self, *rows: Tensor) -> None:
-        self.pending.append([t.detach() if t.requires_grad else t for t in rows])
+    def add_alpha_rows(self, logits: Tensor, src_labels: Tensor, src_conf: Tensor) -> None:
+        """Keep one batch's misaligned rows (fused logits [N, C], source labels and
+        confidences [N, M]) for the alpha statistics."""
+        self.pending.append([logits.detach(), src_labels, src_conf])
         if len(self.pending) >= ALPHA_CHUNK:  # a fixed chunking: resumed runs sum identically
             self.flush_alpha_rows()
 
     def flush_alpha_rows(self) -> None:
         if self.pending:
-            cols = [torch.cat(c) for c in zip(*self.pending)]
-            self.alpha_stats = accumulate(self.alpha_stats, *cols)
+            s, w = self.strong, self.weak
+            # [logits, y_strong, y_weak, c_strong, c_weak] per batch (the form mid-epoch
+            # checkpoints of earlier versions hold), then one column of each across batches
+            rows = [r if len(r) == 5 else [r[0], r[1][:, s], r[1][:, w], r[2][:, s], r[2][:, w]] for r in self.pending]
+            self.alpha_stats = accumulate(self.alpha_stats, *(torch.cat(c) for c in zip(*rows)))
             self.pending = []
 
     def to_dict(self) -> dict:
@@ -133,7 +139,7 @@ def _swapped_hard_weight(out: dict, idx: MisalignedIndex) -> Tensor:
     if joined is None:
         joined = torch.stack(feats, dim=1)
     flat = joined.detach().reshape(-1, feats[0].shape[1])
-    whole = len(idx.anchor_flat) == len(flat)  # every (b, m) in order: the anchor rows are 0..N-1
+    whole = idx.anchor_flat.shape[0] == flat.shape[0]  # every (b, m) in order: the anchor rows are 0..N-1
     return in_batch_hard_weight(flat, None if whole else idx.anchor_flat, idx.source_flat)
 
 
@@ -144,7 +150,7 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
     use_fused = config.method != "unimodal" and not warmup
     use_mis = config.method == "midas" and not warmup
     y = batch["label"].to(info.device)
-    size = len(y)
+    size = y.shape[0]
     # Fill rows (repeats padding the epoch's last batches) go through the model, so that
     # BatchNorm sees two rows and DDP sees every parameter, but count nowhere: the losses
     # weight them 0 (`aligned_loss`), they have no misaligned partner, and the sums below
@@ -172,7 +178,8 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
     batch_stats, batch_sums = AlphaStats(), DirectionSums()
     if size > 0:
         uni_ces = [aligned_loss(z, batch) for z in out["uni"]]
-        fused_ce = aligned_loss(out["fused"], batch) if use_fused else None
+        # MIDAS takes the aligned CE together with L_mis, from the head's classes-first output
+        fused_ce = aligned_loss(out["fused"], batch) if use_fused and not use_mis else None
         mis = None
         if use_mis:
             idx = out["mis_index"]  # row n: anchor idx.b[n], modality idx.m[n] from row idx.src[n]
@@ -182,17 +189,24 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
             if config.hard_weighting:  # cosine on the swapped modality's features
                 h = _swapped_hard_weight(out, idx)
             a = _modality_weights(M, tracker.weak, run.alpha, y.device)
-            mis = misaligned_loss(out["mis"], src_labels, normalised_confidences(src_conf), a, h)
+            by_class = out.get("fused_by_class")  # a model that gives only 'fused' and 'mis' works too
+            if by_class is None:
+                by_class = torch.cat((out["fused"], out["mis"])).t()
+            fused_and_mis, fused_ce, mis = aligned_and_misaligned_loss(
+                by_class, y, src_labels, normalised_confidences(src_conf), a, h, config.lam, batch.get("weight"))
             w, s_ = tracker.weak, tracker.strong
-            rows = (out["mis"], src_labels[:, s_], src_labels[:, w], src_conf[:, s_], src_conf[:, w])
             if config.alpha_update == "batch":
-                batch_stats = accumulate(batch_stats, *rows)  # pooled, for the epoch's report only
+                batch_stats = accumulate(batch_stats, out["mis"], src_labels[:, s_], src_labels[:, w],
+                                         src_conf[:, s_], src_conf[:, w])  # pooled, for the epoch's report only
                 # The authors' step keeps the two swap directions apart (midas_data.loss.alpha).
                 batch_sums = direction_sums(out["mis"], src_labels, idx.m, conf, (min(w, s_), max(w, s_)))
             else:
-                tracker.add_alpha_rows(*rows)
-        # Joint: CE + the probes' CE (their gradient stops at the detached features).
-        terms = midas_total_loss(fused_ce, uni_ces, mis, config.lam, warmup=not use_fused)
+                tracker.add_alpha_rows(out["mis"], src_labels, src_conf)
+        if use_mis:  # L = (CE + lam * L_mis) + L_uni; the CE and L_mis terms are values for the log
+            uni = torch.stack(uni_ces).mean()
+            terms = LossTerms(fused_and_mis + uni, fused_ce, uni, mis)
+        else:  # Joint: CE + the probes' CE (their gradient stops at the detached features).
+            terms = midas_total_loss(fused_ce, uni_ces, None, config.lam, warmup=not use_fused)
         loss = terms.total
 
     optimizer.zero_grad(set_to_none=True)
@@ -212,7 +226,9 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
         tracker.mis += float(terms.misaligned.detach()) * n
         if use_fused:
             tracker.n_fused += n
-            tracker.correct_fused += float((out["fused"].argmax(1) == y)[valid].sum())
+            by_class = out.get("fused_by_class")  # classes first: max over dim 0 is the fast one there
+            pred = out["fused"].argmax(1) if by_class is None else by_class[:, :size].max(0).indices
+            tracker.correct_fused += float((pred == y)[valid].sum())
         for k, z in enumerate(out["uni"]):
             tracker.correct_uni[k] += float((z.argmax(1) == y)[valid].sum())
         for k, c in enumerate(conf.sum(0).tolist()):

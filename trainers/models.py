@@ -123,7 +123,9 @@ class MultimodalModel(nn.Module):
         fused head's input) or None, 'uni': [M x [B, C]], 'fused': [B, C] or None, 'mis': [N, C]
         fused logits of the misaligned rows or None, 'mis_index': `MisalignedIndex` or None}.
         `partner` [B, M] (the stream's in-batch partners) adds the N misaligned rows; row
-        (b, m) takes modality m's features from row partner[b, m]. `fused=False` skips the
+        (b, m) takes modality m's features from row partner[b, m]. With them, 'fused_by_class'
+        [C, B + N] holds the fused logits of the aligned then the misaligned rows, classes
+        first, and 'fused' and 'mis' are its transposed column blocks. `fused=False` skips the
         fused head (warm-up: DDP must not see a head that gets no gradient). `detach_unimodal`
         trains the unimodal heads as probes that do not move the encoders (Joint).
         `inputs=None` (an empty batch on this rank) returns a zero loss touching every
@@ -135,12 +137,20 @@ class MultimodalModel(nn.Module):
         feats = self.encode(inputs)
         uni = self.unimodal_logits([f.detach() for f in feats] if detach_unimodal else feats)
         joined = torch.cat(feats, dim=1) if fused else None  # [B, M*D], what `fuse` takes
-        out = {"feats": feats, "joined": joined, "uni": uni,
-               "fused": self.fused_head(joined) if fused else None, "mis": None, "mis_index": None}
+        out = {"feats": feats, "joined": joined, "uni": uni, "fused": None, "mis": None, "mis_index": None}
         if partner is not None and fused:
+            # The aligned and the misaligned rows through the fused head in one matmul (one
+            # gather, one linear layer and one backward for both), classes first: the layout
+            # `aligned_and_misaligned_loss` takes.
             index = misaligned_index(partner.to(feats[0].device))
-            out["mis"] = self.fused_head(swapped_joined(joined, index))
+            rows = aligned_and_swapped_joined(joined, index)
+            head = self.fused_head
+            by_class = torch.addmm(head.bias.unsqueeze(1), head.weight, rows.t())  # [C, B + N]
+            out["fused_by_class"] = by_class
+            out["fused"], out["mis"] = by_class.t().split_with_sizes((joined.shape[0], index.flat.shape[0]))
             out["mis_index"] = index
+        elif fused:
+            out["fused"] = self.fused_head(joined)
         return out
 
 
@@ -153,7 +163,9 @@ class MisalignedIndex(NamedTuple):
     which is the layout of `torch.stack(per_modality, dim=1)` viewed as [B * M, ...] (and of
     the concatenated features viewed as [B * M, D]): `flat[n, k] = rows[n, k] * M + k`;
     `anchor_flat[n] = b[n] * M + m[n]` and `source_flat[n] = src[n] * M + m[n]` are the
-    swapped modality's entries of the anchor and of the partner.
+    swapped modality's entries of the anchor and of the partner. `fused_flat` [B + N, M] is
+    the aligned rows' b * M + k followed by `flat` (which is a view of it): the fused head's
+    input for both kinds of row in one gather.
 
     With every partner present the anchor-side fields are the same for every batch of a
     size; they then come from a cache and are shared: treat all fields as read-only.
@@ -166,6 +178,7 @@ class MisalignedIndex(NamedTuple):
     flat: Tensor
     anchor_flat: Tensor
     source_flat: Tensor
+    fused_flat: Tensor
 
 
 class _FullLayout(NamedTuple):
@@ -179,6 +192,7 @@ class _FullLayout(NamedTuple):
     swapped: Tensor  # bool [N, M], column k is the swapped one (k == m)
     modality: Tensor  # [M], k
     anchor_cols: Tensor  # [N, M], b * M + k
+    aligned: Tensor  # [B, M], b * M + k: the aligned rows' entries
 
 
 @functools.lru_cache(maxsize=32)
@@ -187,26 +201,34 @@ def _full_layout(size: int, num_modalities: int, device: torch.device) -> _FullL
     b = torch.arange(size, device=device).repeat_interleave(num_modalities)
     m = k.repeat(size)
     return _FullLayout(b, m, torch.arange(size * num_modalities, device=device), b[:, None],
-                       m[:, None] == k[None, :], k, b[:, None] * num_modalities + k[None, :])
+                       m[:, None] == k[None, :], k, b[:, None] * num_modalities + k[None, :],
+                       torch.arange(size * num_modalities, device=device).view(size, num_modalities))
 
 
 def misaligned_index(partner: Tensor) -> MisalignedIndex:
     """Index of every valid misaligned row of a batch's `partner` [B, M] (-1 = none)."""
-    M = partner.shape[1]
+    B, M = partner.shape
     if partner.numel() and int(partner.min()) >= 0:
         # Every row has a partner for every modality (the usual batch): the rows are all
         # (b, m) pairs in b-major order, so only the partners' part is computed per batch.
-        full = _full_layout(partner.shape[0], M, partner.device)
-        src = partner.reshape(-1)
-        source_flat = (partner * M + full.modality).reshape(-1, 1)
-        rows = torch.where(full.swapped, src.view(-1, 1), full.b_column)
-        flat = torch.where(full.swapped, source_flat, full.anchor_cols)
-        return MisalignedIndex(full.b, full.m, src, rows, flat, full.anchor_flat, source_flat.view(-1))
+        return _full_index(partner)
     b_idx, m_idx = torch.nonzero(partner >= 0, as_tuple=True)
     src = partner[b_idx, m_idx]
     rows = source_rows(b_idx, m_idx, src, M)
     k = torch.arange(M, device=partner.device)
-    return MisalignedIndex(b_idx, m_idx, src, rows, rows * M + k, b_idx * M + m_idx, src * M + m_idx)
+    fused_flat = torch.cat((torch.arange(B * M, device=partner.device).view(B, M), rows * M + k))
+    return MisalignedIndex(b_idx, m_idx, src, rows, fused_flat[B:], b_idx * M + m_idx, src * M + m_idx, fused_flat)
+
+
+def _full_index(partner: Tensor) -> MisalignedIndex:
+    """The `MisalignedIndex` of a batch whose every row has every partner, [B, M] >= 0."""
+    B, M = partner.shape
+    full = _full_layout(B, M, partner.device)
+    src = partner.reshape(-1)
+    source_flat = torch.add(full.modality, partner, alpha=M).view(-1, 1)  # partner * M + k
+    rows = torch.where(full.swapped, src.view(-1, 1), full.b_column)
+    fused_flat = torch.cat((full.aligned, torch.where(full.swapped, source_flat, full.anchor_cols)))
+    return MisalignedIndex(full.b, full.m, src, rows, fused_flat[B:], full.anchor_flat, source_flat.view(-1), fused_flat)
 
 
 def swap_features(feats: Sequence[Tensor], rows: Tensor) -> list[Tensor]:
@@ -225,3 +247,11 @@ def swapped_joined(joined: Tensor, index: MisalignedIndex) -> Tensor:
     """
     n, M = index.flat.shape
     return joined.reshape(-1, joined.shape[1] // M).index_select(0, index.flat.reshape(-1)).view(n, joined.shape[1])
+
+
+def aligned_and_swapped_joined(joined: Tensor, index: MisalignedIndex) -> Tensor:
+    """The fused head's input for the batch's B aligned rows followed by its N misaligned
+    rows, [B + N, M * D]: `torch.cat([joined, swapped_joined(joined, index)])` in one gather."""
+    rows, m = index.fused_flat.shape
+    width = joined.shape[1]
+    return joined.reshape(-1, width // m).index_select(0, index.fused_flat.view(-1)).view(rows, width)

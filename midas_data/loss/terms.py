@@ -11,6 +11,7 @@ values that the trainer threads through :func:`accumulate` and :func:`update_alp
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -23,6 +24,7 @@ __all__ = [
     "AlphaStats",
     "LossTerms",
     "accumulate",
+    "aligned_and_misaligned_loss",
     "hard_sample_weight",
     "hard_weight_from_similarity",
     "in_batch_hard_weight",
@@ -89,9 +91,8 @@ def normalised_confidences(src_conf: Tensor) -> Tensor:
     _check(src_conf.dim() == 2, lambda: f"normalised_confidences: src_conf must be [N,M], got {tuple(src_conf.shape)}")
     c = _nograd(src_conf)
     total = c.sum(dim=1, keepdim=True)
-    zero = total == 0  # NaN rows stay NaN: a missing confidence is not a zero one
-    # In place on the fresh quotient: this runs on every training step.
-    return (c / total.masked_fill(zero, 1.0)).masked_fill_(zero, 1.0 / max(c.shape[1], 1))
+    # A zero row's 0/0 is replaced; NaN rows stay NaN: a missing confidence is not a zero one.
+    return torch.where(total == 0, 1.0 / max(c.shape[1], 1), c / total)
 
 
 def source_rows(anchor: Tensor, swapped: Tensor, partner: Tensor, num_modalities: int) -> Tensor:
@@ -112,8 +113,15 @@ def source_rows(anchor: Tensor, swapped: Tensor, partner: Tensor, num_modalities
 
 def hard_weight_from_similarity(similarity: Tensor) -> Tensor:
     """h = 1 + (s + 1) / 2 in [1, 2], detached; s is clamped to [-1, 1] against rounding."""
-    # 1 + (s + 1) / 2, in place on the clamped copy (the same roundings, fewer allocations)
-    return _nograd(similarity).clamp(-1.0, 1.0).add_(1.0).div_(2.0).add_(1.0)
+    # addcdiv(1, s + 1, 2) rounds (s + 1) / 2 then the sum, as the two steps written out
+    # would: the same numbers in one op fewer (this runs on every training step).
+    one, two = _one_and_two(similarity.dtype, similarity.device)
+    return torch.addcdiv(one, _nograd(similarity).clamp(-1.0, 1.0).add_(1.0), two)
+
+
+@functools.lru_cache(maxsize=16)
+def _one_and_two(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    return torch.ones((), dtype=dtype, device=device), torch.full((), 2.0, dtype=dtype, device=device)
 
 
 def hard_sample_weight(f_anchor: Tensor, f_partner: Tensor) -> Tensor:
@@ -138,16 +146,16 @@ def in_batch_hard_weight(features: Tensor, anchor: Tensor | None, source: Tensor
     ``hard_sample_weight(features[anchor], features[source])``: each row is normalised once
     and the cosine is the same sum of the same products, without gathering the raw rows twice.
     """
-    _check(features.dim() == 2 and source.dim() == 1 and (anchor is None and len(source) == len(features)
+    _check(features.dim() == 2 and source.dim() == 1 and (anchor is None and source.shape[0] == features.shape[0]
                                                            or anchor is not None and anchor.shape == source.shape),
            lambda: f"in_batch_hard_weight: features [R,D], anchor and source [N] (anchor None: N = R), got "
            f"{tuple(features.shape)}, {None if anchor is None else tuple(anchor.shape)}, {tuple(source.shape)}")
     f = _nograd(features)
     # F.cosine_similarity's own steps (norms clamped at its eps, each side divided, then
-    # the row sum of the product), taken once per row of `features`.
+    # the row sum of the product, which is what vecdot computes), once per row of `features`.
     unit = f / torch.linalg.vector_norm(f, dim=1, keepdim=True).clamp_min_(_COSINE_EPS)
     first = unit if anchor is None else unit.index_select(0, anchor)
-    return hard_weight_from_similarity((first * unit.index_select(0, source)).sum(dim=1))
+    return hard_weight_from_similarity(torch.linalg.vecdot(first, unit.index_select(0, source)))
 
 
 _COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default eps
@@ -212,14 +220,85 @@ def misaligned_loss(
            lambda: f"misaligned_loss: hard_weight must be [{n}], got {None if hard_weight is None else tuple(hard_weight.shape)}")
     if n == 0:
         return logits.sum() * 0.0  # mean of nothing would be NaN
-    logp = torch.log_softmax(logits, dim=1)
     labels = src_labels if src_labels.dtype == torch.int64 else src_labels.long()
-    ce = -logp.gather(1, labels)  # [N, M]: CE against each source's one-hot
-    coef = _as(src_weights, logp) * _as(modality_weight, logp)
-    per_row = (coef * ce).sum(dim=1)
-    if hard_weight is not None:
-        per_row = per_row * _as(hard_weight, per_row)
-    return per_row.mean()
+    # The sum as one soft target per row: L_mis = sum_{n,c} t[c, n] * log softmax(z_n)[c]
+    # with t[c, n] = -(h_n / N) * sum of coef_nm over the sources m labelled c. Autograd then
+    # differentiates a product and a sum instead of a chain of gathers and per-row scalings.
+    row_scale = torch.full((n,), -1.0 / n, dtype=logits.dtype, device=logits.device) if hard_weight is None \
+        else _as(hard_weight, logits) * (-1.0 / n)
+    coef = _as(src_weights, logits) * _as(modality_weight, logits) * row_scale.unsqueeze(1)
+    target = logits.new_zeros(logits.shape[1], n).scatter_add_(0, labels.t(), coef.t())
+    # Classes along dim 0: the CPU log_softmax over a short last dim (10 classes) costs
+    # several times the same one over the first dim of the transposed copy.
+    logp = torch.log_softmax(logits.t().contiguous(), dim=0)
+    return (target * logp).sum()
+
+
+def aligned_and_misaligned_loss(
+    logits_by_class: Tensor,
+    labels: Tensor,
+    src_labels: Tensor,
+    src_weights: Tensor,
+    modality_weight: Tensor,
+    hard_weight: Tensor | None = None,
+    lam: float = 1.0,
+    weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CE(z, y) + lam * L_mis from one output of the fused head, classes first.
+
+    logits_by_class: [C, B + N], the fused logits of the B aligned rows then of the N
+    misaligned rows, transposed (a linear head gives it as ``addmm(bias[:, None], W, x.t())``);
+    labels: int64 [B]; weight: [B] weights of the aligned rows (None: all 1), the CE being
+    sum_b weight_b * CE_b / sum_b weight_b as in `aligned_loss` (fill rows weigh 0);
+    src_labels, src_weights, modality_weight, hard_weight: the misaligned rows' terms as in
+    :func:`misaligned_loss`. Returns (loss, ce, l_mis): ``loss`` carries the gradient, ``ce``
+    and ``l_mis`` are the two terms' values, detached (for logging).
+
+    Equal in exact arithmetic to ``aligned_loss + lam * misaligned_loss`` on the two row
+    blocks; only the rounding differs. Both terms are sums of target * log-softmax with
+    targets built without gradient (a one-hot per aligned row, a soft label per misaligned
+    row), so autograd differentiates one log_softmax, one product and one sum for both, and
+    classes-first is the layout where the CPU log_softmax is fast for few classes.
+    """
+    c, total_rows = logits_by_class.shape if logits_by_class.dim() == 2 else (0, -1)
+    b = labels.shape[0]
+    n = total_rows - b
+    _check(logits_by_class.dim() == 2 and labels.dim() == 1 and n >= 0 and src_labels.dim() == 2
+           and src_labels.shape[0] == n and src_weights.shape == src_labels.shape
+           and modality_weight.shape == src_labels.shape[1:]
+           and (hard_weight is None or hard_weight.shape == (n,)) and (weight is None or weight.shape == (b,)),
+           lambda: f"aligned_and_misaligned_loss: logits_by_class [C, B+N] {tuple(logits_by_class.shape)}, "
+           f"labels [B] {tuple(labels.shape)}, src_labels and src_weights [N, M] {tuple(src_labels.shape)}, "
+           f"{tuple(src_weights.shape)}, modality_weight [M] {tuple(modality_weight.shape)}, hard_weight [N], weight [B]")
+    logp = torch.log_softmax(logits_by_class, dim=0)
+    target = logits_by_class.new_zeros(c, total_rows)
+    target_aligned, target_mis = target.split_with_sizes((b, n), dim=1)
+    at_labels = labels.reshape(1, b) if labels.dtype == torch.int64 else labels.long().reshape(1, b)
+    if b:  # minus each aligned row's normalised weight, at its label
+        if weight is None or bool((weight == 1).all()):
+            target_aligned.scatter_(0, at_labels, -1.0 / b)
+        else:
+            w = _as(weight, logits_by_class)
+            total = w.sum()
+            if total > 0:  # else no real row: the CE is a zero still attached to the logits
+                target_aligned.scatter_(0, at_labels, (w / total).neg_().view(1, b))
+    # lam scales the misaligned targets; with lam = 0 they are built unscaled (for l_mis)
+    # and their columns stay out of the loss.
+    lam_used = lam if lam > 0 else 1.0
+    if n:  # minus lam * h_n / N times each source's coefficient, at the source's label
+        scale = -lam_used / n
+        row_scale = torch.full((n,), scale, dtype=logits_by_class.dtype, device=logits_by_class.device) \
+            if hard_weight is None else _as(hard_weight, logits_by_class) * scale
+        coef = _as(src_weights, logits_by_class) * _as(modality_weight, logits_by_class) * row_scale.unsqueeze(1)
+        labels_mis = src_labels if src_labels.dtype == torch.int64 else src_labels.long()
+        target_mis.scatter_add_(0, labels_mis.t(), coef.t())
+    prod = target * logp
+    ce = prod.detach()[:, :b].sum()
+    if lam > 0:
+        loss = prod.sum()
+        l_mis = loss.detach() - ce  # lam * L_mis
+        return loss, ce, (l_mis if lam == 1.0 else l_mis / lam)
+    return prod[:, :b].sum(), ce, prod.detach()[:, b:].sum()
 
 
 class LossTerms(NamedTuple):
@@ -331,13 +410,15 @@ def accumulate(
     _check(logits.dim() == 2 and all(t.shape == (n,) for t in
                                      (strong_labels, weak_labels, strong_conf, weak_conf)),
            lambda: f"accumulate: logits [N,C] and four [N] tensors, got logits {tuple(logits.shape)}")
-    keep = strong_labels != weak_labels
-    p = torch.softmax(logits.detach().double(), dim=1)[keep]
-    ps = p.gather(1, strong_labels[keep].long().unsqueeze(1)).sum()
-    pw = p.gather(1, weak_labels[keep].long().unsqueeze(1)).sum()
-    cs = strong_conf.detach().double()[keep].sum()
-    cw = weak_conf.detach().double()[keep].sum()
-    return stats + AlphaStats(float(ps), float(pw), float(cs), float(cw), int(keep.sum()))
+    keep = (strong_labels != weak_labels).nonzero().view(-1)
+    # Classes first: the CPU softmax over a short last dim (10 classes) costs several times
+    # the one over dim 0 of the transposed tensor.
+    p = torch.softmax(logits.detach().double().t(), dim=0)  # [C, N]
+    at = torch.stack((strong_labels, weak_labels)).long()  # [2, N]
+    p_at = p.gather(0, at)  # fused probability at the strong and at the weak source's label
+    conf = torch.stack((strong_conf.detach(), weak_conf.detach())).double()
+    ps, pw, cs, cw = torch.cat((p_at, conf)).index_select(1, keep).sum(dim=1).tolist()
+    return stats + AlphaStats(ps, pw, cs, cw, keep.shape[0])
 
 
 def update_alpha(alpha: float, stats: AlphaStats, eta: float = 0.05) -> float:
