@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -834,6 +835,111 @@ def test_loader_hands_batches_on_as_built_and_keeps_a_users_collate_fn(uneven):
     ds.load_state_dict({"seed": 0, "epoch": 0, "offset": 0})
     for a, b in zip(built, MidasLoader(ds, num_workers=0)):
         assert_same_batch(a, b, "as built")
-    tagged = list(MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=0,
-                              collate_fn=lambda b: {**b, "tag": len(b["key"])}))
-    assert [b["tag"] for b in tagged] == [len(b["key"]) for b in built]
+    for workers in (0, 2):  # with workers too: it gets batches, never a worker's packed group
+        seen: list = []
+
+        def tag(b, seen=seen):
+            seen.append(type(b))
+            return {**b, "tag": len(b["key"])}
+
+        tagged = list(MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=workers,
+                                  batches_per_transfer=2 if workers else None, collate_fn=tag))
+        assert seen and set(seen) == {dict}, f"{workers} workers: the collate_fn got {set(seen)}"
+        assert [b["tag"] for b in tagged] == [len(b["key"]) for b in built], f"{workers} workers"
+        for a, b in zip(built, tagged):
+            assert_same_batch({**a, "tag": len(a["key"])}, b, f"{workers} workers, collated")
+
+
+def _copy(batch: dict) -> dict:
+    """A batch with every tensor cloned (nested dicts too), independent of its buffer."""
+    return {k: _copy(v) if isinstance(v, dict) else v.clone() if isinstance(v, torch.Tensor)
+            else list(v) if isinstance(v, list) else v for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("share", ["share_memory_", "queue"])
+def test_batches_after_one_is_shared_with_another_process_stay_correct(uneven, share):
+    """A consumer that moves a batch's tensor to shared memory (`share_memory_`, or a
+    torch.multiprocessing queue, which does it in place) moves only that batch's memory:
+    every later batch, of this pass and the next, still equals in-process loading's."""
+    import torch.multiprocessing as mp
+
+    ref = [_epoch_batches(uneven, 1, 0, epoch=e)[0] for e in range(2)]
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    loader = MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=2, batches_per_transfer=2)
+    try:
+        for epoch in range(2):
+            got = []
+            for k, b in enumerate(loader):
+                if k in (0, 3):
+                    kept = b["label"]
+                    if share == "share_memory_":
+                        kept.share_memory_()
+                    else:
+                        queue.put(kept)  # pickled (and shared) by the queue's feeder thread
+                        deadline = time.monotonic() + 30
+                        while not kept.is_shared() and time.monotonic() < deadline:
+                            time.sleep(0.01)
+                    assert kept.is_shared()
+                got.append(_copy(b))
+            assert loader._pool is not None, "the loader's pool was not used"
+            assert len(got) == len(ref[epoch])
+            for k, (a, b) in enumerate(zip(ref[epoch], got)):
+                assert_same_batch(a, b, f"epoch {epoch} batch {k} after sharing a batch's tensor")
+            assert torch.equal(kept, ref[epoch][3]["label"]), "the shared tensor changed"
+    finally:
+        if share == "queue":
+            while not queue.empty():
+                queue.get()
+        queue.close()
+
+
+def test_a_process_forked_after_the_loaders_first_pass_makes_its_own_segments(uneven):
+    """A process forked after the loader made its shared segments (its parent's workers
+    write them) makes its own: parent and child each iterate their copy of the loader
+    and get exactly in-process loading's batches, and neither polls the other's workers."""
+    ref = [_epoch_batches(uneven, 1, 0, epoch=e)[0] for e in range(4)]
+    loader = MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=2, batches_per_transfer=2)
+    first = next(iter(loader))
+    assert loader._pool is not None
+    parent_pool = loader._pool
+    del first
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what went wrong through the pipe, exit without cleanup
+        os.close(read)
+        try:
+            message = ""
+            for epoch in range(1, 4):
+                loader.dataset.set_epoch(epoch)
+                loader.dataset.load_state_dict({"seed": 0, "epoch": epoch, "offset": 0})
+                for k, b in enumerate(loader):
+                    assert_same_batch(ref[epoch][k], b, f"child epoch {epoch} batch {k}")
+            if loader._pool is parent_pool or loader._pool.creator != os.getpid():
+                message = "the child used its parent's segments"
+        except BaseException as e:  # noqa: BLE001 - everything is reported to the parent
+            message = f"{type(e).__name__}: {e}"
+        os.write(write, message.encode() or b"ok")
+        os._exit(0)
+    os.close(write)
+    try:
+        for epoch in range(1, 4):
+            loader.dataset.set_epoch(epoch)
+            loader.dataset.load_state_dict({"seed": 0, "epoch": epoch, "offset": 0})
+            for k, b in enumerate(loader):
+                assert_same_batch(ref[epoch][k], b, f"parent epoch {epoch} batch {k}")
+        assert loader._pool is parent_pool
+    finally:
+        with os.fdopen(read, "rb") as f:
+            reply = f.read().decode()
+        os.waitpid(pid, 0)
+    assert reply == "ok", reply
+
+
+def test_the_epoch_order_kept_for_the_workers_is_read_only(uneven):
+    """The epoch's order (and matched partners) cached for every pass cannot be changed
+    in place by a caller."""
+    order, _ = MidasDataset(uneven, batch_size=4).epoch_order()
+    assert not order.flags.writeable
+    with pytest.raises(ValueError):
+        order[0] = 1

@@ -3,7 +3,9 @@ automatic group size (midas_data.dataset.transport)."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import time
 from multiprocessing.reduction import ForkingPickler
 
 import pytest
@@ -225,3 +227,69 @@ def test_pack_group_packs_batch_by_batch_and_gives_the_slot_back_when_it_cannot_
         pack_group(failing(), pool, 0)
     assert pool._state.tolist() == [[FREE]], "a failed group kept its slot"
     assert all(_same(a, b) for a, b in zip(group, unpack_batch(pack_group(iter(group)))))
+
+
+def test_a_received_slot_has_a_storage_of_its_own_and_is_free_once_its_memory_moves():
+    """The main process never hands out the pool's own storage: each received group gets a
+    new one over the slot, and a consumer that moves it to shared memory (`share_memory_`)
+    frees the slot, while the moved tensor keeps its values and the pool still reaches
+    the slot's memory."""
+    from midas_data.dataset.transport import FREE, HELD, SegmentPool
+
+    pool = SegmentPool(1, 1, 1 << 16)
+    assert pool.new_generation()
+    group = [_batch(i) for i in range(2)]
+    wire = ForkingPickler.dumps(pack_batch(group, pool, 0))
+    got = unpack_batch(pickle.loads(wire))
+    own = pool.buffers[0][0].untyped_storage()
+    label = got[1]["label"]
+    assert label.untyped_storage()._cdata != own._cdata, "the pool's own storage was handed out"
+    assert label.data_ptr() >= own.data_ptr() and pool._state.tolist() == [[HELD]]
+    label.share_memory_()  # what a torch.multiprocessing queue does to a tensor it sends
+    pool.release()
+    assert pool._state.tolist() == [[FREE]], "a slot whose tensors moved elsewhere stayed held"
+    assert pool.buffers[0][0].data_ptr() == own.data_ptr() == int(pool._address[0, 0])
+    pool.buffers[0][0].fill_(0)  # the worker writes the slot again
+    assert torch.equal(label, group[1]["label"]), "the moved tensor changed with the slot"
+
+
+def test_a_pool_copied_by_fork_is_not_used_by_the_child():
+    """A process forked after a pool was made neither polls its parent's workers (which
+    only the parent may) nor unpacks a slot of the parent's pool."""
+    import multiprocessing
+
+    from midas_data.dataset.transport import SegmentPool, _from_slot
+
+    pool = SegmentPool(1, 1, 4096)
+    assert pool.new_generation()
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(5,))
+    worker.start()
+    try:
+        pool._workers = [worker]
+        assert pool.in_use()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            message = "ok"
+            try:
+                if pool.in_use():
+                    message = "the child counted its parent's worker as its own"
+                else:
+                    try:
+                        _from_slot((pool.token, pool.generation, 0, 0, 64), [])
+                        message = "the child unpacked a slot of its parent's pool"
+                    except RuntimeError:
+                        pass
+            except BaseException as e:  # noqa: BLE001 - everything is reported to the parent
+                message = f"{type(e).__name__}: {e}"
+            os.write(write, message.encode())
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as f:
+            reply = f.read().decode()
+        os.waitpid(pid, 0)
+        assert reply == "ok", reply
+    finally:
+        worker.kill()
+        worker.join()

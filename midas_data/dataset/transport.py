@@ -18,7 +18,7 @@ costs both processes a file-descriptor exchange per queue item. A `SegmentPool`,
 the main process before it forks the workers, gives each worker reusable slots that both
 processes already map: `pack_batch(group, pool, worker)` packs into a free slot and the
 queue carries the slot's number; the main process gives a slot back once no tensor views
-it (`SegmentPool.release`).
+it, or its tensors' memory was moved to another segment (`SegmentPool.release`).
 
 `torch_batch` turns a `SplitReader.read_batch` result into the stream's batch layout
 ({'key', 'label', 'inputs'}) without copying the batch arrays again.
@@ -235,9 +235,12 @@ class SegmentPool:
     passes and mapped in the main process. Each worker has its own `slots` slots of `slot_bytes`; `state` (shared,
     int64 [workers, slots]) says who may touch each: FREE (the worker may fill it),
     PACKED (filled and sent), HELD (received by the main process), RESERVED (not in use
-    this generation). The main process frees a HELD slot (`release`) only once no tensor
-    views its buffer any more (the storage's use count is back to the pool's own), so a
-    batch kept by the consumer is never overwritten; a worker with no free slot packs into
+    this generation). The main process hands out each received group as a new tensor over
+    the slot (`receive`: a storage of its own, never the pool's) and frees the HELD slot
+    (`release`) once no tensor uses that storage any more (its use count is back to the
+    pool's one reference) or once its memory was moved out of the slot (`share_memory_`,
+    a torch.multiprocessing queue: the storage then holds a copy and no longer points at
+    the slot), so a batch kept by the consumer, or moved, is never overwritten; a worker with no free slot packs into
     a new segment, as without a pool. One generation (one DataLoader iterator, whose
     workers hold this `state`) uses the pool at a time.
     """
@@ -248,10 +251,12 @@ class SegmentPool:
         self.token = int.from_bytes(os.urandom(8), "little") >> 1
         # anonymous shared mappings: inherited by forked workers, no file to leak, pages
         # allocated where first touched (by the worker that packs into the slot)
-        self.buffers = [[torch.frombuffer(mmap.mmap(-1, self.slot_bytes), dtype=torch.uint8)
-                         for _ in range(slots)] for _ in range(num_workers)]
-        self._storages = [[b.untyped_storage()._cdata for b in row] for row in self.buffers]
-        self._base = np.array([[_use_count(c) for c in row] for row in self._storages], np.int64)
+        self._maps = [[mmap.mmap(-1, self.slot_bytes) for _ in range(slots)] for _ in range(num_workers)]
+        self.buffers = [[torch.frombuffer(m, dtype=torch.uint8) for m in row] for row in self._maps]
+        self._address = np.array([[b.data_ptr() for b in row] for row in self.buffers], np.int64)
+        # In the main process, per HELD slot: the tensor made over the slot by `receive` (its
+        # own storage, never the pool's), that storage's id and its use count when made.
+        self._held: dict[tuple[int, int], tuple[torch.Tensor, int, int]] = {}
         self.generation = 0
         self.state = torch.full((num_workers, slots), RESERVED, dtype=torch.int64).share_memory_()
         self._state = self.state.numpy()
@@ -259,6 +264,7 @@ class SegmentPool:
         self._workers: list = []  # and its worker processes (multiprocessing.Process)
         self._mapped: dict[tuple[int, int], int] = {}  # bytes of each slot faulted in here
         self._pid = os.getpid()
+        self.creator = os.getpid()  # a process forked later shares the slots: it makes its own pool
         _POOLS[self.token] = weakref.ref(self)
 
     def __reduce__(self):
@@ -270,7 +276,10 @@ class SegmentPool:
         """Whether this generation's iterator, or one of its workers, may still be running."""
         if self._owner is not None and self._owner() is not None:
             return True
-        self._workers = [w for w in self._workers if w.is_alive()]
+        # A process forked after this pool was made sees its parent's worker handles (which
+        # only the parent may poll); they are not its workers.
+        pid = os.getpid()
+        self._workers = [w for w in self._workers if getattr(w, "_parent_pid", pid) == pid and w.is_alive()]
         return bool(self._workers)
 
     def new_generation(self) -> bool:
@@ -324,15 +333,31 @@ class SegmentPool:
         self._state[worker, slot] = FREE
 
     def receive(self, generation: int, worker: int, slot: int, nbytes: int) -> torch.Tensor:
-        """In the main process: the buffer of a slot a worker sent, now HELD."""
-        if generation == self.generation:
+        """In the main process: the first `nbytes` of a slot a worker sent, now HELD, as a
+        new tensor over the slot's mapping with a storage of its own. The pool's own
+        storage is never handed out: a consumer that moves a batch's storage to a new
+        segment (`share_memory_`, a torch.multiprocessing queue) moves only that group's,
+        and the slot is free again (`release`)."""
+        base = torch.frombuffer(self._maps[worker][slot], dtype=torch.uint8, count=nbytes) if nbytes \
+            else torch.empty(0, dtype=torch.uint8)
+        if generation == self.generation and nbytes:
+            cdata = base.untyped_storage()._cdata
+            # the view exists before the slot is HELD: a release() running meanwhile (the
+            # pin_memory thread unpickles) never sees a HELD slot without its tensor
+            self._held[(worker, slot)] = (base, cdata, _use_count(cdata))
             self._state[worker, slot] = HELD
-        return self.buffers[worker][slot][:nbytes]
+        return base[:]  # a view: the batch counts as a use until it is unpacked
 
     def release(self) -> None:
-        """In the main process: free the HELD slots that no tensor views any more."""
+        """In the main process: free the HELD slots that no tensor views any more, or whose
+        tensors' memory was moved elsewhere (the storage no longer points at the slot)."""
         for w, s in zip(*np.nonzero(self._state == HELD)):
-            if _use_count(self._storages[w][s]) <= self._base[w, s]:
+            held = self._held.get((int(w), int(s)))
+            if held is None:
+                continue
+            base, cdata, count = held
+            if _use_count(cdata) <= count or base.data_ptr() != self._address[w, s]:
+                del self._held[(int(w), int(s))]
                 self._state[w, s] = FREE
 
 
@@ -349,6 +374,9 @@ def _from_slot(slot: tuple[int, int, int, int, int], tree: object) -> PackedBatc
     token, generation, worker, index, nbytes = slot
     ref = _POOLS.get(token)
     pool = ref() if ref is not None else None
+    if pool is not None and pool.creator != os.getpid():  # a forked copy of another process's pool
+        _POOLS.pop(token, None)
+        pool = None
     if pool is None:
         raise RuntimeError("a batch packed into a shared-memory pool reached a process without "
                            "that pool (pools work across forked DataLoader workers only)")

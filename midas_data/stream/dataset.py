@@ -20,6 +20,7 @@ misaligned partner and lend none. The mask-aware helpers (`aligned_loss`,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -164,6 +165,9 @@ class MidasDataset(IterableDataset):
         cached = self._order_cache
         if cached is None or cached[0] != key:
             order, partner_of = self.partners.order(self.seed, self.epoch)
+            for a in (order, partner_of):  # shared by every pass of the epoch: read only
+                if a is not None:
+                    a.flags.writeable = False
             cached = self._order_cache = (key, order, partner_of)
         return cached[1], cached[2]
 
@@ -516,7 +520,11 @@ class MidasLoader(DataLoader):
     smaller (1, 2, 4, ... batches), so the first batch comes as soon as one is built. The
     batches and their order are the same for any value. Forked workers pack their groups
     into the loader's shared slots (`transport.SegmentPool`, made before the first fork
-    and kept), each handed back only once no tensor of its batches is referenced.
+    and kept), each handed back only once no tensor of its batches is referenced (or its
+    memory was moved to shared memory by the consumer).
+
+    collate_fn: applied by the loader, in this process, to each batch (a dict) it yields,
+    with or without workers (they send packed groups); None hands batches on as built.
     """
 
     def __init__(self, dataset: MidasDataset, num_workers: int = 0, *,
@@ -529,8 +537,10 @@ class MidasLoader(DataLoader):
         self.batches_per_transfer = batches_per_transfer
         # The dataset's batches are tensors already: hand them on as built, instead of
         # DataLoader's default_convert walking every batch (each key of its key list too).
-        kwargs.setdefault("collate_fn", _as_built)
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
+        # A user's collate_fn gets each batch in this process, after a worker's group is
+        # unpacked (a worker sends packed groups, not batches).
+        self.batch_fn = kwargs.pop("collate_fn", None)
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, collate_fn=_as_built, **kwargs)
         # Persistent workers copied the dataset once; each pass's position reaches them here.
         self._pass_state = (torch.zeros(3, dtype=torch.int64).share_memory_()
                             if self.persistent_workers else None)
@@ -567,7 +577,7 @@ class MidasLoader(DataLoader):
             ds._transfer_group, ds._pass_state, started, ds._pool = 0, None, ds._pool, None
         if started is not None:
             started.own(items)  # its workers may use the segments while this iterator lives
-        pool = self._pool
+        pool, batch_fn = self._pool, self.batch_fn
         for item in items:
             if pool is not None:
                 pool.release()  # slots whose batches the consumer has let go of
@@ -577,7 +587,7 @@ class MidasLoader(DataLoader):
                 # so a pass left early continues from here and state_dict() reports the same point.
                 state = batch["stream_state"]
                 ds.epoch, ds.offset = int(state["epoch"]), int(state["offset"])
-                yield batch
+                yield batch if batch_fn is None else batch_fn(batch)
         ds.offset, ds._exhausted = len(ds.reader), True  # epoch finished
 
     def _segment_pool(self) -> SegmentPool | None:
@@ -597,6 +607,10 @@ class MidasLoader(DataLoader):
         if need > 4 * TRANSFER_BYTES:
             return None
         pool = self._pool
+        if pool is not None and pool.creator != os.getpid():
+            # this process was forked after the pool was made: its slots are shared with the
+            # parent's, whose workers may write them; never use them here
+            self._pool = pool = None
         if pool is None or (pool.slot_bytes < need and not pool.in_use()):
             self._pool = pool = SegmentPool(self.num_workers, (self.prefetch_factor or 2) + 2, need)
         return pool
