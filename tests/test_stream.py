@@ -335,11 +335,26 @@ def test_iterating_again_after_break_continues_from_the_consumed_batches(uneven,
     assert loader.dataset.epoch == 1 and again == _epoch_keys(uneven, 1, 0, epoch=1)[0]
 
 
+def test_workers_use_a_new_segment_per_group_unless_asked_to_reuse(uneven):
+    """By default each group crosses in a new shared-memory segment (no pool), and the
+    batches equal in-process loading's either way."""
+    ref = _epoch_batches(uneven, 1, 0)[0]
+    for reuse in (False, True):
+        loader = MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=2,
+                             batches_per_transfer=2, reuse_shared_memory=reuse)
+        got = [_copy(b) for b in loader]
+        assert (loader._pool is not None) == reuse
+        assert len(got) == len(ref)
+        for k, (a, b) in enumerate(zip(ref, got)):
+            assert_same_batch(a, b, f"reuse={reuse} batch {k}")
+
+
 def test_batches_kept_across_passes_stay_intact_while_workers_reuse_the_loaders_segments(uneven):
     """MidasLoader's workers pack their groups into the loader's shared segments, made once
     and reused by the fresh workers of every pass; batches the consumer keeps (some of each
     pass) are never overwritten, and every kept batch equals in-process loading's."""
-    loader = MidasLoader(MidasDataset(uneven, batch_size=2), num_workers=2, batches_per_transfer=2)
+    loader = MidasLoader(MidasDataset(uneven, batch_size=2), num_workers=2, batches_per_transfer=2,
+                         reuse_shared_memory=True)
     kept, from_pool = [], 0
     for epoch in range(3):
         slots = {b.data_ptr() for row in loader._pool.buffers for b in row} if loader._pool else set()
@@ -850,6 +865,31 @@ def test_loader_hands_batches_on_as_built_and_keeps_a_users_collate_fn(uneven):
             assert_same_batch({**a, "tag": len(a["key"])}, b, f"{workers} workers, collated")
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_collate_fn_that_raises_leaves_its_batch_unconsumed(uneven, workers):
+    """The consumed position moves past a batch only once the collate_fn returned it: a
+    resume after it raised starts at that batch."""
+    built = [real_keys(b) for b in MidasDataset(uneven, batch_size=4)]
+
+    def fail_third(b, calls=[0]):  # noqa: B006 - a counter across calls
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("collate failed")
+        return b
+
+    ds = MidasDataset(uneven, batch_size=4)
+    loader = MidasLoader(ds, num_workers=workers, batches_per_transfer=2 if workers else None,
+                         collate_fn=fail_third)
+    got = []
+    with pytest.raises(RuntimeError, match="collate failed"):
+        for b in loader:
+            got.append(real_keys(b))
+    state = loader.state_dict()
+    rest = MidasDataset(uneven, batch_size=4)
+    rest.load_state_dict(state)
+    assert got + [real_keys(b) for b in MidasLoader(rest, num_workers=workers)] == built
+
+
 def _copy(batch: dict) -> dict:
     """A batch with every tensor cloned (nested dicts too), independent of its buffer."""
     return {k: _copy(v) if isinstance(v, dict) else v.clone() if isinstance(v, torch.Tensor)
@@ -866,7 +906,8 @@ def test_batches_after_one_is_shared_with_another_process_stay_correct(uneven, s
     ref = [_epoch_batches(uneven, 1, 0, epoch=e)[0] for e in range(2)]
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    loader = MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=2, batches_per_transfer=2)
+    loader = MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=2, batches_per_transfer=2,
+                         reuse_shared_memory=True)
     try:
         for epoch in range(2):
             got = []
@@ -899,7 +940,8 @@ def test_a_process_forked_after_the_loaders_first_pass_makes_its_own_segments(un
     write them) makes its own: parent and child each iterate their copy of the loader
     and get exactly in-process loading's batches, and neither polls the other's workers."""
     ref = [_epoch_batches(uneven, 1, 0, epoch=e)[0] for e in range(4)]
-    loader = MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=2, batches_per_transfer=2)
+    loader = MidasLoader(MidasDataset(uneven, batch_size=4), num_workers=2, batches_per_transfer=2,
+                         reuse_shared_memory=True)
     first = next(iter(loader))
     assert loader._pool is not None
     parent_pool = loader._pool

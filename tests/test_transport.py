@@ -8,6 +8,7 @@ import pickle
 import time
 from multiprocessing.reduction import ForkingPickler
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's reductions for the queue's pickler)
@@ -229,28 +230,52 @@ def test_pack_group_packs_batch_by_batch_and_gives_the_slot_back_when_it_cannot_
     assert all(_same(a, b) for a, b in zip(group, unpack_batch(pack_group(iter(group)))))
 
 
-def test_a_received_slot_has_a_storage_of_its_own_and_is_free_once_its_memory_moves():
+def _received(pool, group):
+    wire = ForkingPickler.dumps(pack_batch(group, pool, 0))
+    return unpack_batch(pickle.loads(wire))
+
+
+def test_a_received_slot_has_a_storage_of_its_own_and_moving_it_keeps_views_valid():
     """The main process never hands out the pool's own storage: each received group gets a
-    new one over the slot, and a consumer that moves it to shared memory (`share_memory_`)
-    frees the slot, while the moved tensor keeps its values and the pool still reaches
-    the slot's memory."""
+    new one over the slot. A consumer that moves it to shared memory (`share_memory_`, what
+    a torch.multiprocessing queue does) moves only that group's; a numpy view taken before
+    the move still points at the slot, so the slot stays held until the view is gone."""
     from midas_data.dataset.transport import FREE, HELD, SegmentPool
 
     pool = SegmentPool(1, 1, 1 << 16)
     assert pool.new_generation()
     group = [_batch(i) for i in range(2)]
-    wire = ForkingPickler.dumps(pack_batch(group, pool, 0))
-    got = unpack_batch(pickle.loads(wire))
+    got = _received(pool, group)
     own = pool.buffers[0][0].untyped_storage()
     label = got[1]["label"]
     assert label.untyped_storage()._cdata != own._cdata, "the pool's own storage was handed out"
     assert label.data_ptr() >= own.data_ptr() and pool._state.tolist() == [[HELD]]
-    label.share_memory_()  # what a torch.multiprocessing queue does to a tensor it sends
+    early = label.numpy()  # taken before the move: reads the slot's memory
+    label.share_memory_()
+    del got
     pool.release()
-    assert pool._state.tolist() == [[FREE]], "a slot whose tensors moved elsewhere stayed held"
-    assert pool.buffers[0][0].data_ptr() == own.data_ptr() == int(pool._address[0, 0])
-    pool.buffers[0][0].fill_(0)  # the worker writes the slot again
-    assert torch.equal(label, group[1]["label"]), "the moved tensor changed with the slot"
+    assert pool._state.tolist() == [[HELD]], "a slot freed while a numpy view still read it"
+    np.testing.assert_array_equal(early, group[1]["label"].numpy())
+    del early, label
+    pool.release()
+    assert pool._state.tolist() == [[FREE]], "a slot nothing refers to stayed held"
+
+
+def test_a_kept_storage_object_holds_its_slot():
+    """Keeping only a batch tensor's storage object (`untyped_storage()`) keeps the slot."""
+    from midas_data.dataset.transport import FREE, HELD, SegmentPool
+
+    pool = SegmentPool(1, 1, 1 << 16)
+    assert pool.new_generation()
+    group = [_batch(i) for i in range(2)]
+    got = _received(pool, group)
+    storage = got[0]["inputs"]["x"].untyped_storage()
+    del got
+    pool.release()
+    assert pool._state.tolist() == [[HELD]], "the slot was freed while its storage object lived"
+    del storage
+    pool.release()
+    assert pool._state.tolist() == [[FREE]]
 
 
 def test_a_pool_copied_by_fork_is_not_used_by_the_child():

@@ -253,10 +253,10 @@ class SegmentPool:
         # allocated where first touched (by the worker that packs into the slot)
         self._maps = [[mmap.mmap(-1, self.slot_bytes) for _ in range(slots)] for _ in range(num_workers)]
         self.buffers = [[torch.frombuffer(m, dtype=torch.uint8) for m in row] for row in self._maps]
-        self._address = np.array([[b.data_ptr() for b in row] for row in self.buffers], np.int64)
         # In the main process, per HELD slot: the tensor made over the slot by `receive` (its
-        # own storage, never the pool's), that storage's id and its use count when made.
-        self._held: dict[tuple[int, int], tuple[torch.Tensor, int, int]] = {}
+        # own storage, never the pool's), that storage, its use count and Python references
+        # when made.
+        self._held: dict[tuple[int, int], tuple] = {}
         self.generation = 0
         self.state = torch.full((num_workers, slots), RESERVED, dtype=torch.int64).share_memory_()
         self._state = self.state.numpy()
@@ -335,28 +335,33 @@ class SegmentPool:
     def receive(self, generation: int, worker: int, slot: int, nbytes: int) -> torch.Tensor:
         """In the main process: the first `nbytes` of a slot a worker sent, now HELD, as a
         new tensor over the slot's mapping with a storage of its own. The pool's own
-        storage is never handed out: a consumer that moves a batch's storage to a new
-        segment (`share_memory_`, a torch.multiprocessing queue) moves only that group's,
-        and the slot is free again (`release`)."""
+        storage is never handed out, so a consumer that moves a batch's storage to a new
+        segment (`share_memory_`, a torch.multiprocessing queue) moves only that group's."""
         base = torch.frombuffer(self._maps[worker][slot], dtype=torch.uint8, count=nbytes) if nbytes \
             else torch.empty(0, dtype=torch.uint8)
-        if generation == self.generation and nbytes:
-            cdata = base.untyped_storage()._cdata
-            # the view exists before the slot is HELD: a release() running meanwhile (the
-            # pin_memory thread unpickles) never sees a HELD slot without its tensor
-            self._held[(worker, slot)] = (base, cdata, _use_count(cdata))
-            self._state[worker, slot] = HELD
-        return base[:]  # a view: the batch counts as a use until it is unpacked
+        if generation != self.generation or not nbytes:
+            return base[:]
+        storage = base.untyped_storage()
+        count = _use_count(storage._cdata)
+        view = base[:]  # a view: the batch counts as a use until it is unpacked
+        # the view and its bookkeeping exist before the slot is HELD: a release() running
+        # meanwhile (the pin_memory thread unpickles) never frees a slot still being handed out
+        self._held[(worker, slot)] = (base, storage, count, sys.getrefcount(storage))
+        self._state[worker, slot] = HELD
+        return view
 
     def release(self) -> None:
-        """In the main process: free the HELD slots that no tensor views any more, or whose
-        tensors' memory was moved elsewhere (the storage no longer points at the slot)."""
+        """In the main process: free the HELD slots that nothing refers to any more: the
+        storage's use count (tensors, numpy and DLPack views hold a tensor) and the Python
+        references to its storage object are back to what `receive` recorded. A storage the
+        consumer moved to shared memory keeps its slot until its tensors are gone too, so
+        views taken before the move stay valid."""
         for w, s in zip(*np.nonzero(self._state == HELD)):
             held = self._held.get((int(w), int(s)))
             if held is None:
                 continue
-            base, cdata, count = held
-            if _use_count(cdata) <= count or base.data_ptr() != self._address[w, s]:
+            _, storage, count, refs = held
+            if _use_count(storage._cdata) <= count and sys.getrefcount(storage) <= refs:
                 del self._held[(int(w), int(s))]
                 self._state[w, s] = FREE
 

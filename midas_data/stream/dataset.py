@@ -518,23 +518,33 @@ class MidasLoader(DataLoader):
     size (`transfer_group_size`): groups of about `TRANSFER_BYTES`, at most
     `MAX_TRANSFER_GROUP` batches, 1 for batches that large. A worker's first groups are
     smaller (1, 2, 4, ... batches), so the first batch comes as soon as one is built. The
-    batches and their order are the same for any value. Forked workers pack their groups
-    into the loader's shared slots (`transport.SegmentPool`, made before the first fork
-    and kept), each handed back only once no tensor of its batches is referenced (or its
-    memory was moved to shared memory by the consumer).
+    batches and their order are the same for any value. Each group crosses in a new
+    shared-memory segment, as in PyTorch.
+
+    reuse_shared_memory=True (opt-in, forked workers only): workers pack their groups into
+    shared slots made once per loader (`transport.SegmentPool`) instead, each reused once
+    nothing refers to its batches any more (tensors, views, numpy/DLPack arrays, the
+    storage object). It saves the workers a new segment per group (bench/stream.py: 2
+    fresh workers with random partners 1.14x of 0 workers instead of about 1.0). Keep a
+    batch past its reuse only through references Python can see: a process forked while it
+    holds a batch (multiprocessing with the fork start method) shares the slot and sees
+    later batches in it, and raw pointers (`data_ptr()`, ctypes) do not hold a slot;
+    `clone()` what such code keeps.
 
     collate_fn: applied by the loader, in this process, to each batch (a dict) it yields,
     with or without workers (they send packed groups); None hands batches on as built.
     """
 
     def __init__(self, dataset: MidasDataset, num_workers: int = 0, *,
-                 batches_per_transfer: int | None = None, **kwargs):
+                 batches_per_transfer: int | None = None, reuse_shared_memory: bool = False,
+                 **kwargs):
         if batches_per_transfer is not None and (isinstance(batches_per_transfer, bool)
                                                  or int(batches_per_transfer) != batches_per_transfer
                                                  or batches_per_transfer < 1):
             raise ValueError(f"batches_per_transfer must be an integer >= 1 or None (automatic), "
                              f"got {batches_per_transfer!r}")
         self.batches_per_transfer = batches_per_transfer
+        self.reuse_shared_memory = bool(reuse_shared_memory)
         # The dataset's batches are tensors already: hand them on as built, instead of
         # DataLoader's default_convert walking every batch (each key of its key list too).
         # A user's collate_fn gets each batch in this process, after a worker's group is
@@ -578,6 +588,7 @@ class MidasLoader(DataLoader):
         if started is not None:
             started.own(items)  # its workers may use the segments while this iterator lives
         pool, batch_fn = self._pool, self.batch_fn
+        before = (ds.epoch, ds.offset)  # the position before the batch being handed out
         for item in items:
             if pool is not None:
                 pool.release()  # slots whose batches the consumer has let go of
@@ -586,8 +597,13 @@ class MidasLoader(DataLoader):
                 # The consumed position lives in the dataset, whatever process built the batch,
                 # so a pass left early continues from here and state_dict() reports the same point.
                 state = batch["stream_state"]
-                ds.epoch, ds.offset = int(state["epoch"]), int(state["offset"])
-                yield batch if batch_fn is None else batch_fn(batch)
+                try:
+                    out = batch if batch_fn is None else batch_fn(batch)
+                except BaseException:  # the batch was not handed out: it stays unconsumed
+                    ds.epoch, ds.offset = before  # (in process the dataset moved past it)
+                    raise
+                ds.epoch, ds.offset = before = int(state["epoch"]), int(state["offset"])
+                yield out
         ds.offset, ds._exhausted = len(ds.reader), True  # epoch finished
 
     def _segment_pool(self) -> SegmentPool | None:
@@ -599,7 +615,8 @@ class MidasLoader(DataLoader):
         ds: MidasDataset = self.dataset  # type: ignore[assignment]
         ctx = self.multiprocessing_context
         method = ctx.get_start_method() if ctx is not None else torch.multiprocessing.get_start_method()
-        if self.num_workers == 0 or ds._transfer_group <= 0 or method != "fork":
+        if (not self.reuse_shared_memory or self.num_workers == 0 or ds._transfer_group <= 0
+                or method != "fork"):
             return None
         batch = ds.batch_size * ds.row_bytes() + 64 * (16 + len(ds.modalities))  # + alignment
         group = self.batches_per_transfer or max(1, min(MAX_TRANSFER_GROUP, TRANSFER_BYTES // batch))
