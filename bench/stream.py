@@ -22,7 +22,8 @@ page cache warm (the dataset is read once before timing):
   across passes, as a training loop over many epochs would keep them; the workers' CPU of
   a persistent loader is not counted, they are not waited for). Those rows make a new
   dataset and loader every pass; "one loader" rows (0 and `--workers` workers) iterate one
-  loader again every pass, as a training loop does, its workers forked afresh each pass.
+  loader again every pass, as a training loop does, its workers forked afresh each pass;
+  "one loader, reused" the same with `reuse_shared_memory=True` (the loader's segment pool).
 - Workers with a payload that needs real decoding: 64x64 RGB PNG images (`--png-samples`),
   aligned only, 0 against `--workers` workers, grouped and one batch per item.
 
@@ -109,11 +110,12 @@ def persistent(root: Path, policy: str, workers: int) -> Callable[[], int]:
     return lambda: count(loader)
 
 
-def one_loader(root: Path, policy: str, workers: int) -> Callable[[], int]:
+def one_loader(root: Path, policy: str, workers: int, reuse: bool = False) -> Callable[[], int]:
     """One pass of a MidasLoader made once (its first pass untimed) and iterated again, as a
-    training loop iterates it every epoch: its workers are forked afresh every pass, the
-    dataset is not reopened, and its shared segments are kept."""
-    loader = MidasLoader(MidasDataset(root, batch_size=BATCH, policy=policy), num_workers=workers)
+    training loop iterates it every epoch: its workers are forked afresh every pass and the
+    dataset is not reopened; `reuse`: its shared segments are kept (reuse_shared_memory)."""
+    loader = MidasLoader(MidasDataset(root, batch_size=BATCH, policy=policy), num_workers=workers,
+                         reuse_shared_memory=reuse)
     count(loader)
     return lambda: count(loader)
 
@@ -327,12 +329,16 @@ def main() -> None:
             for k in (0, w):
                 readers[f"MidasDataset {policy}, {k} workers, one loader"] = (
                     one_loader(root, policy, k), args.samples)
+            readers[f"MidasDataset {policy}, {w} workers, one loader, reused"] = (
+                one_loader(root, policy, w, reuse=True), args.samples)
         for k, per in ((0, None), (w, None), (w, 1)):
             readers[f"PNG 64x64, {k} workers{', 1 batch/item' if per else ''}"] = (
                 lambda k=k, per=per: midas(png_root, "none", k, per), args.png_samples)
         readers[f"PNG 64x64, {w} workers, persistent"] = (persistent(png_root, "none", w), args.png_samples)
         for k in (0, w):
             readers[f"PNG 64x64, {k} workers, one loader"] = (one_loader(png_root, "none", k), args.png_samples)
+        readers[f"PNG 64x64, {w} workers, one loader, reused"] = (
+            one_loader(png_root, "none", w, reuse=True), args.png_samples)
         for path in sorted(tmp.rglob("*.tar")):  # warm the page cache
             path.read_bytes()
         assert midas(root, "random", 0) == args.samples  # and the imports
@@ -378,7 +384,7 @@ def main() -> None:
         return cores * cpu[base] / readers[base][1] / per if per > 0 else float("nan")
 
     print(f"  {'':<32} {'grouped':>8} {'1 batch/item':>13} {'persistent':>11} {'one loader':>11} "
-          f"{'CPU bound on ' + str(cores) + ' idle cores':>26}")
+          f"{'reused':>7} {'CPU bound on ' + str(cores) + ' idle cores':>26}")
     for label, pre in (("none", "MidasDataset none, "), ("random", "MidasDataset random, "),
                        ("PNG", "PNG 64x64, ")):
         base, grouped, single = f"{pre}0 workers", f"{pre}{w} workers", f"{pre}{w} workers, 1 batch/item"
@@ -387,10 +393,12 @@ def main() -> None:
         goal = "(goal >= 1.6 on idle cores)" if label == "PNG" else "(goal >= 1.0)"
         print(f"  {label:<6} {w} workers / 0 workers      {rate[grouped] / rate[base]:8.3f} "
               f"{rate[single] / rate[base]:13.3f} {rate[kept] / rate[base]:11.3f} "
-              f"{rate[once] / rate[once0]:11.3f} {bound(grouped, base):26.2f}  {goal}")
+              f"{rate[once] / rate[once0]:11.3f} {rate[once + ', reused'] / rate[once0]:7.3f} "
+              f"{bound(grouped, base):26.2f}  {goal}")
     print("  (grouped, 1 batch/item: a new dataset and loader every pass, against the same with 0 "
           "workers; persistent: one loader, workers kept; one loader: one loader, workers forked "
-          "every pass, against one loader with 0 workers)")
+          "every pass, against one loader with 0 workers; reused: the same with "
+          "reuse_shared_memory=True)")
     print(f"  aligned 0 workers / webdataset                 {none0 / rate['webdataset, shard shuffle + 1000 buffer']:6.3f}")
     peers.print_ratios(rate, w)
 
