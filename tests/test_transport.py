@@ -252,11 +252,11 @@ def test_a_received_slot_has_a_storage_of_its_own_and_moving_it_keeps_views_vali
     assert label.data_ptr() >= own.data_ptr() and pool._state.tolist() == [[HELD]]
     early = label.numpy()  # taken before the move: reads the slot's memory
     label.share_memory_()
-    del got
+    del got, label  # only the numpy view is left
     pool.release()
     assert pool._state.tolist() == [[HELD]], "a slot freed while a numpy view still read it"
     np.testing.assert_array_equal(early, group[1]["label"].numpy())
-    del early, label
+    del early
     pool.release()
     assert pool._state.tolist() == [[FREE]], "a slot nothing refers to stayed held"
 

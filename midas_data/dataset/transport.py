@@ -17,8 +17,9 @@ Making that segment still costs the worker a page fault per page, and handing it
 costs both processes a file-descriptor exchange per queue item. A `SegmentPool`, made by
 the main process before it forks the workers, gives each worker reusable slots that both
 processes already map: `pack_batch(group, pool, worker)` packs into a free slot and the
-queue carries the slot's number; the main process gives a slot back once no tensor views
-it, or its tensors' memory was moved to another segment (`SegmentPool.release`).
+queue carries the slot's number; the main process gives a slot back once nothing refers
+to its batches any more (`SegmentPool.release`). MidasLoader uses a pool only when asked
+(`reuse_shared_memory=True`).
 
 `torch_batch` turns a `SplitReader.read_batch` result into the stream's batch layout
 ({'key', 'label', 'inputs'}) without copying the batch arrays again.
@@ -237,12 +238,12 @@ class SegmentPool:
     PACKED (filled and sent), HELD (received by the main process), RESERVED (not in use
     this generation). The main process hands out each received group as a new tensor over
     the slot (`receive`: a storage of its own, never the pool's) and frees the HELD slot
-    (`release`) once no tensor uses that storage any more (its use count is back to the
-    pool's one reference) or once its memory was moved out of the slot (`share_memory_`,
-    a torch.multiprocessing queue: the storage then holds a copy and no longer points at
-    the slot), so a batch kept by the consumer, or moved, is never overwritten; a worker with no free slot packs into
-    a new segment, as without a pool. One generation (one DataLoader iterator, whose
-    workers hold this `state`) uses the pool at a time.
+    (`release`) once nothing Python can see refers to it: the storage's use count and the
+    references to its storage object are back to what `receive` recorded. A batch kept by
+    the consumer, or moved to shared memory while a view of it lives, is never
+    overwritten; a worker with no free slot packs into a new segment, as without a pool.
+    One generation (one DataLoader iterator, whose workers hold this `state`) uses the pool
+    at a time.
     """
 
     def __init__(self, num_workers: int, slots: int, slot_bytes: int):
@@ -253,10 +254,9 @@ class SegmentPool:
         # allocated where first touched (by the worker that packs into the slot)
         self._maps = [[mmap.mmap(-1, self.slot_bytes) for _ in range(slots)] for _ in range(num_workers)]
         self.buffers = [[torch.frombuffer(m, dtype=torch.uint8) for m in row] for row in self._maps]
-        # In the main process, per HELD slot: the tensor made over the slot by `receive` (its
-        # own storage, never the pool's), that storage, its use count and Python references
-        # when made.
-        self._held: dict[tuple[int, int], tuple] = {}
+        # In the main process, per HELD slot: [the tensor made over the slot by `receive` (its
+        # own storage, never the pool's), that storage, its use count, its references].
+        self._held: dict[tuple[int, int], list] = {}
         self.generation = 0
         self.state = torch.full((num_workers, slots), RESERVED, dtype=torch.int64).share_memory_()
         self._state = self.state.numpy()
@@ -341,12 +341,15 @@ class SegmentPool:
             else torch.empty(0, dtype=torch.uint8)
         if generation != self.generation or not nbytes:
             return base[:]
-        storage = base.untyped_storage()
-        count = _use_count(storage._cdata)
+        # `base` stays in the entry: it keeps torch's own reference to the storage object
+        # that the recorded count includes
+        entry = [base, base.untyped_storage(), 0, 0]
+        entry[2] = _use_count(entry[1]._cdata)
+        entry[3] = _storage_refs(entry)  # measured the same way as in release()
         view = base[:]  # a view: the batch counts as a use until it is unpacked
         # the view and its bookkeeping exist before the slot is HELD: a release() running
         # meanwhile (the pin_memory thread unpickles) never frees a slot still being handed out
-        self._held[(worker, slot)] = (base, storage, count, sys.getrefcount(storage))
+        self._held[(worker, slot)] = entry
         self._state[worker, slot] = HELD
         return view
 
@@ -360,14 +363,19 @@ class SegmentPool:
             held = self._held.get((int(w), int(s)))
             if held is None:
                 continue
-            _, storage, count, refs = held
-            if _use_count(storage._cdata) <= count and sys.getrefcount(storage) <= refs:
+            if _use_count(held[1]._cdata) <= held[2] and _storage_refs(held) <= held[3]:
                 del self._held[(int(w), int(s))]
                 self._state[w, s] = FREE
 
 
 def _no_pool() -> None:
     return None
+
+
+def _storage_refs(entry: list) -> int:
+    """References to a held entry's storage object, counted by the same code wherever it is
+    asked (so the interpreter's own temporary references are the same on both sides)."""
+    return sys.getrefcount(entry[1])
 
 
 def _use_count(storage_cdata: int) -> int:
