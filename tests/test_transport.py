@@ -18,6 +18,7 @@ from midas_data.dataset.transport import (
     TRANSFER_BYTES,
     PackedBatch,
     pack_batch,
+    pack_group,
     transfer_group_size,
     unpack_batch,
 )
@@ -120,7 +121,7 @@ def test_a_pool_slot_crosses_the_queue_by_number_and_is_freed_only_once_no_view_
     assert pool._state.tolist() == [[RESERVED, RESERVED]], "no slot is usable before a generation"
     assert pool.new_generation()
     group = [_batch(i) for i in range(3)]
-    packed = pack_batch(group, pool, 0)
+    packed = pack_group(iter(group), pool, 0)
     assert packed.slot is not None and pool._state.tolist() == [[PACKED, FREE]]
     wire = ForkingPickler.dumps(packed)
     assert len(wire) < 4096, "the slot's bytes crossed the queue"
@@ -137,11 +138,11 @@ def test_a_pool_slot_crosses_the_queue_by_number_and_is_freed_only_once_no_view_
     del keep
     pool.release()
     assert pool._state.tolist() == [[FREE, FREE]]
-    a, b = pack_batch(group, pool, 0), pack_batch(group, pool, 0)
+    a, b = pack_group(iter(group), pool, 0), pack_group(iter(group), pool, 0)
     assert a.slot[3] == 0 and b.slot[3] == 1
-    full = pack_batch(group, pool, 0)  # every slot packed: a new segment, as without a pool
+    full = pack_group(iter(group), pool, 0)  # every slot packed: a new segment, as without a pool
     assert full.slot is None and full.buf.is_shared()
-    big = pack_batch({"x": torch.zeros(1 << 17, dtype=torch.uint8)}, pool, 0)
+    big = pack_group(iter([{"x": torch.zeros(1 << 17, dtype=torch.uint8)}]), pool, 0)
     assert big.slot is None, "a group larger than a slot must take a new segment"
 
 
@@ -180,7 +181,7 @@ def test_forked_workers_pack_into_pool_slots_without_touching_batches_the_consum
         def __iter__(self):
             info = torch.utils.data.get_worker_info()
             for j in range(info.id, 24, info.num_workers):
-                yield pack_batch([_batch(2 * j), _batch(2 * j + 1)], pool, info.id)
+                yield pack_group(iter([_batch(2 * j), _batch(2 * j + 1)]), pool, info.id)
 
     assert pool.new_generation()
     it = iter(DataLoader(Groups(), batch_size=None, num_workers=2, multiprocessing_context="fork"))
@@ -202,7 +203,7 @@ def test_pack_group_packs_batch_by_batch_and_gives_the_slot_back_when_it_cannot_
     """pack_group (each batch copied into the slot as soon as it is made) gives what
     pack_batch gives for the whole list; a group that outgrows its slot moves to a new
     segment with equal batches, and a batch that fails to build frees the slot it held."""
-    from midas_data.dataset.transport import FREE, PACKED, SegmentPool, pack_group
+    from midas_data.dataset.transport import FREE, PACKED, SegmentPool
 
     group = [_batch(i) for i in range(3)]
     plain = unpack_batch(pack_batch(group))
@@ -231,7 +232,7 @@ def test_pack_group_packs_batch_by_batch_and_gives_the_slot_back_when_it_cannot_
 
 
 def _received(pool, group):
-    wire = ForkingPickler.dumps(pack_batch(group, pool, 0))
+    wire = ForkingPickler.dumps(pack_group(iter(group), pool, 0))
     return unpack_batch(pickle.loads(wire))
 
 

@@ -16,7 +16,7 @@ each tensor a view of one shared buffer: same dtypes, shapes and values.
 Making that segment still costs the worker a page fault per page, and handing it over
 costs both processes a file-descriptor exchange per queue item. A `SegmentPool`, made by
 the main process before it forks the workers, gives each worker reusable slots that both
-processes already map: `pack_batch(group, pool, worker)` packs into a free slot and the
+processes already map: `pack_group(batches, pool, worker)` packs into a free slot and the
 queue carries the slot's number; the main process gives a slot back once nothing refers
 to its batches any more (`SegmentPool.release`). MidasLoader uses a pool only when asked
 (`reuse_shared_memory=True`).
@@ -83,26 +83,24 @@ class _Slot:
         return _Slot, (self.offset, self.nbytes, self.dtype, self.shape, self.stride)
 
 
-def pack_batch(batch: object, pool: SegmentPool | None = None, worker: int = 0) -> PackedBatch:
-    """Pack the tensors of a (nested dict / list / tuple) batch into one byte array: a free
-    slot of `pool` (the DataLoader worker `worker`'s own), else a new shared-memory segment."""
+def pack_batch(batch: object) -> PackedBatch:
+    """Pack the tensors of a (nested dict / list / tuple) batch into one byte array, a new
+    shared-memory segment (`pack_group` packs a group into a `SegmentPool` slot)."""
     sources, offsets, tree, end = _layout(batch, 0)
-    slot = pool.take(worker, end) if pool is not None else None
-    buf = pool.buffers[worker][slot] if slot is not None else _shared_bytes(end)
+    buf = _shared_bytes(end)
     _copy_into(buf.numpy(), sources, offsets)
-    if slot is not None:
-        return PackedBatch(buf, tree, (pool.token, pool.generation, worker, slot, end))
     return PackedBatch(buf, tree)
 
 
 def pack_group(batches: Iterable[object], pool: SegmentPool | None = None,
                worker: int = 0) -> PackedBatch:
-    """`pack_batch(list(batches), pool, worker)`, packing each batch as soon as it is made:
-    with a free slot of `pool`, a batch is copied into it before the next one is built, so
+    """`pack_batch(list(batches))`, or into a free slot of `pool` (the DataLoader worker
+    `worker`'s own), packing each batch as soon as it is made: in a slot, a batch is copied
+    into it before the next one is built, so
     a worker holds one decoded batch at a time instead of the whole group (its memory is
     reused batch after batch, not grown and returned to the system every group). A group
     that outgrows the slot, or without a free slot, goes to a new segment at the end."""
-    slot = pool.take(worker, 0) if pool is not None else None
+    slot = pool.take(worker) if pool is not None else None
     flat = pool.buffers[worker][slot].numpy() if slot is not None else None
     trees: list = []
     pending: list[tuple[list[np.ndarray], list[int]]] = []  # copied once the group's size is known
@@ -302,9 +300,10 @@ class SegmentPool:
         self._owner = weakref.ref(iterator)
         self._workers = list(getattr(iterator, "_workers", ()))  # its worker processes
 
-    def take(self, worker: int, nbytes: int = 0) -> int | None:
-        """In a worker: a free slot of its own that holds `nbytes`, now PACKED; None if none."""
-        if nbytes > self.slot_bytes or worker >= len(self.buffers):
+    def take(self, worker: int) -> int | None:
+        """In a worker: a free slot of its own, now PACKED; None if none (`map` faults in
+        the part a group fills)."""
+        if worker >= len(self.buffers):
             return None
         row = self._state[worker]
         free = np.flatnonzero(row == FREE)
@@ -312,7 +311,6 @@ class SegmentPool:
             return None
         slot = int(free[0])
         row[slot] = PACKED
-        self.map(worker, slot, nbytes)
         return slot
 
     def map(self, worker: int, slot: int, nbytes: int) -> None:
