@@ -146,7 +146,7 @@ class CrossClassIVF:
             cand_i[slots, :kk] = i + lo
         cand_d = cand_d.reshape(nb, nprobe * k).numpy()
         cand_i = cand_i.reshape(nb, nprobe * k).numpy()
-        if nprobe * k > k:
+        if nprobe > 1:  # more candidates than k: keep the best k
             top_k = np.argpartition(-cand_d, k - 1, axis=1)[:, :k]
             cand_d = np.take_along_axis(cand_d, top_k, 1)
             cand_i = np.take_along_axis(cand_i, top_k, 1)

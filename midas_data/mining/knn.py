@@ -403,7 +403,8 @@ class DifferentLabelIndex:
             set_nprobe(s, nprobe)
 
     def _exact(self) -> list[Searcher]:
-        if self._exact_searchers is None:  # built on the CPU: it only checks samples
+        # an index made approximate: for the recall checks and short-list redos, on the CPU
+        if self._exact_searchers is None:
             self._exact_searchers = _make_searchers(self.xs, self.bounds, "cpu", None, None, None)
         return self._exact_searchers
 

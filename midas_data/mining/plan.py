@@ -116,8 +116,8 @@ def mine_modality(x: np.ndarray, labels: np.ndarray, k: int, device: str, querie
     """(D [q, k], I [q, k], info) for anchors `queries` (sorted, unique) of one modality.
 
     info: the search actually run (approx, nlist per class, nprobe and the nprobe that is
-    exhaustive, estimate_exact_s,
-    recall_at_k measured on held-out anchors and whether it met recall_target).
+    exhaustive, estimate_exact_s, recall_at_k measured on held-out anchors and whether it
+    met recall_target).
     """
     label = f"modality {name!r}" if name else "features"
     n, nq = len(x), len(queries)

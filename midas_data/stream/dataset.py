@@ -254,12 +254,14 @@ class MidasDataset(IterableDataset):
                     if info is None:
                         self.offset = batch["stream_state"]["offset"]
                     yield batch
-        for group in groups if grouped else ():
-            # A batch that fails (a damaged shard) fails its whole group: the loader raises
-            # at the group's turn, after every earlier batch, so the consumed position stays
-            # a prefix of the order (sending the group's first batches alone would let the
-            # next worker's group overtake the failed batch).
-            yield pack_group((build(k, p) for k, p in zip(group, plan_partners(group))), self._pool, worker)
+        else:
+            for group in groups:
+                # A batch that fails (a damaged shard) fails its whole group: the loader raises
+                # at the group's turn, after every earlier batch, so the consumed position
+                # stays a prefix of the order (sending the group's first batches alone would
+                # let the next worker's group overtake the failed batch).
+                yield pack_group((build(k, p) for k, p in zip(group, plan_partners(group))),
+                                 self._pool, worker)
         if info is None:
             self.offset = n  # epoch done (items dropped by drop_last included)
             self._exhausted = True
