@@ -28,6 +28,7 @@ from midas_data.trainers.distributed import DistInfo
 from midas_data.trainers.loop import EpochTracker, RunState, set_weak, train_step
 from midas_data.trainers.models import MultimodalModel
 
+from midas_data.stream.dataset import misaligned_flat
 from midas_data.stream.epoch_plan import assign_partners, partner_rng
 
 BATCH = 64
@@ -41,7 +42,9 @@ def make_batches(inputs: dict[str, np.ndarray], labels: np.ndarray, count: int, 
         rows = rng.choice(len(labels), BATCH, replace=False)
         y = labels[rows]
         partner = assign_partners(y, len(inputs), partner_rng(seed, 0, k * BATCH))
+        # the partner fields a MidasDataset batch carries for the step (midas_data.stream.dataset)
         out.append({"label": torch.from_numpy(y), "partner": torch.from_numpy(partner),
+                    "misaligned_flat": torch.from_numpy(misaligned_flat(partner)),
                     "inputs": {m: torch.from_numpy(x[rows]) for m, x in inputs.items()}})
     return out
 

@@ -37,6 +37,7 @@ from midas_data.loss import (
     normalised_confidences,
     source_rows,
 )
+from midas_data.stream.dataset import misaligned_flat
 
 
 def _plain_index(partner: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -84,6 +85,35 @@ def test_misaligned_index_of_a_full_batch_does_not_depend_on_earlier_batches():
 def test_misaligned_index_of_an_empty_batch_is_empty():
     idx = misaligned_index(torch.zeros(0, 2, dtype=torch.int64))
     assert all(len(t) == 0 for t in idx)
+
+
+@pytest.mark.parametrize("modalities", [2, 3])
+@pytest.mark.parametrize("missing", [0.0, 0.3, 1.0])
+def test_the_streams_misaligned_flat_is_the_index_the_model_builds(modalities, missing):
+    """The stream builds `misaligned_flat` with the partners (numpy); it equals the model's
+    own fused_flat, and an index made from it equals the one made without it, field by field."""
+    for seed in range(5):
+        partner = _partners(9, modalities, seed, missing)
+        built = misaligned_index(partner)
+        given = torch.from_numpy(misaligned_flat(partner.numpy()))
+        assert torch.equal(given, built.fused_flat)
+        taken = misaligned_index(partner, given)
+        for name, want, got in zip(built._fields, built, taken):
+            assert torch.equal(got, want), name
+        assert torch.equal(taken.rows, _plain_index(partner)[3])
+    empty = torch.zeros(0, modalities, dtype=torch.int64)
+    assert all(len(t) == 0 for t in misaligned_index(empty, torch.from_numpy(misaligned_flat(empty.numpy()))))
+
+
+def test_a_misaligned_flat_that_does_not_fit_the_partners_is_refused():
+    """Shapes are checked (the values are not: see misaligned_index): a wrong width, more
+    rows than B * (M + 1), or a row count that is not B + the partners present."""
+    partner = torch.tensor([[1, -1], [0, 2], [1, 0]])  # 5 partners present
+    flat = torch.from_numpy(misaligned_flat(partner.numpy()))
+    assert flat.shape == (3 + 5, 2)
+    for bad in (flat[:, :1], torch.zeros(10, 2, dtype=torch.int64), flat[:-1]):
+        with pytest.raises(ValueError, match="misaligned_flat"):
+            misaligned_index(partner, bad)
 
 
 @pytest.mark.parametrize("missing", [0.0, 0.25, 1.0])
@@ -191,10 +221,36 @@ def test_train_step_loss_and_update_equal_the_plain_formulation(missing):
     assert moved == len(list(start.parameters()))  # every parameter took a step, so the check compares updates
 
 
-def test_pending_alpha_rows_are_summed_at_the_strong_and_weak_columns():
-    """Batches kept whole ([logits, source labels, source confidences]) and batches in the
-    five-column form of earlier mid-epoch checkpoints sum to what `accumulate` gives on the
-    strong and weak columns of all rows."""
+@pytest.mark.parametrize("missing", [0.0, 0.3])
+def test_train_step_with_the_streams_misaligned_flat_is_the_same_step(missing):
+    """A batch that brings `misaligned_flat` (as stream batches do) trains exactly as one
+    without it: the same loss terms and the same parameters afterwards, bit for bit."""
+    torch.manual_seed(0)
+    model = MultimodalModel(["a", "b"], {"a": "tensor", "b": "tensor"}, {"a": (7,), "b": (4,)}, 5, 8)
+    g = torch.Generator().manual_seed(3)
+    batch = {"label": torch.randint(0, 5, (12,), generator=g),
+             "inputs": {"a": torch.randn(12, 7, generator=g), "b": torch.randn(12, 4, generator=g)},
+             "partner": _partners(12, 2, 4, missing)}
+    cfg = dataclasses.replace(TrainConfig.from_preset("mfeat", method="midas"), warmup_epochs=0)
+    info = DistInfo(0, 1, torch.device("cpu"), False)
+    runs = []
+    for given in (False, True):
+        m = copy.deepcopy(model)
+        b = dict(batch, misaligned_flat=torch.from_numpy(misaligned_flat(batch["partner"].numpy()))) if given else batch
+        terms = train_step(m, b, torch.optim.Adam(m.parameters(), lr=0.01), cfg, RunState(alpha=1.3),
+                           EpochTracker(0, 2, weak=1, strong=0), info)
+        runs.append((terms, list(m.parameters())))
+    (t0, p0), (t1, p1) = runs
+    assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(t0, t1))
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+    assert not all(torch.equal(a, b) for a, b in zip(p0, model.parameters()))  # the step did move them
+
+
+@pytest.mark.parametrize("old_form", [False, True])
+def test_pending_alpha_rows_are_summed_at_the_strong_and_weak_columns(old_form):
+    """Batches kept whole ([logits, source labels, source confidences]), alone or beside a
+    batch in the five-column form of earlier mid-epoch checkpoints, sum to what `accumulate`
+    gives on the strong and weak columns of all rows."""
     from midas_data.loss import AlphaStats, accumulate
 
     g = torch.Generator().manual_seed(0)
@@ -203,7 +259,10 @@ def test_pending_alpha_rows_are_summed_at_the_strong_and_weak_columns():
     tracker = EpochTracker(0, 3, weak=2, strong=0)
     tracker.add_alpha_rows(*batches[0])
     z, y, c = batches[1]
-    tracker.pending.append([z, y[:, 0], y[:, 2], c[:, 0], c[:, 2]])
+    if old_form:
+        tracker.pending.append([z, y[:, 0], y[:, 2], c[:, 0], c[:, 2]])
+    else:
+        tracker.add_alpha_rows(z, y, c)
     tracker.add_alpha_rows(*batches[2])
     tracker.flush_alpha_rows()
     z, y, c = (torch.cat(t) for t in zip(*batches))

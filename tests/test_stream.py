@@ -22,6 +22,7 @@ from midas_data.stream.dataset import (
     MidasLoader,
     collate,
     materialize_misaligned,
+    misaligned_flat,
     partner_fields,
 )
 from midas_data.stream.partners import POLICIES, RESEARCH_POLICIES, resolve_modalities
@@ -173,6 +174,8 @@ def test_partners_have_different_labels_and_sit_in_the_batch(uneven):
         lab = b["label"]
         assert torch.all(lab[p.clamp(min=0)][valid] != lab.unsqueeze(1).expand_as(p)[valid])
         assert torch.all(b["partner_label"][valid] == lab[p.clamp(min=0)][valid])
+        # the fused head's index of the batch, built with its partners (fill rows have none)
+        assert torch.equal(b["misaligned_flat"], torch.from_numpy(misaligned_flat(p.numpy())))
 
 
 def test_materialize_misaligned_swaps_exactly_one_modality(uneven):

@@ -102,10 +102,14 @@ class EpochTracker:
     def flush_alpha_rows(self) -> None:
         if self.pending:
             s, w = self.strong, self.weak
-            # [logits, y_strong, y_weak, c_strong, c_weak] per batch (the form mid-epoch
-            # checkpoints of earlier versions hold), then one column of each across batches
-            rows = [r if len(r) == 5 else [r[0], r[1][:, s], r[1][:, w], r[2][:, s], r[2][:, w]] for r in self.pending]
-            self.alpha_stats = accumulate(self.alpha_stats, *(torch.cat(c) for c in zip(*rows)))
+            if all(len(r) == 3 for r in self.pending):  # one concatenation, then the two columns
+                logits, labels, conf = (torch.cat(c) for c in zip(*self.pending))
+                cols = (logits, labels[:, s], labels[:, w], conf[:, s], conf[:, w])
+            else:  # mid-epoch checkpoints of earlier versions hold [logits, y_s, y_w, c_s, c_w]
+                rows = [r if len(r) == 5 else [r[0], r[1][:, s], r[1][:, w], r[2][:, s], r[2][:, w]]
+                        for r in self.pending]
+                cols = tuple(torch.cat(c) for c in zip(*rows))
+            self.alpha_stats = accumulate(self.alpha_stats, *cols)
             self.pending = []
 
     def to_dict(self) -> dict:
@@ -163,8 +167,10 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
         conf = torch.zeros(0, M, device=info.device)
         terms = LossTerms(loss, loss, loss, loss)
     else:
+        # a stream batch brings its misaligned rows' index, built with the partners (models.py)
+        index = {"misaligned_flat": batch["misaligned_flat"]} if use_mis and "misaligned_flat" in batch else {}
         out = model(batch["inputs"], batch["partner"] if use_mis else None, fused=use_fused,
-                    detach_unimodal=config.method == "joint")
+                    detach_unimodal=config.method == "joint", **index)
         # Live confidences c^m = softmax(g_m(f^m))[y], detached (the paper's, not the stored ones).
         all_conf = torch.stack([unimodal_confidence(z, y) for z in out["uni"]], dim=1)  # [B, M]
         conf = all_conf[valid]  # [n, M]
@@ -183,7 +189,8 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
         mis = None
         if use_mis:
             idx = out["mis_index"]  # row n: anchor idx.b[n], modality idx.m[n] from row idx.src[n]
-            src_labels = y.take(idx.rows)  # [N, M] label of each modality's source (real rows only)
+            # [N, M] label of each modality's source: y[idx.rows], read through the flat index
+            src_labels = y.unsqueeze(1).expand(size, M).take(idx.flat)
             src_conf = all_conf.take(idx.flat)  # its c^m: all_conf[idx.rows, k], [B, M] read as [B * M]
             h = None
             if config.hard_weighting:  # cosine on the swapped modality's features

@@ -116,7 +116,8 @@ class MultimodalModel(nn.Module):
         return self.fused_head(torch.cat(list(feats), dim=1))
 
     def forward(self, inputs: dict[str, Tensor] | None, partner: Tensor | None = None,
-                fused: bool = True, detach_unimodal: bool = False) -> dict:
+                fused: bool = True, detach_unimodal: bool = False,
+                misaligned_flat: Tensor | None = None) -> dict:
         """One pass for a training step.
 
         Returns {'feats': [M x [B, D]], 'joined': [B, M * D] (the feats concatenated, the
@@ -128,7 +129,8 @@ class MultimodalModel(nn.Module):
         first, and 'fused' and 'mis' are its transposed column blocks. `fused=False` skips the
         fused head (warm-up: DDP must not see a head that gets no gradient). `detach_unimodal`
         trains the unimodal heads as probes that do not move the encoders (Joint).
-        `inputs=None` (an empty batch on this rank) returns a zero loss touching every
+        `misaligned_flat`: the stream batch's field of that name (`misaligned_index`), which
+        saves building the index here. `inputs=None` (an empty batch on this rank) returns a zero loss touching every
         parameter the other ranks use, so that DDP's gradient all-reduce still completes.
         """
         if inputs is None:
@@ -142,7 +144,8 @@ class MultimodalModel(nn.Module):
             # The aligned and the misaligned rows through the fused head in one matmul (one
             # gather, one linear layer and one backward for both), classes first: the layout
             # `aligned_and_misaligned_loss` takes.
-            index = misaligned_index(partner.to(feats[0].device))
+            dev = feats[0].device
+            index = misaligned_index(partner.to(dev), None if misaligned_flat is None else misaligned_flat.to(dev))
             rows = aligned_and_swapped_joined(joined, index)
             head = self.fused_head
             by_class = torch.addmm(head.bias.unsqueeze(1), head.weight, rows.t())  # [C, B + N]
@@ -165,7 +168,7 @@ class MisalignedIndex(NamedTuple):
     `anchor_flat[n] = b[n] * M + m[n]` and `source_flat[n] = src[n] * M + m[n]` are the
     swapped modality's entries of the anchor and of the partner. `fused_flat` [B + N, M] is
     the aligned rows' b * M + k followed by `flat` (which is a view of it): the fused head's
-    input for both kinds of row in one gather.
+    input for both kinds of row in one gather; it is the stream's `misaligned_flat` field.
 
     With every partner present the anchor-side fields are the same for every batch of a
     size; they then come from a cache and are shared: treat all fields as read-only.
@@ -174,11 +177,16 @@ class MisalignedIndex(NamedTuple):
     b: Tensor
     m: Tensor
     src: Tensor
-    rows: Tensor
     flat: Tensor
     anchor_flat: Tensor
     source_flat: Tensor
     fused_flat: Tensor
+
+    @property
+    def rows(self) -> Tensor:
+        """[N, M] source row of each modality, `flat // M` (made when asked: the training
+        step reads the flat fields only)."""
+        return torch.div(self.flat, self.flat.shape[1], rounding_mode="floor")
 
 
 class _FullLayout(NamedTuple):
@@ -188,11 +196,9 @@ class _FullLayout(NamedTuple):
     b: Tensor  # [N]
     m: Tensor  # [N]
     anchor_flat: Tensor  # [N], b * M + m, which is n itself
-    b_column: Tensor  # [N, 1], b
-    swapped: Tensor  # bool [N, M], column k is the swapped one (k == m)
     modality: Tensor  # [M], k
-    anchor_cols: Tensor  # [N, M], b * M + k
-    aligned: Tensor  # [B, M], b * M + k: the aligned rows' entries
+    unswapped: Tensor  # [B + N, M]: fused_flat as if every source were the anchor, b * M + k
+    swapped_at: tuple[Tensor, Tensor]  # (B + n, m[n]): the entries of fused_flat that the partners fill
 
 
 @functools.lru_cache(maxsize=32)
@@ -200,35 +206,52 @@ def _full_layout(size: int, num_modalities: int, device: torch.device) -> _FullL
     k = torch.arange(num_modalities, device=device)
     b = torch.arange(size, device=device).repeat_interleave(num_modalities)
     m = k.repeat(size)
-    return _FullLayout(b, m, torch.arange(size * num_modalities, device=device), b[:, None],
-                       m[:, None] == k[None, :], k, b[:, None] * num_modalities + k[None, :],
-                       torch.arange(size * num_modalities, device=device).view(size, num_modalities))
+    anchor_cols = b[:, None] * num_modalities + k[None, :]
+    unswapped = torch.cat((torch.arange(size * num_modalities, device=device).view(size, num_modalities), anchor_cols))
+    n = torch.arange(size * num_modalities, device=device)
+    return _FullLayout(b, m, n, k, unswapped, (n + size, m))
 
 
-def misaligned_index(partner: Tensor) -> MisalignedIndex:
-    """Index of every valid misaligned row of a batch's `partner` [B, M] (-1 = none)."""
+def misaligned_index(partner: Tensor, fused_flat: Tensor | None = None) -> MisalignedIndex:
+    """Index of every valid misaligned row of a batch's `partner` [B, M] (-1 = none).
+
+    fused_flat: the batch's `misaligned_flat` field (the stream builds it with the
+    partners), used as the index's `fused_flat` instead of computing it here; it must
+    come from this same `partner` (the shapes are checked, the values are not: a batch
+    whose partners are changed must drop it).
+    """
     B, M = partner.shape
-    if partner.numel() and int(partner.min()) >= 0:
+    if fused_flat is not None:
+        if fused_flat.dim() != 2 or fused_flat.shape[1] != M or not B <= fused_flat.shape[0] <= B * (M + 1):
+            raise ValueError(f"misaligned_index: misaligned_flat must be [B + N, M] with B = {B}, M = {M} and "
+                             f"N <= B * M misaligned rows, got {tuple(fused_flat.shape)}")
+        if fused_flat.shape[0] == B * (M + 1):  # N = B * M: every partner is present
+            return _full_index(partner, fused_flat)
+    elif partner.numel() and int(partner.min()) >= 0:
         # Every row has a partner for every modality (the usual batch): the rows are all
         # (b, m) pairs in b-major order, so only the partners' part is computed per batch.
-        return _full_index(partner)
+        return _full_index(partner, None)
     b_idx, m_idx = torch.nonzero(partner >= 0, as_tuple=True)
     src = partner[b_idx, m_idx]
-    rows = source_rows(b_idx, m_idx, src, M)
-    k = torch.arange(M, device=partner.device)
-    fused_flat = torch.cat((torch.arange(B * M, device=partner.device).view(B, M), rows * M + k))
-    return MisalignedIndex(b_idx, m_idx, src, rows, fused_flat[B:], b_idx * M + m_idx, src * M + m_idx, fused_flat)
+    if fused_flat is None:
+        rows = source_rows(b_idx, m_idx, src, M)
+        k = torch.arange(M, device=partner.device)
+        fused_flat = torch.cat((torch.arange(B * M, device=partner.device).view(B, M), rows * M + k))
+    elif fused_flat.shape[0] != B + b_idx.shape[0]:
+        raise ValueError(f"misaligned_index: misaligned_flat has {fused_flat.shape[0] - B} misaligned rows but "
+                         f"partner has {b_idx.shape[0]} entries >= 0; it must be built from this partner")
+    return MisalignedIndex(b_idx, m_idx, src, fused_flat[B:], b_idx * M + m_idx, src * M + m_idx, fused_flat)
 
 
-def _full_index(partner: Tensor) -> MisalignedIndex:
+def _full_index(partner: Tensor, fused_flat: Tensor | None) -> MisalignedIndex:
     """The `MisalignedIndex` of a batch whose every row has every partner, [B, M] >= 0."""
     B, M = partner.shape
     full = _full_layout(B, M, partner.device)
-    src = partner.reshape(-1)
-    source_flat = torch.add(full.modality, partner, alpha=M).view(-1, 1)  # partner * M + k
-    rows = torch.where(full.swapped, src.view(-1, 1), full.b_column)
-    fused_flat = torch.cat((full.aligned, torch.where(full.swapped, source_flat, full.anchor_cols)))
-    return MisalignedIndex(full.b, full.m, src, rows, fused_flat[B:], full.anchor_flat, source_flat.view(-1), fused_flat)
+    source_flat = torch.add(full.modality, partner, alpha=M).view(-1)  # partner * M + k
+    if fused_flat is None:  # the anchor's own entries, the swapped one of each row replaced
+        fused_flat = full.unswapped.index_put(full.swapped_at, source_flat)
+    return MisalignedIndex(full.b, full.m, partner.reshape(-1), fused_flat[B:], full.anchor_flat, source_flat,
+                           fused_flat)
 
 
 def swap_features(feats: Sequence[Tensor], rows: Tensor) -> list[Tensor]:

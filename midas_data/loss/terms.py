@@ -113,10 +113,15 @@ def source_rows(anchor: Tensor, swapped: Tensor, partner: Tensor, num_modalities
 
 def hard_weight_from_similarity(similarity: Tensor) -> Tensor:
     """h = 1 + (s + 1) / 2 in [1, 2], detached; s is clamped to [-1, 1] against rounding."""
+    return _hard_weight_of_clamped(_nograd(similarity).clamp(-1.0, 1.0))
+
+
+def _hard_weight_of_clamped(s: Tensor) -> Tensor:
+    """`hard_weight_from_similarity` of an s already clamped, which it overwrites."""
     # addcdiv(1, s + 1, 2) rounds (s + 1) / 2 then the sum, as the two steps written out
     # would: the same numbers in one op fewer (this runs on every training step).
-    one, two = _one_and_two(similarity.dtype, similarity.device)
-    return torch.addcdiv(one, _nograd(similarity).clamp(-1.0, 1.0).add_(1.0), two)
+    one, two = _one_and_two(s.dtype, s.device)
+    return torch.addcdiv(one, s.add_(1.0), two)
 
 
 @functools.lru_cache(maxsize=16)
@@ -155,7 +160,8 @@ def in_batch_hard_weight(features: Tensor, anchor: Tensor | None, source: Tensor
     # the row sum of the product, which is what vecdot computes), once per row of `features`.
     unit = f / torch.linalg.vector_norm(f, dim=1, keepdim=True).clamp_min_(_COSINE_EPS)
     first = unit if anchor is None else unit.index_select(0, anchor)
-    return hard_weight_from_similarity(torch.linalg.vecdot(first, unit.index_select(0, source)))
+    similarity = torch.linalg.vecdot(first, unit.index_select(0, source))
+    return _hard_weight_of_clamped(similarity.clamp_(-1.0, 1.0))  # its own tensor: no copy made
 
 
 _COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default eps
@@ -272,16 +278,16 @@ def aligned_and_misaligned_loss(
            f"{tuple(src_weights.shape)}, modality_weight [M] {tuple(modality_weight.shape)}, hard_weight [N], weight [B]")
     logp = torch.log_softmax(logits_by_class, dim=0)
     target = logits_by_class.new_zeros(c, total_rows)
-    target_aligned, target_mis = target.split_with_sizes((b, n), dim=1)
+    # a [1, B] index scatters into the first B columns of the whole target: the aligned rows
     at_labels = labels.reshape(1, b) if labels.dtype == torch.int64 else labels.long().reshape(1, b)
     if b:  # minus each aligned row's normalised weight, at its label
         if weight is None or bool((weight == 1).all()):
-            target_aligned.scatter_(0, at_labels, -1.0 / b)
+            target.scatter_(0, at_labels, -1.0 / b)
         else:
             w = _as(weight, logits_by_class)
             total = w.sum()
             if total > 0:  # else no real row: the CE is a zero still attached to the logits
-                target_aligned.scatter_(0, at_labels, (w / total).neg_().view(1, b))
+                target.scatter_(0, at_labels, (w / total).neg_().view(1, b))
     # lam scales the misaligned targets; with lam = 0 they are built unscaled (for l_mis)
     # and their columns stay out of the loss.
     lam_used = lam if lam > 0 else 1.0
@@ -289,9 +295,9 @@ def aligned_and_misaligned_loss(
         scale = -lam_used / n
         row_scale = torch.full((n,), scale, dtype=logits_by_class.dtype, device=logits_by_class.device) \
             if hard_weight is None else _as(hard_weight, logits_by_class) * scale
-        coef = _as(src_weights, logits_by_class) * _as(modality_weight, logits_by_class) * row_scale.unsqueeze(1)
+        coef = (_as(src_weights, logits_by_class) * _as(modality_weight, logits_by_class)).mul_(row_scale.unsqueeze(1))
         labels_mis = src_labels if src_labels.dtype == torch.int64 else src_labels.long()
-        target_mis.scatter_add_(0, labels_mis.t(), coef.t())
+        target[:, b:].scatter_add_(0, labels_mis.t(), coef.t())
     prod = target * logp
     ce = prod.detach()[:, :b].sum()
     if lam > 0:

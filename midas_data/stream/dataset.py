@@ -410,12 +410,32 @@ def partner_fields(partner: np.ndarray, labels: np.ndarray, conf: np.ndarray | N
     w = w.numpy()[np.arange(b * M), swapped].reshape(b, M)
     w = np.where(np.isfinite(w), w, 0.5)  # no stored confidences: split the label evenly
     hard = np.where(np.isfinite(sim), hard_weight_from_similarity(torch.from_numpy(sim)).numpy(), 1.0)
-    return {"partner": torch.from_numpy(partner), "partner_label": partner_label,
-            "conf": torch.from_numpy(conf),
+    return {"partner": torch.from_numpy(partner), "misaligned_flat": torch.from_numpy(misaligned_flat(partner)),
+            "partner_label": partner_label, "conf": torch.from_numpy(conf),
             "similarity": torch.from_numpy(np.where(valid, sim, np.nan).astype(np.float32)),
             "hard_weight": torch.from_numpy(np.where(valid, hard, 0.0).astype(np.float32)),
             "anchor_weight": torch.from_numpy(np.where(valid, 1.0 - w, 0.0).astype(np.float32)),
             "partner_weight": torch.from_numpy(np.where(valid, w, 0.0).astype(np.float32))}
+
+
+def misaligned_flat(partner: np.ndarray) -> np.ndarray:
+    """The batch's `misaligned_flat` field, int64 [B + N, M]: where modality k of each row
+    comes from, as the flat position r * M + k of its source row r in the batch's
+    (row, modality) pairs laid out row-major. The B aligned rows come first (r = b); then
+    the N misaligned samples (b, m) with `partner[b, m] >= 0`, b-major as
+    `materialize_misaligned` orders them, modality m from r = partner[b, m] and the others
+    from r = b. Built with the partners (in the loader's workers when there are any), so
+    that a training step gathers every fused-head input of the batch in one index_select
+    without building this index itself (`trainers/models.py`, `misaligned_index`)."""
+    size, m = partner.shape
+    anchor, swapped = np.nonzero(partner >= 0)
+    k = np.arange(m)
+    out = np.empty((size + anchor.size, m), np.int64)
+    np.add(np.arange(size)[:, None] * m, k, out=out[:size])
+    tail = out[size:]
+    np.add(anchor[:, None] * m, k, out=tail)
+    tail[np.arange(anchor.size), swapped] = partner[anchor, swapped] * m + swapped
+    return out
 
 
 def partner_fields_without_features(partners: Sequence[np.ndarray],
@@ -441,7 +461,8 @@ def partner_fields_without_features(partners: Sequence[np.ndarray],
     out, lo = [], 0
     for p, b in zip(partners, sizes):
         hi = lo + b
-        out.append({"partner": torch.from_numpy(p), "partner_label": torch.from_numpy(partner_label[lo:hi]),
+        out.append({"partner": torch.from_numpy(p), "misaligned_flat": torch.from_numpy(misaligned_flat(p)),
+                    "partner_label": torch.from_numpy(partner_label[lo:hi]),
                     "conf": torch.from_numpy(floats[0, lo:hi]), "similarity": torch.from_numpy(floats[1, lo:hi]),
                     "hard_weight": torch.from_numpy(floats[2, lo:hi]),
                     "anchor_weight": torch.from_numpy(floats[3, lo:hi]),
