@@ -16,6 +16,7 @@ from midas_data.loss import (
     hard_sample_weight,
     hard_weight_from_similarity,
     mean_replaced_similarity,
+    midas_loss_by_class,
     midas_total_loss,
     misaligned_loss,
     misaligned_top2_correct,
@@ -311,6 +312,55 @@ def test_aligned_and_misaligned_loss_names_the_shapes_it_needs():
     with pytest.raises(ValueError, match="aligned_and_misaligned_loss"):
         aligned_and_misaligned_loss(torch.zeros(3, 5), torch.zeros(2, dtype=torch.int64),
                                     torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, 2), torch.ones(2))
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.7, 0.0])
+@pytest.mark.parametrize("weights", ["none", "fill", "no-real-row"])
+@pytest.mark.parametrize("heads", [0, 1, 2, 3])
+def test_midas_loss_by_class_matches_the_references(heads, weights, lam):
+    """From one log-softmax over every head's columns: L_uni (the mean over the heads of
+    each head's weighted-mean CE), CE and lam * L_mis as the float64 loop references give
+    them, each returned term too; fill rows count nowhere; no real row: attached zeros."""
+    rng = np.random.default_rng(heads * 10 + len(weights))
+    b, n, m, c = 6, 8, 2 + heads % 2, 5
+    uni = [rng.normal(0, 2, size=(b, c)) for _ in range(heads)]
+    aligned = rng.normal(0, 2, size=(b, c))
+    y = rng.integers(0, c, size=b)
+    mis, labels, conf = random_rows(rng, n, m, c)
+    a, h = [1.0] * m, rng.uniform(1, 2, size=n)
+    a[1] = 1.25
+    weight = {"none": np.ones(b), "fill": np.array([1, 1, 0, 1, 1, 0.0]), "no-real-row": np.zeros(b)}[weights]
+    logits = torch.tensor(np.concatenate([*uni, aligned, mis]).T.copy(), requires_grad=True)
+    loss, l_uni, ce, l_mis = midas_loss_by_class(
+        torch.log_softmax(logits, dim=0), torch.tensor(y), heads, torch.tensor(labels),
+        normalised_confidences(torch.tensor(conf)), torch.tensor(a, dtype=torch.float64), torch.tensor(h), lam,
+        None if weights == "none" else torch.tensor(weight))
+    want_uni = sum(ref_ce(z.tolist(), y.tolist(), weight.tolist()) for z in uni) / heads if heads else 0.0
+    want_ce = ref_ce(aligned.tolist(), y.tolist(), weight.tolist())
+    want_mis = ref_misaligned_loss(mis.tolist(), labels.tolist(), conf.tolist(), a, h)
+    assert l_uni.item() == pytest.approx(want_uni, rel=1e-10, abs=1e-12)
+    assert ce.item() == pytest.approx(want_ce, rel=1e-10, abs=1e-12)
+    assert l_mis.item() == pytest.approx(want_mis, rel=1e-10)
+    assert loss.item() == pytest.approx(want_uni + want_ce + lam * want_mis, rel=1e-10)
+    assert not (l_uni.requires_grad or ce.requires_grad or l_mis.requires_grad)
+    # the gradient is that of the terms written out with the library's per-head losses
+    got = torch.autograd.grad(loss, logits)[0]
+    z = logits.t()
+    batch = {"label": torch.tensor(y), "weight": torch.tensor(weight)}
+    plain = aligned_loss(z[heads * b:(heads + 1) * b], batch)
+    if heads:
+        plain = plain + torch.stack([aligned_loss(z[k * b:(k + 1) * b], batch) for k in range(heads)]).mean()
+    if lam:
+        plain = plain + lam * misaligned_loss(z[(heads + 1) * b:], torch.tensor(labels),
+                                              normalised_confidences(torch.tensor(conf)),
+                                              torch.tensor(a, dtype=torch.float64), torch.tensor(h))
+    torch.testing.assert_close(got, torch.autograd.grad(plain, logits)[0], rtol=1e-12, atol=1e-14)
+
+
+def test_midas_loss_by_class_names_the_shapes_it_needs():
+    with pytest.raises(ValueError, match="midas_loss_by_class"):  # 2 heads need 3 * B columns at least
+        midas_loss_by_class(torch.zeros(3, 5), torch.zeros(2, dtype=torch.int64), 2,
+                            torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2), torch.ones(2))
 
 
 def test_misaligned_loss_gradcheck_wrt_logits():

@@ -5,10 +5,11 @@ fused head's input in one pass, normalises each feature row once for the hard-sa
 weights and reuses constant tensors: each of these is compared here with the plain
 formulation it replaces (torch.nonzero + source_rows, per-modality gathers + cat,
 cosine_similarity on gathered rows) with torch.equal, bit for bit, gradients included.
-The step then runs the aligned and the misaligned rows through the fused head in one
-matmul and takes CE + lam * L_mis from that one classes-first output
-(`aligned_and_misaligned_loss`): equal in exact arithmetic, so the whole step is compared
-with the plain formulation to float32 rounding.
+The step then puts every head's logits side by side, classes first (the unimodal heads,
+the fused head on the aligned and on the misaligned rows, in one matmul for the fused
+head), and takes L_uni + CE + lam * L_mis and the live confidences from one log-softmax
+(`midas_loss_by_class`): equal in exact arithmetic, so the whole step is compared with
+the plain formulation to float32 rounding.
 """
 
 from __future__ import annotations
@@ -219,6 +220,26 @@ def test_train_step_loss_and_update_equal_the_plain_formulation(missing):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
         moved += int(not torch.equal(p, p0))
     assert moved == len(list(start.parameters()))  # every parameter took a step, so the check compares updates
+
+
+@pytest.mark.parametrize("missing", [0.0, 0.3])
+def test_forward_with_partners_gives_every_head_in_one_classes_first_block(missing):
+    """'logits_by_class' is [C, M*B + B + N]: each unimodal head, the fused head on the
+    aligned rows, then on the misaligned ones; 'uni', 'fused' and 'mis' are those blocks,
+    equal to the heads run one by one (to float32 rounding: another matmul layout)."""
+    torch.manual_seed(1)
+    model = MultimodalModel(["a", "b", "c"], {k: "tensor" for k in "abc"}, {"a": (7,), "b": (4,), "c": (3,)}, 5, 8)
+    g = torch.Generator().manual_seed(2)
+    inputs = {"a": torch.randn(10, 7, generator=g), "b": torch.randn(10, 4, generator=g),
+              "c": torch.randn(10, 3, generator=g)}
+    partner = _partners(10, 3, 5, missing)
+    out = model(inputs, partner)
+    feats = model.encode(inputs)
+    rows = _plain_index(partner)[3]
+    want = [*model.unimodal_logits(feats), model.fuse(feats), model.fuse(swap_features(feats, rows))]
+    torch.testing.assert_close(out["logits_by_class"], torch.cat(want).t())
+    for got, ref in zip([*out["uni"], out["fused"], out["mis"]], want):
+        torch.testing.assert_close(got, ref)
 
 
 @pytest.mark.parametrize("missing", [0.0, 0.3])

@@ -29,11 +29,11 @@ from midas_data.loss import (
     DirectionSums,
     LossTerms,
     accumulate,
-    aligned_and_misaligned_loss,
     aligned_loss,
     authors_alpha_update,
     direction_sums,
     in_batch_hard_weight,
+    midas_loss_by_class,
     midas_total_loss,
     modality_weights,
     normalised_confidences,
@@ -171,8 +171,17 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
         index = {"misaligned_flat": batch["misaligned_flat"]} if use_mis and "misaligned_flat" in batch else {}
         out = model(batch["inputs"], batch["partner"] if use_mis else None, fused=use_fused,
                     detach_unimodal=config.method == "joint", **index)
-        # Live confidences c^m = softmax(g_m(f^m))[y], detached (the paper's, not the stored ones).
-        all_conf = torch.stack([unimodal_confidence(z, y) for z in out["uni"]], dim=1)  # [B, M]
+        if use_mis:  # every head's logits side by side, classes first, under one log_softmax
+            logits = out.get("logits_by_class")
+            if logits is None:  # a model that gives only 'uni', 'fused' and 'mis'
+                logits = torch.cat([z.t() for z in (*out["uni"], out["fused"], out["mis"])], dim=1)
+            logp = torch.log_softmax(logits, dim=0)  # [C, M * B + B + N]
+            # Live confidences c^m = softmax(g_m(f^m))[y], detached (the paper's, not the
+            # stored ones), read off the unimodal heads' columns of that log-softmax.
+            at_label = y.repeat(M).view(1, M * size)
+            all_conf = logp.detach()[:, :M * size].gather(0, at_label).exp_().view(M, size).t()  # [B, M]
+        else:
+            all_conf = torch.stack([unimodal_confidence(z, y) for z in out["uni"]], dim=1)  # [B, M]
         conf = all_conf[valid]  # [n, M]
 
     if use_mis and (config.alpha_update == "batch" or tracker.weak is None):
@@ -183,11 +192,7 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
 
     batch_stats, batch_sums = AlphaStats(), DirectionSums()
     if size > 0:
-        uni_ces = [aligned_loss(z, batch) for z in out["uni"]]
-        # MIDAS takes the aligned CE together with L_mis, from the head's classes-first output
-        fused_ce = aligned_loss(out["fused"], batch) if use_fused and not use_mis else None
-        mis = None
-        if use_mis:
+        if use_mis:  # L = L_uni + CE + lam * L_mis, from one target product (midas_loss_by_class)
             idx = out["mis_index"]  # row n: anchor idx.b[n], modality idx.m[n] from row idx.src[n]
             # [N, M] label of each modality's source: y[idx.rows], read through the flat index
             src_labels = y.unsqueeze(1).expand(size, M).take(idx.flat)
@@ -196,23 +201,21 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
             if config.hard_weighting:  # cosine on the swapped modality's features
                 h = _swapped_hard_weight(out, idx)
             a = _modality_weights(M, tracker.weak, run.alpha, y.device)
-            by_class = out.get("fused_by_class")  # a model that gives only 'fused' and 'mis' works too
-            if by_class is None:
-                by_class = torch.cat((out["fused"], out["mis"])).t()
-            fused_and_mis, fused_ce, mis = aligned_and_misaligned_loss(
-                by_class, y, src_labels, normalised_confidences(src_conf), a, h, config.lam, batch.get("weight"))
+            total, uni, fused_ce, mis = midas_loss_by_class(
+                logp, y, M, src_labels, normalised_confidences(src_conf), a, h, config.lam, batch.get("weight"))
+            terms = LossTerms(total, fused_ce, uni, mis)
+            mis_logits = logits[:, (M + 1) * size:].t()  # [N, C]
             w, s_ = tracker.weak, tracker.strong
             if config.alpha_update == "batch":
-                batch_stats = accumulate(batch_stats, out["mis"], src_labels[:, s_], src_labels[:, w],
+                batch_stats = accumulate(batch_stats, mis_logits, src_labels[:, s_], src_labels[:, w],
                                          src_conf[:, s_], src_conf[:, w])  # pooled, for the epoch's report only
                 # The authors' step keeps the two swap directions apart (midas_data.loss.alpha).
-                batch_sums = direction_sums(out["mis"], src_labels, idx.m, conf, (min(w, s_), max(w, s_)))
+                batch_sums = direction_sums(mis_logits, src_labels, idx.m, conf, (min(w, s_), max(w, s_)))
             else:
-                tracker.add_alpha_rows(out["mis"], src_labels, src_conf)
-        if use_mis:  # L = (CE + lam * L_mis) + L_uni; the CE and L_mis terms are values for the log
-            uni = torch.stack(uni_ces).mean()
-            terms = LossTerms(fused_and_mis + uni, fused_ce, uni, mis)
+                tracker.add_alpha_rows(mis_logits, src_labels, src_conf)
         else:  # Joint: CE + the probes' CE (their gradient stops at the detached features).
+            uni_ces = [aligned_loss(z, batch) for z in out["uni"]]
+            fused_ce = aligned_loss(out["fused"], batch) if use_fused else None
             terms = midas_total_loss(fused_ce, uni_ces, None, config.lam, warmup=not use_fused)
         loss = terms.total
 
@@ -231,13 +234,19 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
         tracker.fused += float(terms.fused.detach()) * n
         tracker.uni += float(terms.unimodal.detach()) * n
         tracker.mis += float(terms.misaligned.detach()) * n
-        if use_fused:
+        if use_mis:  # every head's prediction at once: max over the classes of each column
+            preds = logits[:, :(M + 1) * size].view(-1, M + 1, size).max(0).indices  # [M + 1, B]
+            *correct_uni, correct_fused = ((preds == y) & valid).sum(1).tolist()
             tracker.n_fused += n
-            by_class = out.get("fused_by_class")  # classes first: max over dim 0 is the fast one there
-            pred = out["fused"].argmax(1) if by_class is None else by_class[:, :size].max(0).indices
-            tracker.correct_fused += float((pred == y)[valid].sum())
-        for k, z in enumerate(out["uni"]):
-            tracker.correct_uni[k] += float((z.argmax(1) == y)[valid].sum())
+            tracker.correct_fused += correct_fused
+            for k, c in enumerate(correct_uni):
+                tracker.correct_uni[k] += c
+        else:
+            if use_fused:
+                tracker.n_fused += n
+                tracker.correct_fused += float((out["fused"].argmax(1) == y)[valid].sum())
+            for k, z in enumerate(out["uni"]):
+                tracker.correct_uni[k] += float((z.argmax(1) == y)[valid].sum())
         for k, c in enumerate(conf.sum(0).tolist()):
             tracker.conf[k] += c
     return terms

@@ -124,37 +124,42 @@ class MultimodalModel(nn.Module):
         fused head's input) or None, 'uni': [M x [B, C]], 'fused': [B, C] or None, 'mis': [N, C]
         fused logits of the misaligned rows or None, 'mis_index': `MisalignedIndex` or None}.
         `partner` [B, M] (the stream's in-batch partners) adds the N misaligned rows; row
-        (b, m) takes modality m's features from row partner[b, m]. With them, 'fused_by_class'
-        [C, B + N] holds the fused logits of the aligned then the misaligned rows, classes
-        first, and 'fused' and 'mis' are its transposed column blocks. `fused=False` skips the
-        fused head (warm-up: DDP must not see a head that gets no gradient). `detach_unimodal`
+        (b, m) takes modality m's features from row partner[b, m]. With them,
+        'logits_by_class' [C, M * B + B + N] holds every head's logits side by side, classes
+        first: the M unimodal heads' B rows each, then the fused head's aligned and
+        misaligned rows (what `midas_loss_by_class` takes after one log_softmax), and 'uni',
+        'fused' and 'mis' are its transposed column blocks. `fused=False` skips the fused
+        head (warm-up: DDP must not see a head that gets no gradient). `detach_unimodal`
         trains the unimodal heads as probes that do not move the encoders (Joint).
         `misaligned_flat`: the stream batch's field of that name (`misaligned_index`), which
-        saves building the index here. `inputs=None` (an empty batch on this rank) returns a zero loss touching every
-        parameter the other ranks use, so that DDP's gradient all-reduce still completes.
+        saves building the index here. `inputs=None` (an empty batch on this rank) returns a
+        zero loss touching every parameter the other ranks use, so that DDP's gradient
+        all-reduce still completes.
         """
         if inputs is None:
             used = [self.encoders, self.unimodal_heads] + ([self.fused_head] if fused else [])
             return {"zero": sum((p * 0).sum() for mod in used for p in mod.parameters())}
         feats = self.encode(inputs)
-        uni = self.unimodal_logits([f.detach() for f in feats] if detach_unimodal else feats)
         joined = torch.cat(feats, dim=1) if fused else None  # [B, M*D], what `fuse` takes
-        out = {"feats": feats, "joined": joined, "uni": uni, "fused": None, "mis": None, "mis_index": None}
         if partner is not None and fused:
-            # The aligned and the misaligned rows through the fused head in one matmul (one
-            # gather, one linear layer and one backward for both), classes first: the layout
-            # `aligned_and_misaligned_loss` takes.
+            # Every head in one classes-first block: the misaligned rows gathered with the
+            # aligned ones (one gather, one matmul for the fused head), each head as
+            # addmm(bias[:, None], W, x.t()), then one concatenation, so that the step takes
+            # one log_softmax and one target product for all its losses.
             dev = feats[0].device
             index = misaligned_index(partner.to(dev), None if misaligned_flat is None else misaligned_flat.to(dev))
-            rows = aligned_and_swapped_joined(joined, index)
-            head = self.fused_head
-            by_class = torch.addmm(head.bias.unsqueeze(1), head.weight, rows.t())  # [C, B + N]
-            out["fused_by_class"] = by_class
-            out["fused"], out["mis"] = by_class.t().split_with_sizes((joined.shape[0], index.flat.shape[0]))
-            out["mis_index"] = index
-        elif fused:
-            out["fused"] = self.fused_head(joined)
-        return out
+            heads = [*(self.unimodal_heads[m] for m in self.modalities), self.fused_head]
+            head_inputs = [*((f.detach() if detach_unimodal else f).t() for f in feats),
+                           aligned_and_swapped_joined(joined, index).t()]
+            by_class = torch.cat([torch.addmm(h.bias.unsqueeze(1), h.weight, x) for h, x in zip(heads, head_inputs)],
+                                 dim=1)  # [C, M * B + B + N]
+            size = joined.shape[0]
+            *uni, fused_rows, mis_rows = by_class.t().split_with_sizes([size] * (len(feats) + 1) + [index.flat.shape[0]])
+            return {"feats": feats, "joined": joined, "uni": uni, "fused": fused_rows, "mis": mis_rows,
+                    "mis_index": index, "logits_by_class": by_class}
+        uni = self.unimodal_logits([f.detach() for f in feats] if detach_unimodal else feats)
+        return {"feats": feats, "joined": joined, "uni": uni, "fused": self.fused_head(joined) if fused else None,
+                "mis": None, "mis_index": None}
 
 
 class MisalignedIndex(NamedTuple):

@@ -25,6 +25,7 @@ __all__ = [
     "LossTerms",
     "accumulate",
     "aligned_and_misaligned_loss",
+    "midas_loss_by_class",
     "hard_sample_weight",
     "hard_weight_from_similarity",
     "in_batch_hard_weight",
@@ -276,35 +277,99 @@ def aligned_and_misaligned_loss(
            lambda: f"aligned_and_misaligned_loss: logits_by_class [C, B+N] {tuple(logits_by_class.shape)}, "
            f"labels [B] {tuple(labels.shape)}, src_labels and src_weights [N, M] {tuple(src_labels.shape)}, "
            f"{tuple(src_weights.shape)}, modality_weight [M] {tuple(modality_weight.shape)}, hard_weight [N], weight [B]")
-    logp = torch.log_softmax(logits_by_class, dim=0)
-    target = logits_by_class.new_zeros(c, total_rows)
-    # a [1, B] index scatters into the first B columns of the whole target: the aligned rows
-    at_labels = labels.reshape(1, b) if labels.dtype == torch.int64 else labels.long().reshape(1, b)
-    if b:  # minus each aligned row's normalised weight, at its label
+    loss, _, ce, l_mis = _objective_by_class(torch.log_softmax(logits_by_class, dim=0), labels, 0, src_labels,
+                                             src_weights, modality_weight, hard_weight, lam, weight)
+    return loss, ce, l_mis
+
+
+def midas_loss_by_class(
+    log_probs: Tensor,
+    labels: Tensor,
+    unimodal: int,
+    src_labels: Tensor,
+    src_weights: Tensor,
+    modality_weight: Tensor,
+    hard_weight: Tensor | None = None,
+    lam: float = 1.0,
+    weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """L_uni + CE(z, y) + lam * L_mis of a MIDAS step from one log-softmax, classes first.
+
+    log_probs: [C, U * B + B + N], ``log_softmax(dim=0)`` of the logits of every head side
+    by side, transposed: the `unimodal` (U) heads' B columns each, then the fused head's B
+    aligned and N misaligned rows (one log-softmax for all of them, whose unimodal columns
+    also give the confidences c^m = exp(log p)[y]). labels: int64 [B]; weight: [B] (None: all
+    1); the rest as in :func:`aligned_and_misaligned_loss`. L_uni is the mean over the U
+    heads of their CE, each CE the weighted mean over rows as in `aligned_loss`. Returns
+    (loss, l_uni, ce, l_mis): ``loss`` carries the gradient, the others are the terms'
+    values, detached (for logging).
+
+    Equal in exact arithmetic to ``mean(aligned_loss of each head) + aligned_loss + lam *
+    misaligned_loss``; only the rounding differs: every term is a sum of target *
+    log-probability with targets built without gradient, so autograd differentiates one
+    product and one sum for all of them.
+    """
+    c, total = log_probs.shape if log_probs.dim() == 2 else (0, -1)
+    b = labels.shape[0]
+    n = total - (unimodal + 1) * b
+    _check(log_probs.dim() == 2 and labels.dim() == 1 and unimodal >= 0 and n >= 0 and src_labels.dim() == 2
+           and src_labels.shape[0] == n and src_weights.shape == src_labels.shape
+           and modality_weight.shape == src_labels.shape[1:]
+           and (hard_weight is None or hard_weight.shape == (n,)) and (weight is None or weight.shape == (b,)),
+           lambda: f"midas_loss_by_class: log_probs [C, U*B+B+N] {tuple(log_probs.shape)} with U={unimodal}, "
+           f"labels [B] {tuple(labels.shape)}, src_labels and src_weights [N, M] {tuple(src_labels.shape)}, "
+           f"{tuple(src_weights.shape)}, modality_weight [M] {tuple(modality_weight.shape)}, hard_weight [N], weight [B]")
+    return _objective_by_class(log_probs, labels, unimodal, src_labels, src_weights, modality_weight, hard_weight,
+                               lam, weight)
+
+
+def _objective_by_class(logp: Tensor, labels: Tensor, unimodal: int, src_labels: Tensor, src_weights: Tensor,
+                        modality_weight: Tensor, hard_weight: Tensor | None, lam: float,
+                        weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    c, total = logp.shape
+    b = labels.shape[0]
+    uni_cols = unimodal * b
+    lead = uni_cols + b  # the columns whose target is a one-hot at the row's own label
+    n = total - lead
+    target = logp.new_zeros(c, total)
+    if b:  # minus each row's normalised weight at its label: 1 / (U * sum w) per head, 1 / sum w fused
+        labels = labels if labels.dtype == torch.int64 else labels.long()
+        at_labels = (labels.repeat(unimodal + 1) if unimodal else labels).view(1, lead)
         if weight is None or bool((weight == 1).all()):
-            target.scatter_(0, at_labels, -1.0 / b)
+            target.scatter_(0, at_labels, _one_hot_values(unimodal, b, logp.dtype, logp.device))
         else:
-            w = _as(weight, logits_by_class)
-            total = w.sum()
-            if total > 0:  # else no real row: the CE is a zero still attached to the logits
-                target.scatter_(0, at_labels, (w / total).neg_().view(1, b))
+            w = _as(weight, logp)
+            w_total = w.sum()
+            if w_total > 0:  # else no real row: the CEs are zeros still attached to the logits
+                fused = (w / w_total).neg_()
+                values = torch.cat((fused.div(unimodal).repeat(unimodal), fused)) if unimodal else fused
+                target.scatter_(0, at_labels, values.view(1, lead))
     # lam scales the misaligned targets; with lam = 0 they are built unscaled (for l_mis)
     # and their columns stay out of the loss.
     lam_used = lam if lam > 0 else 1.0
     if n:  # minus lam * h_n / N times each source's coefficient, at the source's label
         scale = -lam_used / n
-        row_scale = torch.full((n,), scale, dtype=logits_by_class.dtype, device=logits_by_class.device) \
-            if hard_weight is None else _as(hard_weight, logits_by_class) * scale
-        coef = (_as(src_weights, logits_by_class) * _as(modality_weight, logits_by_class)).mul_(row_scale.unsqueeze(1))
+        row_scale = torch.full((n,), scale, dtype=logp.dtype, device=logp.device) \
+            if hard_weight is None else _as(hard_weight, logp) * scale
+        coef = (_as(src_weights, logp) * _as(modality_weight, logp)).mul_(row_scale.unsqueeze(1))
         labels_mis = src_labels if src_labels.dtype == torch.int64 else src_labels.long()
-        target[:, b:].scatter_add_(0, labels_mis.t(), coef.t())
+        target[:, lead:].scatter_add_(0, labels_mis.t(), coef.t())
     prod = target * logp
-    ce = prod.detach()[:, :b].sum()
+    values = prod.detach()
+    l_uni = values[:, :uni_cols].sum()
+    ce = values[:, uni_cols:lead].sum()
     if lam > 0:
         loss = prod.sum()
-        l_mis = loss.detach() - ce  # lam * L_mis
-        return loss, ce, (l_mis if lam == 1.0 else l_mis / lam)
-    return prod[:, :b].sum(), ce, prod.detach()[:, b:].sum()
+        l_mis = loss.detach() - ce - l_uni if unimodal else loss.detach() - ce  # lam * L_mis
+        return loss, l_uni, ce, (l_mis if lam == 1.0 else l_mis / lam)
+    return prod[:, :lead].sum(), l_uni, ce, values[:, lead:].sum()
+
+
+@functools.lru_cache(maxsize=32)
+def _one_hot_values(unimodal: int, b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[1, (U + 1) * B]: -1 / (U * B) for the U unimodal heads' columns, -1 / B for the fused."""
+    return torch.cat((torch.full((unimodal * b,), -1.0 / (unimodal * b) if unimodal else 0.0, dtype=dtype,
+                                 device=device), torch.full((b,), -1.0 / b, dtype=dtype, device=device))).view(1, -1)
 
 
 class LossTerms(NamedTuple):

@@ -20,6 +20,7 @@ misaligned partner and lend none. The mask-aware helpers (`aligned_loss`,
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -428,6 +429,11 @@ def misaligned_flat(partner: np.ndarray) -> np.ndarray:
     that a training step gathers every fused-head input of the batch in one index_select
     without building this index itself (`trainers/models.py`, `misaligned_index`)."""
     size, m = partner.shape
+    if size and partner.min() >= 0:  # every partner present (the usual batch): a fixed layout
+        unswapped, at = _full_flat_layout(size, m)
+        out = unswapped.copy()
+        out[at] = (partner * m + np.arange(m)).reshape(-1)
+        return out
     anchor, swapped = np.nonzero(partner >= 0)
     k = np.arange(m)
     out = np.empty((size + anchor.size, m), np.int64)
@@ -436,6 +442,17 @@ def misaligned_flat(partner: np.ndarray) -> np.ndarray:
     np.add(anchor[:, None] * m, k, out=tail)
     tail[np.arange(anchor.size), swapped] = partner[anchor, swapped] * m + swapped
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _full_flat_layout(size: int, m: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """`misaligned_flat` of a batch whose every row has every partner, with each source the
+    row itself, and the entries (size + b * m + k, k) that the partners replace."""
+    flat = np.arange(size * m, dtype=np.int64).reshape(size, m)
+    unswapped = np.concatenate([flat, np.repeat(flat, m, axis=0)])
+    n = np.arange(size * m)
+    unswapped.flags.writeable = False  # shared by every batch of this size
+    return unswapped, (size + n, n % m)
 
 
 def partner_fields_without_features(partners: Sequence[np.ndarray],
