@@ -167,8 +167,8 @@ class _FixedOutputs(nn.Module):
         self.uni = [torch.tensor(np.log(p), dtype=torch.float32) for p in uni_probs]
         self.mis = torch.tensor(np.log(mis_probs), dtype=torch.float32)
 
-    def forward(self, inputs, partner=None, fused=True, detach_unimodal=False, misaligned_flat=None):
-        index = misaligned_index(partner, misaligned_flat)
+    def forward(self, inputs, partner=None, fused=True, detach_unimodal=False):
+        index = misaligned_index(partner)
         return {"feats": [torch.zeros(2, 4), torch.zeros(2, 4)], "uni": [u + self.bias for u in self.uni],
                 "fused": self.uni[0] + self.bias, "mis": self.mis + self.bias, "mis_index": index}
 

@@ -357,6 +357,19 @@ def test_midas_loss_by_class_matches_the_references(heads, weights, lam):
     torch.testing.assert_close(got, torch.autograd.grad(plain, logits)[0], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("lam", [1.0, 0.5, 0.001])
+def test_midas_loss_by_class_without_misaligned_rows_logs_an_exact_zero(lam):
+    """L_mis is summed over its own columns: no rows, exactly 0 (not the rounding left over
+    from a difference of totals)."""
+    rng = np.random.default_rng(1)
+    logits = torch.tensor(rng.normal(0, 3, size=(5, 3 * 16)))
+    _, _, _, l_mis = midas_loss_by_class(
+        torch.log_softmax(logits, dim=0), torch.tensor(rng.integers(0, 5, size=16)), 2,
+        torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2, dtype=torch.float64),
+        torch.ones(2, dtype=torch.float64), None, lam)
+    assert l_mis.item() == 0.0
+
+
 def test_midas_loss_by_class_names_the_shapes_it_needs():
     with pytest.raises(ValueError, match="midas_loss_by_class"):  # 2 heads need 3 * B columns at least
         midas_loss_by_class(torch.zeros(3, 5), torch.zeros(2, dtype=torch.int64), 2,

@@ -106,15 +106,45 @@ def test_the_streams_misaligned_flat_is_the_index_the_model_builds(modalities, m
     assert all(len(t) == 0 for t in misaligned_index(empty, torch.from_numpy(misaligned_flat(empty.numpy()))))
 
 
-def test_a_misaligned_flat_that_does_not_fit_the_partners_is_refused():
-    """Shapes are checked (the values are not: see misaligned_index): a wrong width, more
-    rows than B * (M + 1), or a row count that is not B + the partners present."""
-    partner = torch.tensor([[1, -1], [0, 2], [1, 0]])  # 5 partners present
+def test_a_misaligned_flat_that_does_not_fit_the_partners_is_not_used():
+    """`partner` decides: a flat of another shape or dtype, or one made before the partners
+    were changed (a partner dropped, or moved to another row), gives the index built from
+    `partner` alone, field by field."""
+    partner = torch.tensor([[1, 2], [0, 2], [1, 0]])
     flat = torch.from_numpy(misaligned_flat(partner.numpy()))
-    assert flat.shape == (3 + 5, 2)
-    for bad in (flat[:, :1], torch.zeros(10, 2, dtype=torch.int64), flat[:-1]):
-        with pytest.raises(ValueError, match="misaligned_flat"):
-            misaligned_index(partner, bad)
+    dropped = partner.clone()
+    dropped[0, 1] = -1
+    moved = partner.clone()
+    moved[2, 0] = 2
+    for p, bad in ((partner, flat[:, :1]), (partner, flat[:-1]), (partner, flat.int()), (dropped, flat),
+                   (moved, flat), (dropped, flat[:-1])):
+        want, got = misaligned_index(p), misaligned_index(p, bad)
+        for name, a, b in zip(want._fields, want, got):
+            assert torch.equal(a, b), name
+    assert misaligned_index(partner, flat).fused_flat is flat  # the matching one is taken as it is
+
+
+def test_train_step_keeps_models_that_do_not_take_misaligned_flat():
+    """The step passes `misaligned_flat` only to a model that says it takes it: a model
+    with the earlier forward signature trains on stream batches as before."""
+
+    class Earlier(MultimodalModel):
+        takes_misaligned_flat = False
+
+        def forward(self, inputs, partner=None, fused=True, detach_unimodal=False):
+            return super().forward(inputs, partner, fused, detach_unimodal)
+
+    torch.manual_seed(0)
+    model = Earlier(["a", "b"], {"a": "tensor", "b": "tensor"}, {"a": (7,), "b": (4,)}, 5, 8)
+    g = torch.Generator().manual_seed(3)
+    partner = _partners(12, 2, 4, 0.0)
+    batch = {"label": torch.randint(0, 5, (12,), generator=g),
+             "inputs": {"a": torch.randn(12, 7, generator=g), "b": torch.randn(12, 4, generator=g)},
+             "partner": partner, "misaligned_flat": torch.from_numpy(misaligned_flat(partner.numpy()))}
+    cfg = dataclasses.replace(TrainConfig.from_preset("mfeat", method="midas"), warmup_epochs=0)
+    terms = train_step(model, batch, torch.optim.Adam(model.parameters(), lr=0.01), cfg, RunState(),
+                       EpochTracker(0, 2, weak=1, strong=0), DistInfo(0, 1, torch.device("cpu"), False))
+    assert torch.isfinite(terms.total) and terms.misaligned.item() > 0
 
 
 @pytest.mark.parametrize("missing", [0.0, 0.25, 1.0])

@@ -167,8 +167,10 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
         conf = torch.zeros(0, M, device=info.device)
         terms = LossTerms(loss, loss, loss, loss)
     else:
-        # a stream batch brings its misaligned rows' index, built with the partners (models.py)
-        index = {"misaligned_flat": batch["misaligned_flat"]} if use_mis and "misaligned_flat" in batch else {}
+        # a stream batch brings its misaligned rows' index, built with the partners, for a
+        # model that takes it (models.py; DDP keeps the model in .module)
+        takes = getattr(getattr(model, "module", model), "takes_misaligned_flat", False)
+        index = {"misaligned_flat": batch["misaligned_flat"]} if use_mis and takes and "misaligned_flat" in batch else {}
         out = model(batch["inputs"], batch["partner"] if use_mis else None, fused=use_fused,
                     detach_unimodal=config.method == "joint", **index)
         if use_mis:  # every head's logits side by side, classes first, under one log_softmax

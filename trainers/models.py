@@ -69,6 +69,8 @@ def train_statistics(ds: Dataset, modalities: Sequence[str], max_samples: int
 class MultimodalModel(nn.Module):
     """Encoders phi_m (standardised inputs), unimodal heads g_m, fused head g_f on concat(f^m)."""
 
+    takes_misaligned_flat = True  # train_step passes a stream batch's `misaligned_flat` to forward
+
     def __init__(self, modalities: Sequence[str], kinds: dict[str, str],
                  shapes: dict[str, tuple[int, ...]], num_classes: int, feature_dim: int = 64,
                  encoders: dict[str, str] | None = None, hidden: Sequence[int] = (128,),
@@ -130,7 +132,9 @@ class MultimodalModel(nn.Module):
         misaligned rows (what `midas_loss_by_class` takes after one log_softmax), and 'uni',
         'fused' and 'mis' are its transposed column blocks. `fused=False` skips the fused
         head (warm-up: DDP must not see a head that gets no gradient). `detach_unimodal`
-        trains the unimodal heads as probes that do not move the encoders (Joint).
+        trains the unimodal heads as probes that do not move the encoders (Joint). With
+        partners the heads run as their linear maps (addmm with their weight and bias), so
+        hooks registered on the head modules do not run there.
         `misaligned_flat`: the stream batch's field of that name (`misaligned_index`), which
         saves building the index here. `inputs=None` (an empty batch on this rank) returns a
         zero loss touching every parameter the other ranks use, so that DDP's gradient
@@ -221,30 +225,27 @@ def misaligned_index(partner: Tensor, fused_flat: Tensor | None = None) -> Misal
     """Index of every valid misaligned row of a batch's `partner` [B, M] (-1 = none).
 
     fused_flat: the batch's `misaligned_flat` field (the stream builds it with the
-    partners), used as the index's `fused_flat` instead of computing it here; it must
-    come from this same `partner` (the shapes are checked, the values are not: a batch
-    whose partners are changed must drop it).
+    partners). It is taken as the index's `fused_flat` when every partner is present and
+    its swapped entries are those of `partner` (one comparison); otherwise, e.g. a batch
+    whose partners were changed after the stream built it, the index is built from
+    `partner` as without it: `partner` decides.
     """
     B, M = partner.shape
-    if fused_flat is not None:
-        if fused_flat.dim() != 2 or fused_flat.shape[1] != M or not B <= fused_flat.shape[0] <= B * (M + 1):
-            raise ValueError(f"misaligned_index: misaligned_flat must be [B + N, M] with B = {B}, M = {M} and "
-                             f"N <= B * M misaligned rows, got {tuple(fused_flat.shape)}")
-        if fused_flat.shape[0] == B * (M + 1):  # N = B * M: every partner is present
-            return _full_index(partner, fused_flat)
-    elif partner.numel() and int(partner.min()) >= 0:
+    full = B * (M + 1)
+    if fused_flat is not None and fused_flat.shape == (full, M) and fused_flat.dtype == torch.int64 and B:
+        index = _full_index(partner, fused_flat)
+        # its partners' entries, (B + b * M + m, m), against partner * M + m (negative where -1)
+        if torch.equal(fused_flat[B:].reshape(B, M, M).diagonal(dim1=1, dim2=2), index.source_flat.view(B, M)):
+            return index
+    if partner.numel() and int(partner.min()) >= 0:
         # Every row has a partner for every modality (the usual batch): the rows are all
         # (b, m) pairs in b-major order, so only the partners' part is computed per batch.
         return _full_index(partner, None)
     b_idx, m_idx = torch.nonzero(partner >= 0, as_tuple=True)
     src = partner[b_idx, m_idx]
-    if fused_flat is None:
-        rows = source_rows(b_idx, m_idx, src, M)
-        k = torch.arange(M, device=partner.device)
-        fused_flat = torch.cat((torch.arange(B * M, device=partner.device).view(B, M), rows * M + k))
-    elif fused_flat.shape[0] != B + b_idx.shape[0]:
-        raise ValueError(f"misaligned_index: misaligned_flat has {fused_flat.shape[0] - B} misaligned rows but "
-                         f"partner has {b_idx.shape[0]} entries >= 0; it must be built from this partner")
+    rows = source_rows(b_idx, m_idx, src, M)
+    k = torch.arange(M, device=partner.device)
+    fused_flat = torch.cat((torch.arange(B * M, device=partner.device).view(B, M), rows * M + k))
     return MisalignedIndex(b_idx, m_idx, src, fused_flat[B:], b_idx * M + m_idx, src * M + m_idx, fused_flat)
 
 

@@ -358,11 +358,10 @@ def _objective_by_class(logp: Tensor, labels: Tensor, unimodal: int, src_labels:
     values = prod.detach()
     l_uni = values[:, :uni_cols].sum()
     ce = values[:, uni_cols:lead].sum()
+    l_mis = values[:, lead:].sum()  # its own sum: no cancellation in a difference of totals
     if lam > 0:
-        loss = prod.sum()
-        l_mis = loss.detach() - ce - l_uni if unimodal else loss.detach() - ce  # lam * L_mis
-        return loss, l_uni, ce, (l_mis if lam == 1.0 else l_mis / lam)
-    return prod[:, :lead].sum(), l_uni, ce, values[:, lead:].sum()
+        return prod.sum(), l_uni, ce, (l_mis if lam == 1.0 else l_mis / lam)
+    return prod[:, :lead].sum(), l_uni, ce, l_mis
 
 
 @functools.lru_cache(maxsize=32)
