@@ -455,6 +455,19 @@ def _full_flat_layout(size: int, m: int) -> tuple[np.ndarray, tuple[np.ndarray, 
     return unswapped, (size + n, n % m)
 
 
+def _misaligned_flats(partners: Sequence[np.ndarray], every: np.ndarray, valid: np.ndarray) -> list[np.ndarray]:
+    """`misaligned_flat` of each batch; batches of one size with every partner present
+    (the usual chunk) together, in a few array operations for all of them.
+    every, valid: the batches' partners concatenated, and where they are >= 0."""
+    size, m = partners[0].shape
+    if size == 0 or not valid.all() or any(len(p) != size for p in partners):
+        return [misaligned_flat(p) for p in partners]
+    unswapped, (rows, cols) = _full_flat_layout(size, m)
+    out = np.repeat(unswapped[None], len(partners), axis=0)
+    out[:, rows, cols] = (every.reshape(len(partners), size, m) * m + np.arange(m)).reshape(len(partners), -1)
+    return list(out)
+
+
 def partner_fields_without_features(partners: Sequence[np.ndarray],
                                     labels: Sequence[np.ndarray]) -> list[dict]:
     """`partner_fields(partner, labels, None, None)` of several batches, computed together:
@@ -476,9 +489,9 @@ def partner_fields_without_features(partners: Sequence[np.ndarray],
     np.multiply(floats[2], 0.5, out=floats[3])
     floats[4] = floats[3]
     out, lo = [], 0
-    for p, b in zip(partners, sizes):
+    for p, b, flat in zip(partners, sizes, _misaligned_flats(partners, every, valid)):
         hi = lo + b
-        out.append({"partner": torch.from_numpy(p), "misaligned_flat": torch.from_numpy(misaligned_flat(p)),
+        out.append({"partner": torch.from_numpy(p), "misaligned_flat": torch.from_numpy(flat),
                     "partner_label": torch.from_numpy(partner_label[lo:hi]),
                     "conf": torch.from_numpy(floats[0, lo:hi]), "similarity": torch.from_numpy(floats[1, lo:hi]),
                     "hard_weight": torch.from_numpy(floats[2, lo:hi]),
