@@ -11,7 +11,6 @@ import torch
 from midas_data.loss import (
     AlphaStats,
     accumulate,
-    aligned_and_misaligned_loss,
     aligned_loss,
     hard_sample_weight,
     hard_weight_from_similarity,
@@ -246,10 +245,17 @@ def ref_ce(logits, labels, weight):
     return sum(w * -math.log(ref_softmax(z)[y]) for z, y, w in zip(logits, labels, weight)) / total
 
 
+def fused_head_loss(logits_by_class, labels, *rest):
+    """`midas_loss_by_class` of the fused head alone (no unimodal columns): (loss, ce, l_mis)."""
+    loss, l_uni, ce, l_mis = midas_loss_by_class(torch.log_softmax(logits_by_class, dim=0), labels, 0, *rest)
+    assert l_uni.item() == 0.0
+    return loss, ce, l_mis
+
+
 @pytest.mark.parametrize("lam", [1.0, 0.7, 0.0])
 @pytest.mark.parametrize("fill", [False, True])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_aligned_and_misaligned_loss_matches_the_two_references(seed, fill, lam):
+def test_fused_head_loss_matches_the_two_references(seed, fill, lam):
     """One classes-first output of the fused head gives CE + lam * L_mis, and the two terms,
     as the float64 loop references compute them; fill rows (weight 0) count nowhere."""
     rng = np.random.default_rng(seed)
@@ -264,7 +270,7 @@ def test_aligned_and_misaligned_loss_matches_the_two_references(seed, fill, lam)
     if fill:
         weight[-2:] = 0.0
     by_class = torch.tensor(np.concatenate([aligned, mis]).T.copy())
-    loss, ce, l_mis = aligned_and_misaligned_loss(
+    loss, ce, l_mis = fused_head_loss(
         by_class, torch.tensor(y), torch.tensor(labels), normalised_confidences(torch.tensor(conf)),
         torch.tensor(a, dtype=torch.float64), torch.tensor(h), lam, torch.tensor(weight) if fill else None)
     want_ce = ref_ce(aligned.tolist(), y.tolist(), weight.tolist())
@@ -276,7 +282,7 @@ def test_aligned_and_misaligned_loss_matches_the_two_references(seed, fill, lam)
 
 
 @pytest.mark.parametrize("lam", [1.0, 0.7, 0.0])
-def test_aligned_and_misaligned_loss_gradient_equals_the_two_losses(lam):
+def test_fused_head_loss_gradient_equals_the_two_losses(lam):
     """Its gradient is that of aligned_loss + lam * misaligned_loss on the two row blocks,
     fill rows and a batch without misaligned rows included."""
     rng = np.random.default_rng(5)
@@ -289,7 +295,7 @@ def test_aligned_and_misaligned_loss_gradient_equals_the_two_losses(lam):
     weight = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
     for rows in (n, 0):
         z = logits[: b + rows]
-        got = torch.autograd.grad(aligned_and_misaligned_loss(
+        got = torch.autograd.grad(fused_head_loss(
             z.t(), y, torch.tensor(labels[:rows]), w[:rows], a, h[:rows], lam, weight)[0], logits)[0]
         plain = aligned_loss(z[:b], {"label": y, "weight": weight})
         if rows:
@@ -298,20 +304,14 @@ def test_aligned_and_misaligned_loss_gradient_equals_the_two_losses(lam):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
-def test_aligned_and_misaligned_loss_of_no_real_row_is_an_attached_zero():
+def test_fused_head_loss_of_no_real_row_is_an_attached_zero():
     z = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    loss, ce, l_mis = aligned_and_misaligned_loss(
+    loss, ce, l_mis = fused_head_loss(
         z, torch.tensor([0, 1, 2, 0]), torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2, dtype=torch.float64),
         torch.ones(2, dtype=torch.float64), None, 1.0, torch.zeros(4, dtype=torch.float64))
     assert loss.item() == 0.0 and ce.item() == 0.0 and l_mis.item() == 0.0
     loss.backward()
     assert torch.equal(z.grad, torch.zeros_like(z))
-
-
-def test_aligned_and_misaligned_loss_names_the_shapes_it_needs():
-    with pytest.raises(ValueError, match="aligned_and_misaligned_loss"):
-        aligned_and_misaligned_loss(torch.zeros(3, 5), torch.zeros(2, dtype=torch.int64),
-                                    torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, 2), torch.ones(2))
 
 
 @pytest.mark.parametrize("lam", [1.0, 0.7, 0.0])

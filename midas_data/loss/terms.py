@@ -24,7 +24,6 @@ __all__ = [
     "AlphaStats",
     "LossTerms",
     "accumulate",
-    "aligned_and_misaligned_loss",
     "midas_loss_by_class",
     "hard_sample_weight",
     "hard_weight_from_similarity",
@@ -241,47 +240,6 @@ def misaligned_loss(
     return (target * logp).sum()
 
 
-def aligned_and_misaligned_loss(
-    logits_by_class: Tensor,
-    labels: Tensor,
-    src_labels: Tensor,
-    src_weights: Tensor,
-    modality_weight: Tensor,
-    hard_weight: Tensor | None = None,
-    lam: float = 1.0,
-    weight: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """CE(z, y) + lam * L_mis from one output of the fused head, classes first.
-
-    logits_by_class: [C, B + N], the fused logits of the B aligned rows then of the N
-    misaligned rows, transposed (a linear head gives it as ``addmm(bias[:, None], W, x.t())``);
-    labels: int64 [B]; weight: [B] weights of the aligned rows (None: all 1), the CE being
-    sum_b weight_b * CE_b / sum_b weight_b as in `aligned_loss` (fill rows weigh 0);
-    src_labels, src_weights, modality_weight, hard_weight: the misaligned rows' terms as in
-    :func:`misaligned_loss`. Returns (loss, ce, l_mis): ``loss`` carries the gradient, ``ce``
-    and ``l_mis`` are the two terms' values, detached (for logging).
-
-    Equal in exact arithmetic to ``aligned_loss + lam * misaligned_loss`` on the two row
-    blocks; only the rounding differs. Both terms are sums of target * log-softmax with
-    targets built without gradient (a one-hot per aligned row, a soft label per misaligned
-    row), so autograd differentiates one log_softmax, one product and one sum for both, and
-    classes-first is the layout where the CPU log_softmax is fast for few classes.
-    """
-    c, total_rows = logits_by_class.shape if logits_by_class.dim() == 2 else (0, -1)
-    b = labels.shape[0]
-    n = total_rows - b
-    _check(logits_by_class.dim() == 2 and labels.dim() == 1 and n >= 0 and src_labels.dim() == 2
-           and src_labels.shape[0] == n and src_weights.shape == src_labels.shape
-           and modality_weight.shape == src_labels.shape[1:]
-           and (hard_weight is None or hard_weight.shape == (n,)) and (weight is None or weight.shape == (b,)),
-           lambda: f"aligned_and_misaligned_loss: logits_by_class [C, B+N] {tuple(logits_by_class.shape)}, "
-           f"labels [B] {tuple(labels.shape)}, src_labels and src_weights [N, M] {tuple(src_labels.shape)}, "
-           f"{tuple(src_weights.shape)}, modality_weight [M] {tuple(modality_weight.shape)}, hard_weight [N], weight [B]")
-    loss, _, ce, l_mis = _objective_by_class(torch.log_softmax(logits_by_class, dim=0), labels, 0, src_labels,
-                                             src_weights, modality_weight, hard_weight, lam, weight)
-    return loss, ce, l_mis
-
-
 def midas_loss_by_class(
     log_probs: Tensor,
     labels: Tensor,
@@ -299,28 +257,39 @@ def midas_loss_by_class(
     by side, transposed: the `unimodal` (U) heads' B columns each, then the fused head's B
     aligned and N misaligned rows (one log-softmax for all of them, whose unimodal columns
     also give the confidences c^m = exp(log p)[y]). labels: int64 [B]; weight: [B] (None: all
-    1); the rest as in :func:`aligned_and_misaligned_loss`. L_uni is the mean over the U
+    1); src_labels, src_weights, modality_weight, hard_weight: the misaligned rows' terms as
+    in :func:`misaligned_loss`. L_uni is the mean over the U
     heads of their CE, each CE the weighted mean over rows as in `aligned_loss`. Returns
     (loss, l_uni, ce, l_mis): ``loss`` carries the gradient, the others are the terms'
     values, detached (for logging).
 
     Equal in exact arithmetic to ``mean(aligned_loss of each head) + aligned_loss + lam *
     misaligned_loss``; only the rounding differs: every term is a sum of target *
-    log-probability with targets built without gradient, so autograd differentiates one
-    product and one sum for all of them.
+    log-probability with targets built without gradient (a one-hot per aligned row, a soft
+    label per misaligned row), so autograd differentiates one product and one sum for all
+    of them, and classes-first is the layout where the CPU log_softmax is fast for few
+    classes (over a last dim of 10 it costs several times as much). With U = 0 it is the
+    fused head alone: CE + lam * L_mis.
     """
-    c, total = log_probs.shape if log_probs.dim() == 2 else (0, -1)
+    _check(unimodal >= 0, lambda: f"midas_loss_by_class: unimodal must be >= 0, got {unimodal}")
+    _check_shapes(f"midas_loss_by_class: log_probs [C, U*B+B+N] with U={unimodal}", log_probs, labels, unimodal + 1,
+                  src_labels, src_weights, modality_weight, hard_weight, weight)
+    return _objective_by_class(log_probs, labels, unimodal, src_labels, src_weights, modality_weight, hard_weight,
+                               lam, weight)
+
+
+def _check_shapes(what: str, by_class: Tensor, labels: Tensor, blocks: int, src_labels: Tensor, src_weights: Tensor,
+                  modality_weight: Tensor, hard_weight: Tensor | None, weight: Tensor | None) -> None:
+    """The shapes the classes-first objectives need: `blocks` column blocks of B rows, then N."""
     b = labels.shape[0]
-    n = total - (unimodal + 1) * b
-    _check(log_probs.dim() == 2 and labels.dim() == 1 and unimodal >= 0 and n >= 0 and src_labels.dim() == 2
+    n = (by_class.shape[1] if by_class.dim() == 2 else -1) - blocks * b
+    _check(by_class.dim() == 2 and labels.dim() == 1 and n >= 0 and src_labels.dim() == 2
            and src_labels.shape[0] == n and src_weights.shape == src_labels.shape
            and modality_weight.shape == src_labels.shape[1:]
            and (hard_weight is None or hard_weight.shape == (n,)) and (weight is None or weight.shape == (b,)),
-           lambda: f"midas_loss_by_class: log_probs [C, U*B+B+N] {tuple(log_probs.shape)} with U={unimodal}, "
-           f"labels [B] {tuple(labels.shape)}, src_labels and src_weights [N, M] {tuple(src_labels.shape)}, "
-           f"{tuple(src_weights.shape)}, modality_weight [M] {tuple(modality_weight.shape)}, hard_weight [N], weight [B]")
-    return _objective_by_class(log_probs, labels, unimodal, src_labels, src_weights, modality_weight, hard_weight,
-                               lam, weight)
+           lambda: f"{what} {tuple(by_class.shape)}, labels [B] {tuple(labels.shape)}, src_labels and src_weights "
+           f"[N, M] {tuple(src_labels.shape)}, {tuple(src_weights.shape)}, modality_weight [M] "
+           f"{tuple(modality_weight.shape)}, hard_weight [N], weight [B]")
 
 
 def _objective_by_class(logp: Tensor, labels: Tensor, unimodal: int, src_labels: Tensor, src_weights: Tensor,
