@@ -230,14 +230,24 @@ def misaligned_loss(
     # The sum as one soft target per row: L_mis = sum_{n,c} t[c, n] * log softmax(z_n)[c]
     # with t[c, n] = -(h_n / N) * sum of coef_nm over the sources m labelled c. Autograd then
     # differentiates a product and a sum instead of a chain of gathers and per-row scalings.
-    row_scale = torch.full((n,), -1.0 / n, dtype=logits.dtype, device=logits.device) if hard_weight is None \
-        else _as(hard_weight, logits) * (-1.0 / n)
-    coef = _as(src_weights, logits) * _as(modality_weight, logits) * row_scale.unsqueeze(1)
-    target = logits.new_zeros(logits.shape[1], n).scatter_add_(0, labels.t(), coef.t())
+    target = _misaligned_targets(logits.new_zeros(logits.shape[1], n), labels, src_weights, modality_weight,
+                                 hard_weight, -1.0 / n)
     # Classes along dim 0: the CPU log_softmax over a short last dim (10 classes) costs
     # several times the same one over the first dim of the transposed copy.
     logp = torch.log_softmax(logits.t().contiguous(), dim=0)
     return (target * logp).sum()
+
+
+def _misaligned_targets(target: Tensor, labels: Tensor, src_weights: Tensor, modality_weight: Tensor,
+                        hard_weight: Tensor | None, scale: float) -> Tensor:
+    """Adds to `target` [C, N] each misaligned row's soft target times `scale` (times h_n):
+    t[c, n] += scale * h_n * sum of src_weights[n, m] * modality_weight[m] over the sources
+    m labelled c (labels: int64 [N, M]). Returns `target`."""
+    n = labels.shape[0]
+    row_scale = torch.full((n,), scale, dtype=target.dtype, device=target.device) if hard_weight is None \
+        else _as(hard_weight, target) * scale
+    coef = (_as(src_weights, target) * _as(modality_weight, target)).mul_(row_scale.unsqueeze(1))
+    return target.scatter_add_(0, labels.t(), coef.t())
 
 
 def midas_loss_by_class(
@@ -317,12 +327,8 @@ def _objective_by_class(logp: Tensor, labels: Tensor, unimodal: int, src_labels:
     # and their columns stay out of the loss.
     lam_used = lam if lam > 0 else 1.0
     if n:  # minus lam * h_n / N times each source's coefficient, at the source's label
-        scale = -lam_used / n
-        row_scale = torch.full((n,), scale, dtype=logp.dtype, device=logp.device) \
-            if hard_weight is None else _as(hard_weight, logp) * scale
-        coef = (_as(src_weights, logp) * _as(modality_weight, logp)).mul_(row_scale.unsqueeze(1))
         labels_mis = src_labels if src_labels.dtype == torch.int64 else src_labels.long()
-        target[:, lead:].scatter_add_(0, labels_mis.t(), coef.t())
+        _misaligned_targets(target[:, lead:], labels_mis, src_weights, modality_weight, hard_weight, -lam_used / n)
     prod = target * logp
     values = prod.detach()
     l_uni = values[:, :uni_cols].sum()

@@ -430,10 +430,7 @@ def misaligned_flat(partner: np.ndarray) -> np.ndarray:
     without building this index itself (`trainers/models.py`, `misaligned_index`)."""
     size, m = partner.shape
     if size and partner.min() >= 0:  # every partner present (the usual batch): a fixed layout
-        unswapped, at = _full_flat_layout(size, m)
-        out = unswapped.copy()
-        out[at] = (partner * m + np.arange(m)).reshape(-1)
-        return out
+        return _full_flats(partner[None])[0]
     anchor, swapped = np.nonzero(partner >= 0)
     k = np.arange(m)
     out = np.empty((size + anchor.size, m), np.int64)
@@ -455,6 +452,17 @@ def _full_flat_layout(size: int, m: int) -> tuple[np.ndarray, tuple[np.ndarray, 
     return unswapped, (size + n, n % m)
 
 
+def _full_flats(partners: np.ndarray) -> np.ndarray:
+    """`misaligned_flat` of K batches of one size whose every partner is present, from
+    their partners [K, B, M] (>= 0): [K, B * (M + 1), M], the fixed layout with the
+    partners' entries filled in."""
+    count, size, m = partners.shape
+    unswapped, (rows, cols) = _full_flat_layout(size, m)
+    out = np.repeat(unswapped[None], count, axis=0)
+    out[:, rows, cols] = (partners * m + np.arange(m)).reshape(count, -1)
+    return out
+
+
 def _misaligned_flats(partners: Sequence[np.ndarray], every: np.ndarray, valid: np.ndarray) -> list[np.ndarray]:
     """`misaligned_flat` of each batch; batches of one size with every partner present
     (the usual chunk) together, in a few array operations for all of them.
@@ -462,10 +470,7 @@ def _misaligned_flats(partners: Sequence[np.ndarray], every: np.ndarray, valid: 
     size, m = partners[0].shape
     if size == 0 or not valid.all() or any(len(p) != size for p in partners):
         return [misaligned_flat(p) for p in partners]
-    unswapped, (rows, cols) = _full_flat_layout(size, m)
-    out = np.repeat(unswapped[None], len(partners), axis=0)
-    out[:, rows, cols] = (every.reshape(len(partners), size, m) * m + np.arange(m)).reshape(len(partners), -1)
-    return list(out)
+    return list(_full_flats(every.reshape(len(partners), size, m)))
 
 
 def partner_fields_without_features(partners: Sequence[np.ndarray],
